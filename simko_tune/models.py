@@ -1,0 +1,115 @@
+"""torchtune model helpers the RL loop needs: final hidden states without the output layer,
+the output projection (tied or not, sharded or not), builders from a Hugging Face
+``config.json``, and torchtune → Hugging Face weight names for publishing and export."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchtune.modules import TransformerDecoder
+from torchtune.modules.tied_linear import TiedLinear
+
+StateDict = dict[str, torch.Tensor]
+
+
+def final_hidden(
+    model: TransformerDecoder, tokens: torch.Tensor, input_pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Hidden states after the final norm, [B, S, D].
+
+    The chunked policy loss projects these to the vocabulary itself, chunk by chunk, so the
+    model's own ``output`` layer (which would build [B, S, V] logits) is skipped.
+    Right-padded rows need no mask: causal attention keeps padding out of earlier tokens.
+    """
+    h = model.tok_embeddings(tokens)
+    for layer in model.layers:
+        h = layer(h, input_pos=input_pos)
+    return model.norm(h)
+
+
+def output_weight(model: TransformerDecoder) -> torch.Tensor:
+    """The [V, D] output projection: the embedding table when tied (Qwen2.5 ≤ 3B, Llama 3.2),
+    else ``output.weight``. Under FSDP2/TP it is a DTensor; the loss gathers it."""
+    out = model.output
+    if isinstance(out, TiedLinear):
+        return out.tied_module.weight
+    assert isinstance(out, nn.Linear), f"unexpected output layer {type(out).__name__}"
+    return out.weight
+
+
+def read_hf_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    return json.loads(path.read_text())
+
+
+def _dims(cfg: dict) -> dict:
+    return {
+        "vocab_size": cfg["vocab_size"],
+        "num_layers": cfg["num_hidden_layers"],
+        "num_heads": cfg["num_attention_heads"],
+        "num_kv_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        "embed_dim": cfg["hidden_size"],
+        "intermediate_dim": cfg["intermediate_size"],
+        "norm_eps": cfg.get("rms_norm_eps", 1e-6),
+    }
+
+
+def model_from_hf_config(
+    model_dir: str | Path, max_seq_len: int | None = None
+) -> TransformerDecoder:
+    """Build the torchtune model matching an HF ``config.json`` (qwen2 or llama).
+
+    Real configs name torchtune's builders directly (``qwen2_5_7b_base``); this one serves
+    checkpoints of any shape, such as the tiny models the tests and the CPU default build.
+    """
+    cfg = read_hf_config(model_dir)
+    dims = _dims(cfg)
+    seq = max_seq_len or cfg.get("max_position_embeddings", 4096)
+    tie = bool(cfg.get("tie_word_embeddings", False))
+    if cfg["model_type"] == "qwen2":
+        from torchtune.models.qwen2 import qwen2
+
+        return qwen2(
+            **dims, max_seq_len=seq, rope_base=cfg.get("rope_theta", 1e6), tie_word_embeddings=tie
+        )
+    if cfg["model_type"] == "llama":
+        from torchtune.models.llama3_2 import llama3_2
+
+        return llama3_2(
+            **dims, max_seq_len=seq, rope_base=cfg.get("rope_theta", 5e5), tie_word_embeddings=tie
+        )
+    raise ValueError(f"{model_dir}/config.json: model_type {cfg['model_type']!r} is not supported")
+
+
+def tune_to_hf_converter(hf_config: dict) -> Callable[[StateDict], StateDict]:
+    """torchtune → HF state-dict renaming for the model described by ``hf_config``
+    (torchtune's own converters: Qwen2 keeps q/k layouts, Llama permutes them for RoPE)."""
+    dims = _dims(hf_config)
+    kw = {
+        "num_heads": dims["num_heads"],
+        "num_kv_heads": dims["num_kv_heads"],
+        "dim": dims["embed_dim"],
+        "head_dim": hf_config.get("head_dim"),
+    }
+    tie = bool(hf_config.get("tie_word_embeddings", False))
+    if hf_config["model_type"] == "qwen2":
+        from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+        return lambda sd: qwen2_tune_to_hf(sd, **kw, tie_word_embeddings=tie)
+    if hf_config["model_type"] == "llama":
+        from torchtune.models.convert_weights import tune_to_hf
+
+        def convert(sd: StateDict) -> StateDict:
+            out = tune_to_hf(sd, **kw)
+            if tie:
+                out.pop("lm_head.weight", None)
+            return out
+
+        return convert
+    raise ValueError(f"model_type {hf_config['model_type']!r} has no torchtune → HF converter")
