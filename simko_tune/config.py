@@ -11,10 +11,12 @@ import functools
 import importlib.resources
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torchtune import config as tt_config
 
 
@@ -59,3 +61,132 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         return tt_config.parse(recipe_main)(*args, **kwargs)
 
     return wrapper
+
+
+# ----------------------------------------------------------------------------------------
+# The recipe's schema. Sections built by ``_component_`` (model, tokenizer, dataset,
+# optimizer, ...) stay free-form; everything the recipe itself reads is typed, so unknown
+# keys and wrong types fail at load time with the key's full name.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutSection:
+    prompts_per_step: int = 1024
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 3072
+    # Old log-probs for the PPO ratio: "trainer" recomputes them with the policy before the
+    # update (exact), "workers" takes the generator's; the mismatch is logged either way.
+    old_logprobs: str = "trainer"
+
+
+@dataclass
+class GenerationSection:
+    backend: str = "vllm"  # "vllm" | "native"
+    num_workers: int = 1
+    devices: list[str] | None = None  # one entry per worker, e.g. ["4", "5,6"] (CUDA ids)
+    addresses: list[str] | None = None  # remote workers (tcp://host:port); overrides local start
+    tensor_parallel_size: int = 1
+    sync_dir: str | None = None  # default: /dev/shm/simko_tune/<run name>
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    request_timeout_s: float = 600.0
+    restart_on_failure: bool = True
+
+
+@dataclass
+class RewardSection:
+    fn: str = "simko_tune.rewards.math_reward"  # dotted path of reward(response, gold) -> float
+    num_workers: int = 4
+    timeout_s: float = 5.0
+
+
+@dataclass
+class PPOSection:
+    mini_batch_prompts: int = 256  # prompts per optimizer step (x samples_per_prompt rows)
+    micro_batch_size: int = 8  # rows per forward/backward on each data-parallel rank
+    epochs: int = 1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ParallelSection:
+    dp_shard: int = -1  # -1: world_size // tp
+    tp: int = 1
+    activation_checkpointing: bool = False
+    compile_model: bool = False
+    mixed_precision: str | None = None  # "bf16" on GPU
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    every_n_steps: int = 50
+    keep_last: int = 2
+
+
+@dataclass
+class EvalSection:
+    every_n_steps: int = 0  # 0: never during training
+    n: int = 8
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 4096
+    sets: dict[str, Any] = field(default_factory=dict)  # name -> _component_ returning problems
+
+
+@dataclass
+class LogSection:
+    every_n_steps: int = 1
+    samples_every_n_steps: int = 10
+    num_samples: int = 2
+
+
+@dataclass
+class RecipeConfig:
+    output_dir: str = MISSING
+    max_steps: int = MISSING
+    seed: int = 0
+    resume: Any = "auto"  # "auto" | path | false
+    dry_run: bool = False
+    device: str = "cpu"
+    model_dir: str = MISSING  # Hugging Face directory: config.json, safetensors, tokenizer
+    prepare_model: Any = None  # optional _component_ that builds model_dir if it is missing
+    model: Any = MISSING
+    checkpointer: Any = MISSING
+    tokenizer: Any = MISSING
+    dataset: Any = MISSING
+    prompt_template: str = "qwen_boxed"
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    rewards: RewardSection = field(default_factory=RewardSection)
+    loss: Any = field(default_factory=dict)  # LossConfig fields
+    ppo: PPOSection = field(default_factory=PPOSection)
+    optimizer: Any = MISSING
+    lr_scheduler: Any = None
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    metric_logger: Any = MISSING
+    log: LogSection = field(default_factory=LogSection)
+
+
+class ConfigError(ValueError):
+    """A config problem, naming the key."""
+
+
+def check_schema(cfg: DictConfig) -> DictConfig:
+    """Merge ``cfg`` onto the typed schema: unknown keys, wrong types and missing required
+    keys raise ConfigError naming the full key."""
+    schema = OmegaConf.structured(RecipeConfig)
+    try:
+        merged = OmegaConf.merge(schema, cfg)
+        missing = sorted(OmegaConf.missing_keys(merged))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config key {key!r}: {str(e).splitlines()[0]}") from None
+    if missing:
+        raise ConfigError(f"config keys required but missing: {', '.join(missing)}")
+    return merged

@@ -113,3 +113,21 @@ def tune_to_hf_converter(hf_config: dict) -> Callable[[StateDict], StateDict]:
 
         return convert
     raise ValueError(f"model_type {hf_config['model_type']!r} has no torchtune → HF converter")
+
+
+def qwen2_5_math_7b() -> TransformerDecoder:
+    """Qwen2.5-Math-7B: Qwen2.5-7B's shape with a 4K context and RoPE base 10,000
+    (torchtune has no builder for it; ``qwen2_5_7b_base`` would use base 1e6 and 128K)."""
+    from torchtune.models.qwen2 import qwen2
+
+    return qwen2(
+        vocab_size=152064,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        embed_dim=3584,
+        intermediate_dim=18944,
+        max_seq_len=4096,
+        norm_eps=1e-6,
+        rope_base=10_000.0,
+    )

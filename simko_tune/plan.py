@@ -1,0 +1,154 @@
+"""``dry_run=true``: validate a whole recipe config and print the plan, without loading weights.
+
+Everything that would otherwise fail minutes (or GPU-hours) into a run is checked here:
+the schema (unknown keys, types), the loss settings, batch-size divisibility by ranks, the
+mesh against the world size, the model's head counts against TP, and the files the run
+reads. Missing files are reported, not fatal, so a 7B config validates on a machine
+without its weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config as tt_config
+
+from simko_tune.config import ConfigError
+from simko_tune.loss import LossConfig
+
+_FILE_KEYS = ("path", "merges_file", "special_tokens_path", "checkpoint_dir")
+
+
+def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
+    """Return (problems that make the config unusable, the plan). Schema errors were
+    already raised by ``check_schema``."""
+    errors: list[str] = []
+    plan: dict[str, Any] = {}
+
+    known = {f.name for f in fields(LossConfig)}
+    unknown = sorted(set(cfg.loss) - known)
+    if unknown:
+        errors.append(f"loss.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    else:
+        try:
+            LossConfig(**cfg.loss)
+        except (ValueError, TypeError) as e:
+            errors.append(f"loss: {e}")
+
+    r, u, g, p = cfg.rollout, cfg.ppo, cfg.generation, cfg.parallel
+    if r.old_logprobs not in ("trainer", "workers"):
+        errors.append(f"rollout.old_logprobs: {r.old_logprobs!r} is not 'trainer' or 'workers'")
+    if g.backend not in ("vllm", "native"):
+        errors.append(f"generation.backend: {g.backend!r} is not 'vllm' or 'native'")
+    for key, value in (
+        ("max_steps", cfg.max_steps),
+        ("rollout.prompts_per_step", r.prompts_per_step),
+        ("rollout.samples_per_prompt", r.samples_per_prompt),
+        ("ppo.mini_batch_prompts", u.mini_batch_prompts),
+        ("ppo.micro_batch_size", u.micro_batch_size),
+        ("parallel.tp", p.tp),
+    ):
+        if value < 1:
+            errors.append(f"{key}: must be >= 1, got {value}")
+    if errors:
+        return errors, plan
+
+    world = int(os.environ.get("WORLD_SIZE", "0")) or (p.dp_shard if p.dp_shard > 0 else 1) * p.tp
+    dp = p.dp_shard if p.dp_shard > 0 else world // p.tp
+    if dp * p.tp != world:
+        errors.append(
+            f"parallel.dp_shard={p.dp_shard} x parallel.tp={p.tp} does not match the world size {world}"
+        )
+    if r.prompts_per_step % u.mini_batch_prompts:
+        errors.append(
+            f"rollout.prompts_per_step={r.prompts_per_step} is not a multiple of "
+            f"ppo.mini_batch_prompts={u.mini_batch_prompts}"
+        )
+    rows = u.mini_batch_prompts * r.samples_per_prompt
+    if rows % max(dp, 1):
+        errors.append(
+            f"ppo.mini_batch_prompts x rollout.samples_per_prompt = {rows} rows do not split "
+            f"evenly over {dp} data-parallel ranks"
+        )
+    if g.devices is not None and len(g.devices) != g.num_workers:
+        errors.append(
+            f"generation.devices has {len(g.devices)} entries for num_workers={g.num_workers}"
+        )
+
+    missing = _missing_files(cfg)
+    model = _meta_model(cfg.model)
+    params = (
+        "unknown (model_dir missing)"
+        if model is None
+        else sum(x.numel() for x in model.parameters())
+    )
+    if model is not None:
+        attn = model.layers[0].attn
+        for key, heads in (
+            ("num_attention_heads", attn.num_heads),
+            ("num_key_value_heads", attn.num_kv_heads),
+        ):
+            if heads % p.tp:
+                errors.append(f"parallel.tp={p.tp} does not divide the model's {key}={heads}")
+
+    per_rank = rows // max(dp, 1)
+    plan.update(
+        {
+            "world_size": world,
+            "mesh": {"dp_shard": dp, "tp": p.tp},
+            "parameters": params,
+            "steps": cfg.max_steps,
+            "rollout": f"{r.prompts_per_step} prompts x {r.samples_per_prompt} samples = "
+            f"{r.prompts_per_step * r.samples_per_prompt} completions per step",
+            "updates_per_step": (r.prompts_per_step // u.mini_batch_prompts) * u.epochs,
+            "rows_per_update": rows,
+            "rows_per_rank_per_update": per_rank,
+            "micro_batches_per_rank_per_update": -(-per_rank // u.micro_batch_size),
+            "generation": (
+                f"remote workers {list(g.addresses)}"
+                if g.addresses
+                else f"{g.num_workers} x {g.backend} worker(s), tp={g.tensor_parallel_size}, "
+                f"devices={list(g.devices) if g.devices else 'default'}"
+            ),
+            "loss": OmegaConf.to_container(cfg.loss),
+            "missing_files": missing,
+        }
+    )
+    return errors, plan
+
+
+def dry_run(cfg: DictConfig) -> dict[str, Any]:
+    errors, plan = validate(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    print("dry run: config is valid")
+    for key, value in plan.items():
+        print(f"  {key}: {value}")
+    if plan["missing_files"]:
+        print("  note: the files above are missing here; a real run needs them")
+    return plan
+
+
+def _missing_files(cfg: DictConfig) -> list[str]:
+    paths = [Path(cfg.model_dir) / "config.json"] if cfg.prepare_model is None else []
+    for section in ("tokenizer", "checkpointer"):
+        node = cfg.get(section)
+        for key in _FILE_KEYS:
+            if node is not None and node.get(key):
+                paths.append(Path(node[key]))
+    return [str(p) for p in paths if not p.exists()]
+
+
+def _meta_model(model_cfg: DictConfig) -> torch.nn.Module | None:
+    """Build the model on the meta device: shapes only, no memory, no weights. None when
+    its builder needs a config.json that is not here."""
+    try:
+        with torch.device("meta"):
+            return tt_config.instantiate(model_cfg)
+    except FileNotFoundError:
+        return None

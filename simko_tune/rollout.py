@@ -1,0 +1,80 @@
+"""From prompts and sampled completions to the padded tensors the policy loss consumes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout, row per completion, rows of a prompt's group adjacent.
+
+    Row i holds ``prompt + response`` shifted for next-token prediction: ``tokens[i, t]`` is
+    the input at position t and ``targets[i, t]`` the token that follows it, so
+    ``mask[i, t]`` is true exactly where ``targets[i, t]`` is a response token. Rows are
+    right-padded, which causal attention keeps out of the valid positions.
+    """
+
+    tokens: torch.Tensor  # [B, S] long
+    targets: torch.Tensor  # [B, S] long
+    mask: torch.Tensor  # [B, S] bool
+    worker_logprobs: torch.Tensor  # [B, S] float32, the generator's sampled-token log-probs
+    rewards: torch.Tensor  # [B] float32
+    response_lens: torch.Tensor  # [B] long
+    truncated: torch.Tensor  # [B] bool: stopped by the length limit
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, rows: slice | torch.Tensor) -> RolloutBatch:
+        """Rows of this batch (a mini- or micro-batch), trimmed to their own longest row."""
+        picked = {f.name: getattr(self, f.name)[rows] for f in fields(self)}
+        width = int(picked["mask"].any(0).nonzero().max()) + 1 if picked["mask"].any() else 1
+        for name in ("tokens", "targets", "mask", "worker_logprobs"):
+            picked[name] = picked[name][:, :width]
+        return RolloutBatch(**picked)
+
+
+def build_rollout_batch(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    worker_logprobs: Sequence[Sequence[float]],
+    rewards: Sequence[float],
+    truncated: Sequence[bool],
+    pad_id: int,
+) -> RolloutBatch:
+    """Pack ``prompts[i] + responses[i]`` rows (one per completion; the caller repeats each
+    prompt for its samples)."""
+    if not (
+        len(prompts) == len(responses) == len(worker_logprobs) == len(rewards) == len(truncated)
+    ):
+        raise ValueError("prompts, responses, logprobs, rewards and truncated differ in length")
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses)) - 1
+    n = len(prompts)
+    tokens = torch.full((n, width), pad_id, dtype=torch.long)
+    targets = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.bool)
+    old = torch.zeros((n, width), dtype=torch.float32)
+    for i, (p, r, lp) in enumerate(zip(prompts, responses, worker_logprobs)):
+        if len(lp) != len(r):
+            raise ValueError(f"completion {i}: {len(r)} tokens but {len(lp)} logprobs")
+        if not p:
+            raise ValueError(f"completion {i}: empty prompt")
+        seq = torch.tensor(list(p) + list(r), dtype=torch.long)
+        tokens[i, : len(seq) - 1] = seq[:-1]
+        targets[i, : len(seq) - 1] = seq[1:]
+        start = len(p) - 1  # position whose target is the first response token
+        mask[i, start : start + len(r)] = True
+        old[i, start : start + len(r)] = torch.tensor(lp, dtype=torch.float32)
+    return RolloutBatch(
+        tokens=tokens,
+        targets=targets,
+        mask=mask,
+        worker_logprobs=old,
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        response_lens=torch.tensor([len(r) for r in responses], dtype=torch.long),
+        truncated=torch.tensor(truncated, dtype=torch.bool),
+    )
