@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from omegaconf import OmegaConf
 
 from simko_tune.config import ConfigError, check_schema, packaged_configs, resolve_config_path
