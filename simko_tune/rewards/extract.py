@@ -1,0 +1,83 @@
+"""Pull the final answer out of a model response or a gold rationale.
+
+Plain string scanning only (no regex backtracking over the whole response): responses are
+untrusted and can be megabytes long.
+"""
+
+from __future__ import annotations
+
+import re
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+# "The final answer is $7$.", "the answer is 7", "**Answer:** 7", "Final Answer: 7".
+_PHRASE_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|\*\*:?)\s*:?\s*", re.I)
+_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
+_UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
+
+
+def _brace_group(text: str, start: int) -> str | None:
+    """Content of the `{...}` group opening at `text[start]`, or None if it never closes."""
+    depth = 0
+    for i in range(start, len(text)):
+        ch = text[i]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+    return None
+
+
+def _boxed_content(text: str, end: int) -> str | None:
+    """Argument of a `\\boxed` whose name ends at `end`: a brace group or, for `\\boxed 5`,
+    the next whitespace-free run (up to a `$`)."""
+    i = end
+    while i < len(text) and text[i] in " \t":
+        i += 1
+    if i < len(text) and text[i] == "{":
+        return _brace_group(text, i)
+    j = i
+    while j < len(text) and not text[j].isspace() and text[j] != "$":
+        j += 1
+    return text[i:j]
+
+
+def _phrase_answer(text: str) -> str | None:
+    """The answer after the last "final answer is" / "answer:" phrasing, if any."""
+    matches = list(_PHRASE_RE.finditer(text))
+    if not matches:
+        return None
+    rest = text[matches[-1].end() :]
+    if rest.startswith("$"):
+        rest = rest.lstrip("$")
+        close = _UNESCAPED_DOLLAR_RE.search(rest)
+        answer = rest[: close.start()] if close else rest.split("\n", 1)[0]
+    elif rest.startswith("\\("):
+        close = rest.find("\\)")
+        answer = rest[2:close] if close >= 0 else rest[2:]
+    else:
+        answer = rest.split("\n", 1)[0]
+        cut = _SENTENCE_END_RE.search(answer)
+        if cut:
+            answer = answer[: cut.start()]
+    answer = answer.strip().strip("*").strip().rstrip(".").strip()
+    return answer or None
+
+
+def extract_answer(text: str) -> str | None:
+    """The last non-empty `\\boxed{...}` / `\\fbox{...}` (nested braces kept, `\\boxed 5`
+    accepted); without one, the answer after a "final answer is ..." or "Answer: ..."
+    phrase; None when the response states no answer."""
+    for match in reversed(list(_BOX_RE.finditer(text))):
+        content = _boxed_content(text, match.end())
+        if content is not None and content.strip():
+            return content.strip()
+    return _phrase_answer(text)
+
+
+def extract_gsm8k_gold(text: str) -> str:
+    """GSM8K gold: the number after the last `#### `, thousands separators removed."""
+    if "####" not in text:
+        raise ValueError(f"GSM8K answer has no '####' marker: {text[-200:]!r}")
+    return text.rsplit("####", 1)[1].strip().replace(",", "")

@@ -1,0 +1,240 @@
+"""Score responses in worker processes, each check under a hard wall-clock limit.
+
+A check that runs past the limit has its worker killed (SIGKILL) and replaced; a worker
+that dies mid-check is replaced; both score 0 and are counted. Workers are started with
+"spawn" (the trainer holds torch threads, so forking it is unsafe), are reused across
+calls, and cap their own address space (RLIMIT_AS) as a second fence against memory blow-ups.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+from simko_tune.rewards.grader import math_reward
+
+_STARTUP_TIMEOUT_S = 120.0
+_MAX_CHUNK = 16
+
+
+@dataclass
+class RewardPoolStats:
+    """Running counters; the recipe logs them."""
+
+    checks: int = 0
+    timeouts: int = 0  # checks killed at the wall-clock limit
+    crashes: int = 0  # workers that died during a check
+    errors: int = 0  # reward_fn raised (worker survives)
+    worker_restarts: int = 0
+
+
+def _address_space_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _limit_memory(memory_limit_mb: int) -> None:
+    """Cap the address space at what the worker already maps (interpreter, sympy) plus
+    `memory_limit_mb`, so the cap constrains the checks, not the imports."""
+    try:
+        base = _address_space_bytes()
+    except OSError:
+        base = 0
+    limit = base + memory_limit_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _worker_main(
+    conn: Connection, reward_fn: Callable[[str, str], float], memory_limit_mb: int | None
+) -> None:
+    """Worker loop: receive a chunk of (response, gold) pairs, send back (score, error
+    flag) after each one, so the parent can time every check separately."""
+    if memory_limit_mb is not None:
+        _limit_memory(memory_limit_mb)
+    conn.send("ready")
+    while True:
+        try:
+            chunk = conn.recv()
+        except EOFError:
+            return
+        if chunk is None:
+            return
+        for response, gold in chunk:
+            try:
+                score, failed = float(reward_fn(response, gold)), False
+            except Exception:
+                score, failed = 0.0, True
+            conn.send((score, failed))
+
+
+class _Worker:
+    def __init__(self, ctx, reward_fn, memory_limit_mb) -> None:
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, reward_fn, memory_limit_mb), daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.ready = False
+        self.tasks: deque[int] = deque()  # indices sent, in order; the first is running
+        self.deadline = 0.0  # for the running check
+        self.started = time.monotonic()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
+
+
+class RewardPool:
+    """Process pool for reward checks; use as a context manager or call `close()`.
+
+    `reward_fn(response, gold) -> float` must be a picklable top-level function.
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        timeout_s: float = 5.0,
+        reward_fn: Callable[[str, str], float] = math_reward,
+        memory_limit_mb: int | None = 1024,
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.timeout_s = timeout_s
+        self.stats = RewardPoolStats()
+        self._reward_fn = reward_fn
+        self._memory_limit_mb = memory_limit_mb
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers = [self._spawn() for _ in range(num_workers)]
+        self._closed = False
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self._ctx, self._reward_fn, self._memory_limit_mb)
+
+    def _replace(self, i: int) -> None:
+        self._workers[i].kill()
+        self._workers[i] = self._spawn()
+        self.stats.worker_restarts += 1
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def score(self, responses: Sequence[str], golds: Sequence[str]) -> list[float]:
+        """Scores in input order; a check that times out or kills its worker scores 0.
+
+        Work goes out in small chunks (IPC per check would cost as much as a simple check);
+        each result resets the clock, so every single check gets the full `timeout_s`."""
+        if self._closed:
+            raise RuntimeError("RewardPool.score called after close()")
+        if len(responses) != len(golds):
+            raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
+        tasks = [(str(r), str(g)) for r, g in zip(responses, golds)]
+        scores = [0.0] * len(tasks)
+        pending = deque(range(len(tasks)))
+        done = 0
+        while done < len(tasks):
+            self._dispatch(tasks, pending)
+            now = time.monotonic()
+            waits = [w.deadline for w in self._workers if w.tasks]
+            waits += [w.started + _STARTUP_TIMEOUT_S for w in self._workers if not w.ready]
+            ready = wait([w.conn for w in self._workers], max(0.0, min(waits) - now))
+            for i in range(len(self._workers)):
+                if self._workers[i].conn in ready:
+                    done += self._receive(i, scores, pending)
+            now = time.monotonic()
+            for i, w in enumerate(self._workers):
+                if w.tasks and now >= w.deadline:
+                    self.stats.timeouts += 1
+                    done += self._fail_running(i, scores, pending)
+                elif not w.ready and now >= w.started + _STARTUP_TIMEOUT_S:
+                    raise RuntimeError(f"reward worker did not start within {_STARTUP_TIMEOUT_S} s")
+        return scores
+
+    def _dispatch(self, tasks: list[tuple[str, str]], pending: deque[int]) -> None:
+        idle = [i for i, w in enumerate(self._workers) if w.ready and not w.tasks]
+        for i in idle:
+            if not pending:
+                return
+            size = max(1, min(_MAX_CHUNK, len(pending) // (2 * len(self._workers))))
+            chunk = [pending.popleft() for _ in range(min(size, len(pending)))]
+            w = self._workers[i]
+            try:
+                w.conn.send([tasks[j] for j in chunk])
+            except (BrokenPipeError, OSError):  # died while idle: not these checks' fault
+                pending.extendleft(reversed(chunk))
+                self._replace(i)
+                continue
+            w.tasks.extend(chunk)
+            w.deadline = time.monotonic() + self.timeout_s
+
+    def _fail_running(self, i: int, scores: list[float], pending: deque[int]) -> int:
+        """Score worker i's running check 0, requeue the rest of its chunk, replace it."""
+        w = self._workers[i]
+        scores[w.tasks.popleft()] = 0.0
+        self.stats.checks += 1
+        pending.extendleft(reversed(w.tasks))
+        w.tasks.clear()
+        self._replace(i)
+        return 1
+
+    def _receive(self, i: int, scores: list[float], pending: deque[int]) -> int:
+        """Handle one message from worker i; returns how many checks it finished."""
+        w = self._workers[i]
+        try:
+            msg = w.conn.recv()
+        except (EOFError, OSError):
+            if not w.ready:
+                w.process.join()
+                raise RuntimeError(
+                    f"reward worker failed to start (exit code {w.process.exitcode}); "
+                    "a script that creates a RewardPool needs an `if __name__ == '__main__':` guard"
+                ) from None
+            if not w.tasks:  # died between checks: not a check's fault
+                self._replace(i)
+                return 0
+            self.stats.crashes += 1
+            return self._fail_running(i, scores, pending)
+        if msg == "ready":
+            w.ready = True
+            return 0
+        score, failed = msg
+        scores[w.tasks.popleft()] = score
+        self.stats.checks += 1
+        self.stats.errors += int(failed)
+        w.deadline = time.monotonic() + self.timeout_s
+        return 1
+
+    def close(self) -> None:
+        """Stop every worker (politely, then SIGKILL) and wait for it to exit."""
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + 2.0
+        for w in self._workers:
+            w.process.join(max(0.0, deadline - time.monotonic()))
+            w.kill()
+
+    def __enter__(self) -> RewardPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()

@@ -1,0 +1,197 @@
+"""RewardPool: real spawned workers, real SIGKILLs, hostile inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from simko_tune.rewards import RewardPool, answers_match
+
+sys.path.insert(0, str(Path(__file__).parent))  # spawned workers inherit sys.path
+import reward_scripts  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 1.5
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with RewardPool(
+        num_workers=2, timeout_s=TIMEOUT_S, reward_fn=reward_scripts.scripted_reward
+    ) as p:
+        yield p
+
+
+def _delta(pool: RewardPool, before) -> dict:
+    after = dataclasses.asdict(pool.stats)
+    return {k: after[k] - v for k, v in dataclasses.asdict(before).items()}
+
+
+NORMAL = [
+    ("so \\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", 1.0),
+    ("so \\boxed{2}", "\\frac{1}{2}", 0.0),
+    ("The final answer is $204$.", "204", 1.0),
+    ("\\boxed{(2,1)}", "(1,2)", 0.0),
+    ("\\boxed{1, -2}", "-2,1", 1.0),
+    ("nothing", "3", 0.0),
+    ("\\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}", "(1,2)", 1.0),
+]
+
+
+def _check_normal(pool: RewardPool) -> None:
+    responses, golds, expected = zip(*NORMAL)
+    assert pool.score(list(responses), list(golds)) == list(expected)
+
+
+def test_order_preserved_across_many_checks(pool):
+    responses, golds, expected = zip(*(NORMAL * 6))
+    before = dataclasses.replace(pool.stats)
+    assert pool.score(list(responses), list(golds)) == list(expected)
+    assert _delta(pool, before) == dict(
+        checks=len(expected), timeouts=0, crashes=0, errors=0, worker_restarts=0
+    )
+    assert pool.score([], []) == []
+
+
+def test_workers_are_reused_across_calls(pool):
+    pids = pool.worker_pids()
+    first = pool.score(["pid"] * 4, ["0"] * 4)
+    second = pool.score(["pid"] * 4, ["0"] * 4)
+    assert set(first) | set(second) <= {float(p) for p in pids}
+    assert pool.worker_pids() == pids
+
+
+def test_timeout_kills_and_replaces_worker(pool):
+    before = dataclasses.replace(pool.stats)
+    pids = set(pool.worker_pids())
+    start = time.monotonic()
+    scores = pool.score(["\\boxed{1}", "sleep", "\\boxed{3}"], ["1", "1", "3"])
+    elapsed = time.monotonic() - start
+    assert scores == [1.0, 0.0, 1.0]
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 10
+    assert _delta(pool, before)["timeouts"] == 1
+    assert _delta(pool, before)["worker_restarts"] == 1
+    killed = pids - set(pool.worker_pids())
+    assert len(killed) == 1 and not _alive(killed.pop())
+    _check_normal(pool)
+
+
+def test_failures_inside_a_chunk_requeue_the_rest(pool):
+    """Big batches go out in chunks: a hang or crash mid-chunk scores only that check 0;
+    the checks queued behind it are rerun elsewhere and keep their order."""
+    batch = NORMAL * 6
+    batch[5] = ("sleep", "1", 0.0)
+    batch[20] = ("crash", "1", 0.0)
+    responses, golds, expected = zip(*batch)
+    before = dataclasses.replace(pool.stats)
+    assert pool.score(list(responses), list(golds)) == list(expected)
+    delta = _delta(pool, before)
+    assert (delta["timeouts"], delta["crashes"], delta["checks"]) == (1, 1, len(batch))
+
+
+def test_crash_scores_zero_and_worker_is_replaced(pool):
+    before = dataclasses.replace(pool.stats)
+    assert pool.score(["crash", "\\boxed{5}", "crash"], ["5", "5", "5"]) == [0.0, 1.0, 0.0]
+    delta = _delta(pool, before)
+    assert delta["crashes"] == 2 and delta["worker_restarts"] == 2 and delta["timeouts"] == 0
+    _check_normal(pool)
+
+
+def test_raising_reward_scores_zero_and_worker_survives(pool):
+    before = dataclasses.replace(pool.stats)
+    pids = pool.worker_pids()
+    assert pool.score(["raise", "\\boxed{5}"], ["5", "5"]) == [0.0, 1.0]
+    assert _delta(pool, before)["errors"] == 1
+    assert pool.worker_pids() == pids
+
+
+def test_address_space_limit_stops_memory_hog(pool):
+    before = dataclasses.replace(pool.stats)
+    assert pool.score(["hog"], ["1"]) == [0.0]
+    delta = _delta(pool, before)
+    assert delta["errors"] + delta["crashes"] == 1
+    _check_normal(pool)
+
+
+def test_mismatched_lengths_rejected(pool):
+    with pytest.raises(ValueError, match="2 responses but 1 golds"):
+        pool.score(["a", "b"], ["a"])
+
+
+def test_sympy_hang_is_killed_at_the_limit(pool):
+    """Passes every guard, but simplify() on degree-900 polynomials next to an undefined
+    function (so sampling cannot decide) runs for minutes: the wall clock must end it."""
+    hang = "\\boxed{f(x)+\\frac{(x+1)^{900}-(x-1)^{900}}{(x^{2}+1)^{449}}}"
+    before = dataclasses.replace(pool.stats)
+    start = time.monotonic()
+    assert pool.score([hang], ["f(x)"]) == [0.0]
+    assert time.monotonic() - start < TIMEOUT_S + 10
+    delta = _delta(pool, before)
+    assert delta["timeouts"] == 1 and delta["worker_restarts"] == 1
+    _check_normal(pool)
+
+
+HOSTILE = [
+    "__import__('os').system('touch X')",
+    "9**9**9**9",
+    "10^{10^{10^{10}}}",
+    "\\frac{1}{0}",
+    "{" * 100 + "1" + "}" * 100,
+    "1" * (1 << 20),
+    "2^{2^{2^{2^{2^{2}}}}}",
+    "(10^{6})!",
+    "\\sum_{k=1}^{10^{9}} k",
+    "\\int_0^1 x dx",
+]
+
+
+@pytest.mark.parametrize("pred", HOSTILE, ids=[repr(h)[:30] for h in HOSTILE])
+def test_hostile_prediction_in_process(pred, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert answers_match(pred, "1") is False
+    assert not (tmp_path / "X").exists()
+
+
+def test_hostile_inputs_in_pool(tmp_path, monkeypatch):
+    """Raw and boxed hostile answers score 0 well within the limit, run nothing, and leave
+    the pool healthy."""
+    monkeypatch.chdir(tmp_path)  # workers inherit the cwd: `touch X` would land here
+    with (
+        RewardPool(num_workers=2, timeout_s=5.0) as boxed_pool,
+        RewardPool(
+            num_workers=1, timeout_s=5.0, reward_fn=reward_scripts.prediction_reward
+        ) as raw_pool,
+    ):
+        responses = [f"The result is $\\boxed{{{h}}}$." for h in HOSTILE]
+        assert boxed_pool.score(responses, ["1"] * len(HOSTILE)) == [0.0] * len(HOSTILE)
+        assert raw_pool.score(HOSTILE, ["1"] * len(HOSTILE)) == [0.0] * len(HOSTILE)
+        for p in (boxed_pool, raw_pool):
+            assert p.stats.timeouts == 0 and p.stats.crashes == 0 and p.stats.errors == 0
+        _check_normal(boxed_pool)
+    assert not (tmp_path / "X").exists()
+
+
+def test_close_leaves_no_processes():
+    pool = RewardPool(num_workers=2, timeout_s=TIMEOUT_S)
+    assert pool.score(["\\boxed{4}"], ["4"]) == [1.0]
+    pids = pool.worker_pids()
+    assert all(_alive(p) for p in pids)
+    pool.close()
+    pool.close()  # idempotent
+    assert not any(_alive(p) for p in pids)
+    with pytest.raises(RuntimeError, match="after close"):
+        pool.score(["1"], ["1"])
