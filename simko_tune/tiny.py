@@ -40,8 +40,8 @@ class TinyQwen2Dims:
     """Shape of a tiny Qwen2 model (defaults: ~0.2M parameters, fast on one CPU core)."""
 
     num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
+    num_heads: int = 2  # head dim 32: vLLM's CPU attention supports 32, 64, 80, ... only
+    num_kv_heads: int = 1
     embed_dim: int = 64
     intermediate_dim: int = 128
     max_seq_len: int = 512

@@ -1,0 +1,409 @@
+"""pass@K evaluation of a model on the math benchmarks (SimKO paper settings, DESIGN §1).
+
+    tune run simko_eval --config eval_math model_dir=/path/to/model output_dir=/path/to/out
+
+``model_dir`` is a Hugging Face safetensors directory, a training checkpoint
+(``step_XXXXXXXX/``, whose ``hf/`` export is loaded) or a folder of checkpoints (the latest
+one is loaded). For every benchmark the recipe samples ``n`` responses per problem with the
+generation workers, scores them with the verifier pool, and appends each problem's scored
+samples to ``<output_dir>/samples.jsonl`` as soon as the problem is done. A rerun with the
+same ``output_dir`` skips the problems already there, so a killed evaluation resumes where
+it stopped (a torn last line is dropped and its problem redone). At the end it writes the
+pass@K table (Markdown, CSV), its plot, and TensorBoard scalars ``eval/<benchmark>/pass@K``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config
+from torchtune.utils import get_logger
+from tqdm import tqdm
+
+import simko_tune.config
+from simko_tune.data import (
+    BENCHMARKS,
+    PROMPT_TEMPLATES,
+    DataError,
+    MathProblem,
+    load_benchmark,
+    stop_token_ids,
+    tokenize_prompt,
+)
+from simko_tune.metrics import passk_report
+from simko_tune.rewards import extract_answer
+
+log = get_logger("INFO")
+
+SAMPLES_FILE = "samples.jsonl"
+SETTINGS_FILE = "eval_settings.json"
+GENERATION_BACKENDS = ("vllm", "native")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_ROW_KEYS = ("benchmark", "problem_id", "sample_index", "reward")
+
+ProblemKey = tuple[str, str]  # (benchmark, problem_id)
+
+
+# ---------------------------------------------------------------------------------------
+# Model directory
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def resolve_model_dir(path: str | Path) -> tuple[Path, int | None]:
+    """The Hugging Face directory to load and the training step it comes from (None for a
+    plain model).
+
+    Accepts an HF directory, a checkpoint ``step_XXXXXXXX/`` (its ``hf/`` export), or a
+    folder of checkpoints (the highest step). Published checkpoints appear by rename, so a
+    ``step_*`` folder is complete; anything else raises ``FileNotFoundError`` saying what
+    was expected.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model_dir={str(path)!r}: no such directory")
+    if _is_hf_dir(path):
+        match = _STEP_DIR.match(path.parent.name) if path.name == "hf" else None
+        return path.resolve(), int(match.group(1)) if match else None
+    if _STEP_DIR.match(path.name) and _is_hf_dir(path / "hf"):
+        return (path / "hf").resolve(), int(_STEP_DIR.match(path.name).group(1))
+    steps = sorted(
+        (int(m.group(1)), child)
+        for child in path.iterdir()
+        if (m := _STEP_DIR.match(child.name)) and _is_hf_dir(child / "hf")
+    )
+    if steps:
+        step, child = steps[-1]
+        return (child / "hf").resolve(), step
+    raise FileNotFoundError(
+        f"model_dir={str(path)!r} is neither a Hugging Face model directory (config.json and "
+        "*.safetensors) nor a training checkpoint (step_XXXXXXXX/ with an hf/ export) nor a "
+        "folder of such checkpoints"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The samples file
+
+
+def read_samples(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """Rows of a samples JSONL and whether the file needs a rewrite (its last line was torn
+    by a kill). A bad line anywhere else is corruption, not a kill: ``DataError``."""
+    if not path.is_file():
+        return [], False
+    lines = path.read_bytes().split(b"\n")
+    # A complete file ends with "\n", so the last piece is empty; anything else was torn.
+    torn = lines.pop() != b""
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        missing = [key for key in _ROW_KEYS if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise DataError(f"{path}:{number}: missing key {missing[0]!r}")
+        rows.append(row)
+    return rows, torn
+
+
+def write_samples_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def completed_problems(
+    rows: list[dict[str, Any]], num_samples: dict[str, int], path: Path
+) -> tuple[set[ProblemKey], list[dict[str, Any]]]:
+    """The problems of the selected benchmarks that hold exactly samples ``0..n-1``, and the
+    rows to keep: those, plus every row of benchmarks not selected in this run. Partial
+    problems (a kill during their write) are dropped to be generated again."""
+    by_problem: dict[ProblemKey, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_problem[(row["benchmark"], str(row["problem_id"]))].append(row)
+    done: set[ProblemKey] = set()
+    keep: list[dict[str, Any]] = []
+    for key, problem_rows in by_problem.items():
+        benchmark = key[0]
+        if benchmark not in num_samples:
+            keep.extend(problem_rows)
+            continue
+        n = num_samples[benchmark]
+        indices = sorted(row["sample_index"] for row in problem_rows)
+        if indices == list(range(n)):
+            done.add(key)
+            keep.extend(problem_rows)
+        elif indices == list(range(len(indices))) and len(indices) > n:
+            raise ValueError(
+                f"{path}: {benchmark}/{key[1]} has {len(indices)} samples but this run asks "
+                f"for {n} (num_samples); use another output_dir or the same num_samples"
+            )
+    return done, keep
+
+
+def check_settings(output_dir: Path, settings: dict[str, Any], has_samples: bool) -> None:
+    """Pin the settings of the samples in ``output_dir``; resuming them with different
+    settings raises ``ValueError`` naming the key."""
+    path = output_dir / SETTINGS_FILE
+    if has_samples and path.is_file():
+        saved = json.loads(path.read_text())
+        for key, value in settings.items():
+            if saved.get(key) != value:
+                raise ValueError(
+                    f"{output_dir}: its samples were generated with {key}={saved.get(key)!r}, "
+                    f"this run has {key}={value!r}; use another output_dir or the same settings"
+                )
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{SETTINGS_FILE}.", dir=output_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# The recipe
+
+
+class PassAtKEvalRecipe:
+    """Generate, score and append samples problem by problem; then report pass@K.
+
+    The config is checked in full before anything slow starts (workers take tens of seconds
+    to start), and the generators start only when some problem is left to generate.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._cfg = cfg
+        self._check_config(cfg)
+        self.output_dir = Path(cfg.output_dir)
+        self.samples_path = self.output_dir / SAMPLES_FILE
+        self.num_samples = {
+            name: int((cfg.get("num_samples_per_benchmark") or {}).get(name, cfg.num_samples))
+            for name in cfg.benchmarks
+        }
+        self.num_generated_problems = 0
+
+    @staticmethod
+    def _check_config(cfg: DictConfig) -> None:
+        for key in ("model_dir", "output_dir"):
+            if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
+                raise ValueError(f"config key {key!r} is required (pass {key}=...)")
+        benchmarks = cfg.get("benchmarks")
+        if not benchmarks or isinstance(benchmarks, str):
+            raise ValueError(
+                f"config key 'benchmarks' must be a non-empty list, got {benchmarks!r}"
+            )
+        for i, name in enumerate(benchmarks):
+            if name not in BENCHMARKS:
+                raise ValueError(
+                    f"config key 'benchmarks[{i}]': unknown benchmark {name!r}; "
+                    f"known: {', '.join(sorted(BENCHMARKS))}"
+                )
+        if len(set(benchmarks)) != len(benchmarks):
+            raise ValueError(f"config key 'benchmarks' lists a benchmark twice: {list(benchmarks)}")
+        overrides = cfg.get("num_samples_per_benchmark") or {}
+        for name, n in [("num_samples", cfg.get("num_samples")), *overrides.items()]:
+            key = name if name == "num_samples" else f"num_samples_per_benchmark.{name}"
+            if name != "num_samples" and name not in BENCHMARKS:
+                raise ValueError(f"config key {key!r}: unknown benchmark {name!r}")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"config key {key!r} must be a positive integer, got {n!r}")
+        if cfg.get("prompt_template") not in PROMPT_TEMPLATES:
+            raise ValueError(
+                f"config key 'prompt_template': unknown template {cfg.get('prompt_template')!r}; "
+                f"known: {', '.join(sorted(PROMPT_TEMPLATES))}"
+            )
+        backend = cfg.generation.get("backend")
+        if backend not in GENERATION_BACKENDS:
+            raise ValueError(
+                f"config key 'generation.backend' must be one of {GENERATION_BACKENDS}, "
+                f"got {backend!r}"
+            )
+        if int(cfg.generation.get("problems_per_call", 1)) < 1:
+            raise ValueError("config key 'generation.problems_per_call' must be positive")
+        for k in cfg.get("ks") or []:
+            if not isinstance(k, int) or k < 1:
+                raise ValueError(f"config key 'ks' must hold positive integers, got {k!r}")
+
+    def setup(self) -> None:
+        cfg = self._cfg
+        self.model_dir, self.step = resolve_model_dir(cfg.model_dir)
+        # Tokenizer paths in the YAML interpolate ${model_dir}: point them at the export.
+        cfg.model_dir = str(self.model_dir)
+        log.info(
+            f"Model: {self.model_dir}" + (f" (step {self.step})" if self.step is not None else "")
+        )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rows, torn = read_samples(self.samples_path)
+        # Samples of one output_dir must share these, or the table would average over two
+        # models or sampling setups.
+        check_settings(
+            self.output_dir,
+            {
+                "model_dir": str(self.model_dir),
+                "prompt_template": cfg.prompt_template,
+                "temperature": float(cfg.sampling.temperature),
+                "top_p": float(cfg.sampling.top_p),
+                "max_tokens": int(cfg.sampling.max_tokens),
+            },
+            has_samples=bool(rows),
+        )
+        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._metric_logger = config.instantiate(cfg.metric_logger)
+        self._metric_logger.log_config(cfg)
+
+        data_dir = Path(cfg.data_dir) if cfg.get("data_dir") else None
+        self._problems = {
+            name: load_benchmark(name, data_dir=data_dir, limit=cfg.get("limit"))
+            for name in cfg.benchmarks
+        }
+        done, keep = completed_problems(rows, self.num_samples, self.samples_path)
+        if torn or len(keep) != len(rows):
+            log.info(
+                f"{self.samples_path}: dropping {len(rows) - len(keep)} rows of unfinished "
+                "problems" + (" and a torn last line" if torn else "")
+            )
+            write_samples_atomically(self.samples_path, keep)
+        self._todo: dict[str, list[MathProblem]] = {}
+        for name, problems in self._problems.items():
+            self._todo[name] = [p for p in problems if (name, p.id) not in done]
+            log.info(
+                f"{name}: {len(problems)} problems, {len(problems) - len(self._todo[name])} "
+                f"already scored, {len(self._todo[name])} to generate (n={self.num_samples[name]})"
+            )
+
+    def _start_generator(self) -> Any:
+        from simko_tune import generation
+
+        gen_cfg = self._cfg.generation
+        section = gen_cfg.get(gen_cfg.backend)
+        kwargs = OmegaConf.to_container(section, resolve=True) if section is not None else {}
+        if gen_cfg.backend == "vllm":
+            return generation.VLLMWorkers.start_local(str(self.model_dir), **kwargs)
+        return generation.NativeGenerator(str(self.model_dir), **kwargs)
+
+    def evaluate(self) -> None:
+        """Generate and score every problem not yet in the samples file, appending each
+        problem's rows as one write (a kill leaves whole problems and at most one partial
+        one, which the next run drops and redoes)."""
+        total = sum(len(problems) for problems in self._todo.values())
+        if total == 0:
+            log.info("Every problem is already scored; nothing to generate.")
+            return
+        per_call = int(self._cfg.generation.get("problems_per_call", 1))
+        with (
+            self._start_generator() as generator,
+            config.instantiate(self._cfg.rewards) as rewards,
+            self.samples_path.open("a", encoding="utf-8") as out,
+            tqdm(total=total, unit="problem", desc="pass@K eval", dynamic_ncols=True) as bar,
+        ):
+            for benchmark, todo in self._todo.items():
+                for start in range(0, len(todo), per_call):
+                    batch = todo[start : start + per_call]
+                    for rows in self._generate_and_score(generator, rewards, benchmark, batch):
+                        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                        out.flush()
+                        os.fsync(out.fileno())
+                        self.num_generated_problems += 1
+                        bar.update(1)
+        log.info(f"Generated and scored {self.num_generated_problems} problems.")
+
+    def _sampling(self, benchmark: str, batch: list[MathProblem]) -> Any:
+        from simko_tune.generation import SamplingConfig
+
+        sampling = self._cfg.sampling
+        seed = sampling.get("seed")
+        if seed is not None:
+            # Per batch, from its first problem: batches must not share one random stream.
+            seed = (int(seed) + zlib.crc32(f"{benchmark}/{batch[0].id}".encode())) % 2**31
+        return SamplingConfig(
+            temperature=float(sampling.temperature),
+            top_p=float(sampling.top_p),
+            max_tokens=int(sampling.max_tokens),
+            stop_token_ids=stop_token_ids(self._tokenizer),
+            seed=seed,
+        )
+
+    def _generate_and_score(
+        self, generator: Any, rewards: Any, benchmark: str, batch: list[MathProblem]
+    ) -> list[list[dict[str, Any]]]:
+        """The scored sample rows of each problem of ``batch``."""
+        n = self.num_samples[benchmark]
+        template = self._cfg.prompt_template
+        prompts = [tokenize_prompt(self._tokenizer, template, p.problem) for p in batch]
+        completions = generator.generate(prompts, n, self._sampling(benchmark, batch))
+        for problem, samples in zip(batch, completions, strict=True):
+            if len(samples) != n:
+                raise RuntimeError(
+                    f"the generator returned {len(samples)} samples for "
+                    f"{benchmark}/{problem.id}, expected {n}"
+                )
+        flat = [c for samples in completions for c in samples]
+        responses = [self._tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in flat]
+        scores = rewards.score(responses, [p.answer for p in batch for _ in range(n)])
+        rows = [
+            {
+                "benchmark": benchmark,
+                "problem_id": batch[i // n].id,
+                "sample_index": i % n,
+                "reward": float(score),
+                "answer": extract_answer(response),
+                "response": response,
+                "finish_reason": completion.finish_reason,
+                "num_tokens": len(completion.token_ids),
+            }
+            for i, (completion, response, score) in enumerate(
+                zip(flat, responses, scores, strict=True)
+            )
+        ]
+        return [rows[i : i + n] for i in range(0, len(rows), n)]
+
+    def report(self) -> dict[str, float]:
+        """Write the pass@K table and plot over every sample in the output_dir, and log them
+        as TensorBoard scalars at the checkpoint's training step (0 for a plain model), so
+        evaluations of one run's checkpoints line up over training."""
+        ks = list(self._cfg.ks) if self._cfg.get("ks") else None
+        run = f"step_{self.step:08d}" if self.step is not None else self.model_dir.name
+        report = passk_report({run: self.samples_path}, self.output_dir, ks=ks)
+        scalars: dict[str, float] = {}
+        for scores in report.scores:
+            prefix = f"eval/{scores.benchmark}"
+            scalars.update({f"{prefix}/pass@{k}": v for k, v in scores.pass_at_k.items()})
+            scalars[f"{prefix}/mean@n"] = scores.mean_at_n
+            scalars[f"{prefix}/maj@n"] = scores.maj_at_n
+            curve = "  ".join(f"pass@{k} {100 * v:.1f}" for k, v in scores.pass_at_k.items())
+            log.info(f"{scores.benchmark} ({scores.num_problems} problems, n={scores.n}): {curve}")
+        self._metric_logger.log_dict(scalars, step=self.step if self.step is not None else 0)
+        log.info(f"Wrote {report.markdown}, {report.csv}, {report.plot}")
+        return scalars
+
+    def cleanup(self) -> None:
+        self._metric_logger.close()
+
+
+@simko_tune.config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    recipe = PassAtKEvalRecipe(cfg)
+    recipe.setup()
+    recipe.evaluate()
+    recipe.report()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    recipe_main()
