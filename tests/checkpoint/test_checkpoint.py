@@ -1,0 +1,223 @@
+"""CheckpointManager: exact resume (one process and FSDP2 on two torchrun ranks), incomplete
+checkpoints never taken, keep-last pruning."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simko_tune.checkpoint import MARKER, CheckpointManager, resolve_resume
+
+WORKER = Path(__file__).with_name("ckpt_worker.py")
+TIMEOUT_S = 150
+
+
+def _load_worker():
+    spec = importlib.util.spec_from_file_location("ckpt_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def child_env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_resumed_exactly(resumed: dict, saved: dict) -> None:
+    """The resumed run continues the saved one bit for bit: weights at the save, the next
+    random draws of every rank, the LR, the extra dict, and the weights after one more step
+    (which also depend on AdamW's moments and step count)."""
+    assert resumed["extra"] == saved["extra"]
+    assert resumed["lr"] == saved["lr"]
+    assert len(resumed["draws"]) == len(saved["draws"])
+    for got, want in zip(resumed["draws"], saved["draws"]):
+        assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+    for key in ("at_save", "after_step2"):
+        assert resumed[key].keys() == saved[key].keys()
+        for name in saved[key]:
+            assert torch.equal(resumed[key][name], saved[key][name]), f"{key} {name}"
+
+
+def test_round_trip_single_process(tmp_path):
+    worker = _load_worker()
+    saved = worker.run("save", str(tmp_path))
+    resumed = worker.run("load", str(tmp_path))
+    assert_resumed_exactly(resumed, saved)
+    # The load really replaced a different initialisation.
+    fresh = worker.full_params(worker.tiny_model(seed=1))
+    assert not torch.equal(
+        fresh["tok_embeddings.weight"], saved["at_save"]["tok_embeddings.weight"]
+    )
+
+
+@pytest.mark.slow
+def test_round_trip_fsdp2_two_ranks(tmp_path):
+    results = {}
+    for mode in ("save", "load"):
+        out = tmp_path / f"{mode}.pt"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER),
+            "--mode", mode, "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(out),
+        ]  # fmt: skip
+        r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        results[mode] = torch.load(out)
+    assert len(results["save"]["draws"]) == 2
+    assert not torch.equal(results["save"]["draws"][0][0], results["save"]["draws"][1][0])
+    assert_resumed_exactly(results["load"], results["save"])
+    files = set(os.listdir(tmp_path / "ckpt" / "step_00000001"))
+    assert {"rng_rank00000.pt", "rng_rank00001.pt", "extra.pt", "dcp", MARKER} <= files
+
+
+def _tiny_training_objects():
+    worker = _load_worker()
+    return worker.setup(seed=0)
+
+
+def _save(manager: CheckpointManager, step: int) -> Path:
+    model, optimizer, scheduler = _tiny_training_objects()
+    return manager.save(
+        step, model=model, optimizer=optimizer, lr_scheduler=scheduler, extra={"step": step}
+    )
+
+
+def test_incomplete_checkpoints_are_never_taken(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    good = _save(manager, 2)
+    no_marker = tmp_path / "step_00000004"
+    no_marker.mkdir()
+    (no_marker / "extra.pt").write_bytes(b"partial")
+    unpublished = tmp_path / "step_00000005.tmp"
+    unpublished.mkdir()
+    (unpublished / MARKER).write_text('{"step": 5, "files": []}')
+    missing_file = tmp_path / "step_00000006"
+    missing_file.mkdir()
+    (missing_file / MARKER).write_text('{"step": 6, "files": ["extra.pt"]}')
+    bad_marker = tmp_path / "step_00000007"
+    bad_marker.mkdir()
+    (bad_marker / MARKER).write_text("{not json")
+
+    with caplog.at_level(logging.WARNING, logger="simko_tune.checkpoint"):
+        assert manager.latest() == good
+    for path in (no_marker, unpublished, missing_file, bad_marker):
+        assert str(path) in caplog.text
+    assert resolve_resume("auto", tmp_path) == good
+    assert resolve_resume(True, tmp_path) == good
+    assert resolve_resume(str(good), tmp_path) == good
+    for path, reason in (
+        (no_marker, "no COMPLETE marker"),
+        (unpublished, r"\.tmp"),
+        (missing_file, "missing"),
+        (bad_marker, "unreadable"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            resolve_resume(str(path), tmp_path)
+        model, optimizer, _ = _tiny_training_objects()
+        with pytest.raises(ValueError, match="not a complete checkpoint"):
+            manager.load(path, model=model, optimizer=optimizer)
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import importlib.util, os, signal, sys
+    import simko_tune.checkpoint as ckpt
+
+    spec = importlib.util.spec_from_file_location("w", sys.argv[1])
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    model, optimizer, scheduler = worker.setup(seed=0)
+    manager = ckpt.CheckpointManager(sys.argv[2])
+    manager.save(1, model=model, optimizer=optimizer, extra={})
+    kill = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[3] == "before_marker":
+        ckpt._fsync_write = kill
+    elif sys.argv[3] == "before_rename":
+        ckpt.os.replace = kill
+    else:  # "loop": save until killed from outside
+        step = 2
+        while True:
+            manager.save(step, model=model, optimizer=optimizer, extra={})
+            step += 1
+    manager.save(2, model=model, optimizer=optimizer, extra={})
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_point", ["before_marker", "before_rename"])
+def test_killed_writer_leaves_previous_checkpoint(tmp_path, kill_point):
+    r = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(WORKER), str(tmp_path), kill_point],
+        env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert (tmp_path / "step_00000002.tmp").is_dir()
+    assert not (tmp_path / "step_00000002").exists()
+    assert resolve_resume("auto", tmp_path) == tmp_path / "step_00000001"
+
+
+@pytest.mark.slow
+def test_writer_killed_at_any_moment_leaves_a_loadable_latest(tmp_path):
+    """SIGKILL a process that saves in a loop, at an arbitrary moment: whatever latest()
+    then returns loads."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(WORKER), str(tmp_path), "loop"],
+        env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (tmp_path / "step_00000003").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "writer made no progress"
+            time.sleep(0.01)
+        time.sleep(0.137)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    latest = CheckpointManager(tmp_path).latest()
+    assert latest is not None and int(latest.name.split("_")[1]) >= 2
+    model, optimizer, _ = _tiny_training_objects()
+    CheckpointManager(tmp_path).load(latest, model=model, optimizer=optimizer)
+
+
+def test_keep_last_prunes_old_and_stale(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    (tmp_path / "step_00000001.tmp").mkdir(parents=True)
+    for step in (1, 2, 3, 4):
+        _save(manager, step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003", "step_00000004"]
+    model, optimizer, scheduler = _tiny_training_objects()
+    extra = manager.load(manager.latest(), model=model, optimizer=optimizer, lr_scheduler=scheduler)
+    assert extra == {"step": 4}
+
+
+def test_resolve_resume_off_and_missing(tmp_path):
+    assert resolve_resume(None, tmp_path) is None
+    assert resolve_resume(False, tmp_path) is None
+    assert resolve_resume("auto", tmp_path / "nothing_yet") is None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_resume(str(tmp_path / "step_00000009"), tmp_path)
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=0)

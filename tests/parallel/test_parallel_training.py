@@ -1,0 +1,233 @@
+"""FSDP2, TP and the 2-D mesh give the same training step as one process.
+
+Each parallel run is real torchrun ranks (gloo) executing ``train_worker.py``; the reference
+is the same step on the plain, unparallelized model in this process. Gradients are compared
+as well as AdamW-updated weights: Adam's update hardly depends on the gradient's scale, so a
+wrong dp averaging would hide in the weights alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simko_tune.parallel import ParallelDims, all_reduce_sum, get_tp_plan, parallelize_model
+
+WORKER = Path(__file__).with_name("train_worker.py")
+TIMEOUT_S = 150
+
+
+def _load_worker():
+    spec = importlib.util.spec_from_file_location("train_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_BACKEND": "aot_eager"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def check(result, returncode: int, out: Path) -> dict:
+    assert returncode == 0, f"workers failed:\n{result}"
+    return torch.load(out)
+
+
+def run_torchrun(nproc: int, worker_args: list[str], out: Path) -> dict:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(WORKER), *worker_args, "--out", str(out),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    return check(r.stdout[-4000:] + r.stderr[-4000:], r.returncode, out)
+
+
+def assert_same_step(got: dict, ref: dict) -> None:
+    assert got["guard_raised"] and not ref["guard_raised"]
+    torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-6, atol=1e-6)
+    assert got["grads"].keys() == ref["grads"].keys()
+    for name in ref["grads"]:
+        torch.testing.assert_close(
+            got["grads"][name], ref["grads"][name], rtol=1e-5, atol=1e-7, msg=f"grad {name}"
+        )
+        torch.testing.assert_close(
+            got["params"][name], ref["params"][name], rtol=1e-5, atol=1e-6, msg=f"param {name}"
+        )
+
+
+@pytest.fixture(scope="module")
+def qwen2_spec(tiny_model_dir) -> str:
+    return f"qwen2:{tiny_model_dir}"
+
+
+@pytest.fixture(scope="module")
+def qwen2_reference(qwen2_spec) -> dict:
+    return _load_worker().train_step(qwen2_spec, "qwen2")
+
+
+@pytest.fixture(scope="module")
+def llama3_reference() -> dict:
+    return _load_worker().train_step("llama3", "llama3")
+
+
+def test_reference_step_moves_every_parameter(qwen2_reference):
+    """Guards the comparisons below: a step that left weights alone would match anything."""
+    moved = {n for n, g in qwen2_reference["grads"].items() if g.abs().max() > 0}
+    assert moved == set(qwen2_reference["grads"])
+
+
+@pytest.mark.slow
+def test_fsdp2_two_ranks_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
+    got = run_torchrun(2, ["--model", qwen2_spec, "--family", "qwen2"], tmp_path / "r.pt")
+    assert_same_step(got, qwen2_reference)
+
+
+@pytest.mark.slow
+def test_tp2_qwen2_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
+    args = ["--model", qwen2_spec, "--family", "qwen2", "--tp", "2"]
+    assert_same_step(run_torchrun(2, args, tmp_path / "r.pt"), qwen2_reference)
+
+
+@pytest.mark.slow
+def test_2d_mesh_qwen2_with_activation_checkpointing(qwen2_spec, qwen2_reference, tmp_path):
+    args = ["--model", qwen2_spec, "--family", "qwen2", "--dp", "2", "--tp", "2", "--ac"]
+    assert_same_step(run_torchrun(4, args, tmp_path / "r.pt"), qwen2_reference)
+
+
+@pytest.mark.slow
+def test_tp2_llama3_untied_with_compile_and_ac(llama3_reference, tmp_path):
+    """Compiled blocks under TP: the embedding must still get its gradient."""
+    args = ["--model", "llama3", "--family", "llama3", "--tp", "2", "--compile", "--ac"]
+    assert_same_step(run_torchrun(2, args, tmp_path / "r.pt"), llama3_reference)
+
+
+@pytest.mark.slow
+def test_2d_mesh_llama3(llama3_reference, tmp_path):
+    args = ["--model", "llama3", "--family", "llama3", "--dp", "2", "--tp", "2"]
+    assert_same_step(run_torchrun(4, args, tmp_path / "r.pt"), llama3_reference)
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_keeps_fp32_gradients_and_weights(
+    qwen2_spec, qwen2_reference, tmp_path
+):
+    """bf16 forward/backward with fp32 reduction and master weights: gradients arrive in fp32
+    and agree with the fp32 reference to bf16 accuracy."""
+    args = ["--model", qwen2_spec, "--family", "qwen2", "--mixed-precision", "bf16"]
+    got = run_torchrun(2, args, tmp_path / "r.pt")
+    torch.testing.assert_close(got["loss"], qwen2_reference["loss"], rtol=1e-3, atol=0)
+    for name, ref in qwen2_reference["grads"].items():
+        assert got["grads"][name].dtype == got["params"][name].dtype == torch.float32
+        rel = (got["grads"][name] - ref).norm() / ref.norm()
+        assert rel < 0.05, f"grad {name}: relative error {rel:.3g}"
+
+
+@pytest.mark.slow
+def test_two_node_launch_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
+    """Two torchrun agents (one rank each) rendezvous over c10d like two machines would."""
+    out = tmp_path / "r.pt"
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(node),
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                endpoint,
+                "--rdzv_id",
+                "simko-two-node",
+                str(WORKER),
+                "--model",
+                qwen2_spec,
+                "--family",
+                "qwen2",
+                "--out",
+                str(out),
+            ],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    logs = []
+    try:
+        for agent in agents:
+            logs.append(agent.communicate(timeout=TIMEOUT_S)[0][-4000:])
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    failed = [log for agent, log in zip(agents, logs) if agent.returncode != 0]
+    assert_same_step(check("\n".join(failed), len(failed), out), qwen2_reference)
+
+
+def test_parallel_dims_resolve_and_errors():
+    assert ParallelDims().resolve(4) == (4, 1)
+    assert ParallelDims(tp=2).resolve(4) == (2, 2)
+    assert ParallelDims(dp_shard=2, tp=2).resolve(4) == (2, 2)
+    with pytest.raises(ValueError, match=r"parallel\.dp_shard \(3\) × parallel\.tp \(2\)"):
+        ParallelDims(dp_shard=3, tp=2).resolve(4)
+    with pytest.raises(ValueError, match=r"parallel\.tp \(3\) must divide"):
+        ParallelDims(tp=3).resolve(4)
+    with pytest.raises(ValueError, match=r"parallel\.tp must be >= 1"):
+        ParallelDims(tp=0).resolve(4)
+
+
+def test_single_process_has_no_mesh_and_plain_sums():
+    assert ParallelDims().build_mesh("cpu") is None
+    with pytest.raises(ValueError, match="world size"):
+        ParallelDims(tp=2).build_mesh("cpu")
+    x = torch.tensor([1.0, 2.0])
+    total = all_reduce_sum(x)
+    assert torch.equal(total, x) and total is not x
+    assert all_reduce_sum(3).item() == 3
+
+
+def test_tp_plans():
+    qwen2 = get_tp_plan("qwen2")
+    assert "output" in qwen2 and "layers.*.attn.q_proj" in qwen2
+    assert "output" not in get_tp_plan("llama3", tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="'gpt2' has no tensor-parallel plan"):
+        get_tp_plan("gpt2")
+
+
+def test_mixed_precision_without_mesh_is_refused():
+    from torchtune.models.qwen2 import qwen2
+
+    model = qwen2(
+        vocab_size=32, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=16,
+        intermediate_dim=32, max_seq_len=16,
+    )  # fmt: skip
+    kwargs = {"model_family": "qwen2", "activation_checkpointing": False, "compile_blocks": False}
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        parallelize_model(model, None, mixed_precision="bf16", **kwargs)
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        parallelize_model(model, None, mixed_precision="fp16", **kwargs)

@@ -1,0 +1,159 @@
+"""One training step of a tiny model, run as a torchrun rank (or as one plain process for the
+reference). Rank 0 writes the global loss, the full gradients and the AdamW-updated full
+parameters to ``--out``.
+
+The loss is the plain per-token negative log-likelihood of the targets, projected from
+``hidden_states`` with the gathered output weight and divided by the all-reduced token count;
+each data-parallel rank holds a different, uneven slice of one global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from simko_tune.models import model_from_hf_config, output_weight, read_hf_config
+from simko_tune.parallel import (
+    ParallelDims,
+    all_reduce_sum,
+    full_output_weight,
+    hidden_states,
+    init_distributed,
+    parallelize_model,
+)
+
+GLOBAL_BATCH = 5
+SEQ_LEN = 12
+LENGTHS = (12, 7, 10, 4, 9)  # valid tokens per row, right padded
+DP_SLICES = {1: [(0, 5)], 2: [(0, 2), (2, 5)]}  # uneven rows per data-parallel rank
+
+
+def build_model(spec: str) -> torch.nn.Module:
+    """``qwen2:<hf dir>`` (tied, weights loaded) or ``llama3`` (untied, seeded init)."""
+    if spec.startswith("qwen2:"):
+        from safetensors.torch import load_file
+        from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+
+        model_dir = spec.split(":", 1)[1]
+        cfg = read_hf_config(model_dir)
+        model = model_from_hf_config(model_dir, max_seq_len=64)
+        state = qwen2_hf_to_tune(
+            load_file(os.path.join(model_dir, "model.safetensors")),
+            num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg["num_key_value_heads"],
+            dim=cfg["hidden_size"],
+            tie_word_embeddings=cfg["tie_word_embeddings"],
+        )
+        model.load_state_dict(state)
+        return model
+    if spec == "llama3":
+        from torchtune.models.llama3_2 import llama3_2
+
+        torch.manual_seed(0)
+        return llama3_2(
+            vocab_size=256,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            embed_dim=64,
+            intermediate_dim=128,
+            max_seq_len=64,
+            tie_word_embeddings=False,
+        )
+    raise ValueError(f"unknown model spec {spec!r}")
+
+
+def global_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ_LEN), generator=gen)
+    valid = torch.arange(SEQ_LEN - 1)[None, :] < (torch.tensor(LENGTHS)[:, None] - 1)
+    return tokens, valid
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def train_step(
+    model_spec: str,
+    family: str,
+    dp: int = -1,
+    tp: int = 1,
+    ac: bool = False,
+    compile_blocks: bool = False,
+    mixed_precision: str | None = None,
+) -> dict | None:
+    """One AdamW step; rank 0 (or the single process) returns the results."""
+    rank, _ = init_distributed()
+    mesh = ParallelDims(dp_shard=dp, tp=tp).build_mesh("cpu")
+    model = build_model(model_spec)
+    parallelize_model(
+        model,
+        mesh,
+        model_family=family,
+        activation_checkpointing=ac,
+        compile_blocks=compile_blocks,
+        mixed_precision=mixed_precision,
+    )
+    # eps well above the noise of near-zero gradients (k biases: softmax ignores them), so the
+    # first Adam update compares stably across summation orders.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, eps=1e-4)
+
+    dp_group = mesh["dp_shard"].get_group() if mesh is not None else None
+    dp_rank = mesh["dp_shard"].get_local_rank() if mesh is not None else 0
+    dp_size = mesh["dp_shard"].size() if mesh is not None else 1
+    tokens, valid = global_batch(full(output_weight(model)).shape[0])
+    lo, hi = DP_SLICES[dp_size][dp_rank]
+    tokens, valid = tokens[lo:hi], valid[lo:hi]
+
+    try:  # the FSDP guard: before hidden_states the weight is dp-sharded
+        full_output_weight(model)
+        guard_raised = False
+    except RuntimeError:
+        guard_raised = True
+    h = hidden_states(model, tokens[:, :-1])
+    weight = full_output_weight(model)
+    logp = F.log_softmax(h.float() @ weight.float().T, dim=-1)
+    nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    token_count = all_reduce_sum(valid.sum(), group=dp_group)
+    loss = (nll * valid).sum() / token_count
+    loss.backward()
+
+    grads = {clean(n): full(q.grad) for n, q in model.named_parameters()}
+    optimizer.step()
+    params = {clean(n): full(q) for n, q in model.named_parameters()}
+    global_loss = all_reduce_sum(loss.detach(), group=dp_group)
+    if rank != 0:
+        return None
+    return {"loss": global_loss, "grads": grads, "params": params, "guard_raised": guard_raised}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--family", required=True)
+    p.add_argument("--dp", type=int, default=-1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ac", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--mixed-precision", default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    result = train_step(
+        args.model, args.family, args.dp, args.tp, args.ac, args.compile, args.mixed_precision
+    )
+    if result is not None:
+        torch.save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
