@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from safetensors import safe_open
 
 # Everything of the base model directory except its weights: config, tokenizer, generation config.
 _HF_SIDE_FILES = (
@@ -32,8 +35,16 @@ def export_hf_dir(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for f in shards + sorted(pub.glob("*.safetensors.index.json")):
+        weight_map, total = {}, 0
+        for f in shards:
             shutil.copy2(f, tmp / f.name)
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    weight_map[name] = f.name
+            total += f.stat().st_size  # bytes on disk; readers use the map, not the total
+        # transformers and vLLM find the shards through the standard index file
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for name in _HF_SIDE_FILES:
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)

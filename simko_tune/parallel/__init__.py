@@ -10,7 +10,7 @@ from simko_tune.parallel.apply import (
     hidden_states,
     parallelize_model,
 )
-from simko_tune.parallel.mesh import ParallelDims, all_reduce_sum, init_distributed
+from simko_tune.parallel.mesh import ParallelDims, all_reduce_sum, clip_grad_norm_, init_distributed
 from simko_tune.parallel.tp_plans import get_tp_plan
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "apply_compile",
     "apply_fsdp",
     "apply_tp",
+    "clip_grad_norm_",
     "full_output_weight",
     "get_tp_plan",
     "hidden_states",

@@ -84,3 +84,33 @@ def all_reduce_sum(x: torch.Tensor | float, group: dist.ProcessGroup | None = No
         out = out.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for parameters living on different meshes.
+
+    Under TP + FSDP2 the transformer blocks' gradients are DTensors on the 2-D mesh while the
+    root's (embedding, norm) are on the ``dp_shard`` mesh alone, and torch's version cannot
+    stack norms across meshes. Here each group of gradients sharing a mesh and placements
+    gets its norm reduced over that mesh, and the groups combine as a sum of squares.
+    Returns the total (pre-clipping) norm as a plain tensor, the same value on every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    groups: dict[object, list[torch.nn.Parameter]] = {}
+    for p in params:
+        key = (
+            (p.grad.device_mesh, tuple(p.grad.placements)) if isinstance(p.grad, DTensor) else None
+        )
+        groups.setdefault(key, []).append(p)
+    squares = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0)
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total

@@ -1,0 +1,596 @@
+"""SimKO / GRPO-family RL with verifiable rewards, as a torchtune recipe.
+
+    tune run simko_recipe --config qwen2_5_math_7b [key=value ...]
+    tune run --nproc_per_node 4 simko_recipe --config qwen2_5_math_7b
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:PORT -m simko_recipe --config ...
+
+One step of the loop (``SimKORecipe.train``):
+  1. draw ``prompts_per_step`` prompts (resumable order),
+  2. sample ``samples_per_prompt`` completions each from the generation workers (rank 0),
+     every completion tagged with the weight version that produced it,
+  3. score them in the verifier process pool, group advantages (GRPO/SimKO/... rules),
+  4. old log-probs from the policy before the update (or the workers'; mismatch logged),
+  5. PPO updates over mini-batches: micro-batches on every data-parallel rank, the loss
+     normalised by the mini-batch's global token (or sequence) count, gradients summed,
+     clipped, a NaN/inf guard, AdamW + lr schedule,
+  6. publish the new weights (safetensors + manifest) and wait for every worker's ack,
+  7. log, checkpoint (DCP, atomic, last N kept), evaluate pass@K now and then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config as tt_config
+from torchtune import training
+from torchtune.config._utils import _get_component_from_path
+from tqdm import tqdm
+
+from simko_tune.checkpoint import CheckpointManager, resolve_resume
+from simko_tune.config import ConfigError, check_schema, parse
+from simko_tune.data import PromptBatches, stop_token_ids, tokenize_prompt
+from simko_tune.export import export_hf_dir
+from simko_tune.generation import (
+    NativeGenerator,
+    SamplingConfig,
+    VLLMWorkers,
+    check_versions,
+    prune_versions,
+    publish_weights,
+)
+from simko_tune.generation.weights import version_dir
+from simko_tune.loss import LossConfig, mode_advantages, policy_loss, token_logprobs
+from simko_tune.metrics import pass_at_k
+from simko_tune.models import read_hf_config
+from simko_tune.parallel import (
+    ParallelDims,
+    clip_grad_norm_,
+    full_output_weight,
+    hidden_states,
+    init_distributed,
+    parallelize_model,
+)
+from simko_tune.plan import dry_run, validate
+from simko_tune.rewards import RewardPool
+from simko_tune.rollout import RolloutBatch, build_rollout_batch
+
+
+class SimKORecipe:
+    """Builds everything from the config in ``setup``, runs the RL loop in ``train``."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.loss_cfg = LossConfig(**{**cfg.loss, "temperature": cfg.rollout.temperature})
+        self.step = 0
+        self.weight_version = 0  # 0 = the checkpoint in model_dir, as the workers load it
+        self.generator = None
+        self.reward_pool = None
+        self.metric_logger = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world_size = init_distributed()
+        self.is_rank_zero = self.rank == 0
+        if self.device.type == "cpu":
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        training.set_seed(cfg.seed + self.rank)
+        self.mesh = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp).build_mesh(
+            self.device.type
+        )
+        self.dp_rank, self.dp_size = _dp_coords(self.mesh)
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+        if _configured(cfg.prepare_model) and self.is_rank_zero:
+            tt_config.instantiate(cfg.prepare_model)  # builds model_dir once, if missing
+        _barrier()
+        self.hf_config = read_hf_config(cfg.model_dir)
+
+        self.model = self._setup_model()
+        self.tokenizer = tt_config.instantiate(cfg.tokenizer)
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.problems = tt_config.instantiate(cfg.dataset)
+        self.prompt_ids = self._tokenize_all(self.problems)
+        self.batches = PromptBatches(
+            len(self.problems), cfg.rollout.prompts_per_step, seed=cfg.seed, shuffle=True
+        )
+
+        self.optimizer = tt_config.instantiate(cfg.optimizer, self.model.parameters())
+        self.lr_scheduler = (
+            tt_config.instantiate(cfg.lr_scheduler, self.optimizer)
+            if _configured(cfg.lr_scheduler)
+            else None
+        )
+        self.checkpoints = CheckpointManager(
+            self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last
+        )
+        self.sync_dir = Path(
+            cfg.generation.sync_dir or f"/dev/shm/simko_tune/{_run_name(self.output_dir)}"
+        )
+        if self.is_rank_zero:  # a previous run's publications must never be loaded
+            shutil.rmtree(self.sync_dir, ignore_errors=True)
+        resume_from = resolve_resume(cfg.resume, self.output_dir / "checkpoints")
+        if resume_from is not None:
+            extra = self.checkpoints.load(
+                resume_from,
+                model=self.model,
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+            )
+            self.step = extra["step"]
+            self.weight_version = extra["weight_version"]
+            self.batches.load_state_dict(extra["data"])
+            _log(f"resumed from {resume_from} at step {self.step}")
+
+        if self.is_rank_zero:
+            self.metric_logger = tt_config.instantiate(cfg.metric_logger)
+            self.metric_logger.log_config(cfg)
+            self.reward_pool = RewardPool(
+                num_workers=cfg.rewards.num_workers,
+                timeout_s=cfg.rewards.timeout_s,
+                reward_fn=_get_component_from_path(cfg.rewards.fn),
+            )
+            self.generator = self._setup_generator()
+        if resume_from is not None:
+            # the workers start from model_dir: give them the resumed weights
+            self._publish(self.weight_version)
+
+    def _setup_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        with training.set_default_dtype(torch.float32), torch.device("meta"):
+            model = tt_config.instantiate(cfg.model)
+        model = parallelize_model(
+            model,
+            self.mesh,
+            model_family=_model_family(self.hf_config),
+            activation_checkpointing=cfg.parallel.activation_checkpointing,
+            compile_blocks=cfg.parallel.compile_model,
+            mixed_precision=cfg.parallel.mixed_precision,
+            reshard_after_forward=cfg.parallel.reshard_after_forward,
+        )
+        model.to_empty(device=self.device)
+        state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
+        if self.mesh is None:
+            model.load_state_dict(state, strict=True)
+        else:
+            training.load_from_full_model_state_dict(model, state, self.device, strict=True)
+        with torch.no_grad():  # buffers (RoPE caches) were created on the meta device
+            for module in model.modules():
+                if hasattr(module, "rope_init"):
+                    module.rope_init()
+        return model
+
+    def _setup_generator(self):
+        g = self.cfg.generation
+        engine_kwargs = OmegaConf.to_container(g.engine_kwargs, resolve=True)
+        if g.backend == "native":
+            return NativeGenerator(
+                self.cfg.model_dir, sync_dir=self.sync_dir, device=str(self.device)
+            )
+        if g.addresses:
+            return VLLMWorkers.connect(
+                list(g.addresses), self.sync_dir, request_timeout_s=g.request_timeout_s
+            )
+        return VLLMWorkers.start_local(
+            self.cfg.model_dir,
+            num_workers=g.num_workers,
+            sync_dir=self.sync_dir,
+            engine_kwargs=engine_kwargs,
+            devices=list(g.devices) if g.devices else None,
+            tensor_parallel_size=g.tensor_parallel_size,
+            request_timeout_s=g.request_timeout_s,
+            restart_on_failure=g.restart_on_failure,
+            log_dir=self.output_dir / "worker_logs",
+        )
+
+    def _tokenize_all(self, problems) -> list[list[int]]:
+        limit = self.cfg.rollout.max_prompt_tokens
+        ids = [
+            tokenize_prompt(self.tokenizer, self.cfg.prompt_template, p.problem) for p in problems
+        ]
+        too_long = [(problems[i].id, len(x)) for i, x in enumerate(ids) if len(x) > limit]
+        if too_long:
+            raise ConfigError(
+                f"rollout.max_prompt_tokens={limit}: {len(too_long)} prompts are longer, e.g. "
+                f"{too_long[:3]} (raise the limit or filter the dataset)"
+            )
+        return ids
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> None:
+        cfg = self.cfg
+        progress = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not self.is_rank_zero,
+            dynamic_ncols=True,
+        )
+        while self.step < cfg.max_steps:
+            timings: dict[str, float] = {}
+            t_step = time.perf_counter()
+            indices = self.batches.next_batch()
+
+            with _timed(timings, "generate"):
+                rollout, texts = self._rollout(indices)
+            with _timed(timings, "old_logprobs"):
+                old_logprobs = self._old_logprobs(rollout)
+            with _timed(timings, "update"):
+                stats = self._update(rollout, old_logprobs)
+            with _timed(timings, "publish"):
+                self._publish(self.weight_version + 1)
+            self.step += 1
+
+            if self.is_rank_zero:
+                stats.update(_rollout_stats(rollout, old_logprobs, cfg.rollout.samples_per_prompt))
+                stats.update({f"time/{k}": v for k, v in timings.items()})
+                elapsed = time.perf_counter() - t_step
+                stats["time/step"] = elapsed
+                stats["throughput/tokens_per_s"] = float(rollout.mask.sum()) / elapsed
+                stats["weight_version"] = self.weight_version
+                stats["lr"] = self.optimizer.param_groups[0]["lr"]
+                stats["memory/peak_gib"] = _peak_memory_gib(self.device)
+                stats["reward/pool_timeouts"] = self.reward_pool.stats.timeouts
+                if self.step % cfg.log.every_n_steps == 0:
+                    self.metric_logger.log_dict(stats, step=self.step)
+                if cfg.log.samples_every_n_steps and self.step % cfg.log.samples_every_n_steps == 0:
+                    self._log_samples(indices, texts, rollout)
+                progress.update(1)
+                progress.set_postfix(
+                    reward=f"{stats['reward/mean']:.3f}",
+                    loss=f"{stats['loss']:.4f}",
+                    ent=f"{stats['entropy_mean']:.2f}",
+                    top1=f"{stats['top1_frac']:.2f}",
+                    refresh=False,
+                )
+                tqdm.write(
+                    f"step {self.step:>5} reward {stats['reward/mean']:.3f} "
+                    f"loss {stats['loss']:+.4f} Λ1 {stats['lambda_1']:.3f} "
+                    f"Λ2 {stats['lambda_2']:.2f} entropy {stats['entropy_mean']:.3f} "
+                    f"len {stats['response/len_mean']:.1f} {elapsed:.1f}s"
+                )
+
+            if cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0:
+                self.evaluate()
+            if self.step % cfg.checkpoint.every_n_steps == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+        progress.close()
+
+    def _rollout(self, indices: list[int]) -> tuple[RolloutBatch, list[str]]:
+        """Generate and score on rank 0, then share the packed batch with every rank."""
+        cfg = self.cfg
+        batch, texts = None, []
+        if self.is_rank_zero:
+            g = cfg.rollout.samples_per_prompt
+            prompts = [self.prompt_ids[i] for i in indices]
+            sampling = SamplingConfig(
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                max_tokens=cfg.rollout.max_response_tokens,
+                stop_token_ids=self.stop_ids,
+                seed=cfg.seed * 1_000_003 + self.step,
+            )
+            completions = self.generator.generate(prompts, n=g, sampling=sampling)
+            check_versions(completions, self.weight_version)
+            flat = [c for group in completions for c in group]
+            texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in flat]
+            golds = [self.problems[i].answer for i in indices for _ in range(g)]
+            rewards = self.reward_pool.score(texts, golds)
+            batch = build_rollout_batch(
+                prompts=[p for p in prompts for _ in range(g)],
+                responses=[c.token_ids for c in flat],
+                worker_logprobs=[c.logprobs for c in flat],
+                rewards=rewards,
+                truncated=[c.finish_reason == "length" for c in flat],
+                pad_id=self.stop_ids[0],
+            )
+        return _broadcast_object(batch), texts
+
+    @torch.no_grad()
+    def _old_logprobs(self, rollout: RolloutBatch) -> torch.Tensor:
+        """Log-probs of the sampled tokens under the policy before this step's update."""
+        if self.cfg.rollout.old_logprobs == "workers":
+            return rollout.worker_logprobs
+        out = torch.zeros_like(rollout.worker_logprobs)
+        for rows in self._my_micro_batches(range(len(rollout))):
+            mb = rollout.select(rows)
+            hidden = hidden_states(self.model, mb.tokens.to(self.device))
+            lp = (
+                token_logprobs(
+                    hidden,
+                    full_output_weight(self.model),
+                    mb.targets.to(self.device),
+                    temperature=self.loss_cfg.temperature,
+                    chunk_size=self.loss_cfg.chunk_size,
+                )
+                .float()
+                .cpu()
+            )
+            out[rows, : lp.shape[1]] = lp * mb.mask
+        # every rank computed its own rows; sum to share them (rows are disjoint)
+        return _all_reduce_sum(out, self.device, group=self._dp_group())
+
+    def _update(self, rollout: RolloutBatch, old_logprobs: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        g = cfg.rollout.samples_per_prompt
+        advantages = mode_advantages(rollout.rewards, g, self.loss_cfg.mode)
+        correct = rollout.rewards >= 1.0
+        rows_per_update = cfg.ppo.mini_batch_prompts * g
+        sums: dict[str, float] = defaultdict(float)
+        num_updates = skipped = 0
+        for _ in range(cfg.ppo.epochs):
+            for start in range(0, len(rollout), rows_per_update):
+                mini = range(start, min(start + rows_per_update, len(rollout)))
+                normalizer = self._normalizer(rollout, mini)
+                for rows in self._my_micro_batches(mini):
+                    mb = rollout.select(rows)
+                    width = mb.tokens.shape[1]
+                    hidden = hidden_states(self.model, mb.tokens.to(self.device))
+                    loss, metrics = policy_loss(
+                        hidden,
+                        full_output_weight(self.model),
+                        mb.targets.to(self.device),
+                        old_logprobs[rows, :width].to(self.device),
+                        advantages[rows].to(self.device),
+                        mb.mask.to(self.device),
+                        correct[rows].to(self.device),
+                        self.loss_cfg,
+                        normalizer=normalizer,
+                    )
+                    loss.backward()
+                    sums["loss"] += loss.item()
+                    n_tok = float(mb.mask.sum())
+                    for k, v in metrics.items():
+                        if k != "num_tokens":
+                            sums[k] += float(v) * n_tok
+                    sums["_tokens"] += n_tok
+                grad_norm = clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
+                if torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                else:  # a NaN/inf never reaches the weights
+                    skipped += 1
+                    _log(f"step {self.step}: non-finite gradient norm, update skipped")
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+                sums["grad_norm"] += float(grad_norm)
+                num_updates += 1
+        # loss and metrics as token-weighted means over this rank's rows, then over ranks
+        tokens = max(sums.pop("_tokens"), 1.0)
+        stats = {k: v / tokens for k, v in sums.items() if k not in ("loss", "grad_norm")}
+        reduced = _all_reduce_sum(
+            torch.tensor([sums["loss"]] + [stats[k] * tokens for k in sorted(stats)] + [tokens]),
+            self.device,
+            group=self._dp_group(),
+        )
+        total_tokens = float(reduced[-1])
+        out = {k: float(reduced[1 + i]) / total_tokens for i, k in enumerate(sorted(stats))}
+        out["loss"] = float(reduced[0]) / max(num_updates, 1)
+        out["grad_norm"] = sums["grad_norm"] / max(num_updates, 1)
+        out["updates_skipped_nonfinite"] = float(skipped)
+        return out
+
+    def _normalizer(self, rollout: RolloutBatch, rows: range) -> float:
+        """The loss denominator over the whole mini-batch (all micro-batches, all ranks):
+        every rank holds the full rollout, so it is computed locally, identically."""
+        mask = rollout.mask[rows.start : rows.stop]
+        if self.loss_cfg.agg == "token_mean":
+            return float(mask.sum())
+        return float(len(rows))
+
+    def _my_micro_batches(self, rows: range):
+        """This data-parallel rank's contiguous share of ``rows``, in micro-batches."""
+        per_rank = len(rows) // self.dp_size
+        start = rows.start + self.dp_rank * per_rank
+        mbs = self.cfg.ppo.micro_batch_size
+        for s in range(start, start + per_rank, mbs):
+            yield torch.arange(s, min(s + mbs, start + per_rank))
+
+    def _publish(self, version: int) -> None:
+        """Weights → safetensors + manifest (all ranks gather, rank 0 writes) → workers ack."""
+        publish_weights(self.model, version, self.sync_dir, self.hf_config)
+        if self.is_rank_zero:
+            self.generator.load_weights(version)
+            prune_versions(self.sync_dir, keep_version=version)
+        self.weight_version = version
+        _barrier()
+
+    # ------------------------------------------------------------------ eval, logs, checkpoints
+    def evaluate(self) -> None:
+        """pass@K on the configured sets with the current weights (rank 0 generates)."""
+        cfg = self.cfg
+        if self.is_rank_zero:
+            sampling = SamplingConfig(
+                temperature=cfg.eval.temperature,
+                top_p=cfg.eval.top_p,
+                max_tokens=cfg.eval.max_tokens,
+                stop_token_ids=self.stop_ids,
+                seed=cfg.seed,
+            )
+            for name, spec in cfg.eval.sets.items():
+                problems = tt_config.instantiate(spec)
+                prompts = self._tokenize_all(problems)
+                groups = self.generator.generate(prompts, n=cfg.eval.n, sampling=sampling)
+                texts = [
+                    self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                    for grp in groups
+                    for c in grp
+                ]
+                golds = [p.answer for p in problems for _ in range(cfg.eval.n)]
+                rewards = self.reward_pool.score(texts, golds)
+                correct = [
+                    int(sum(rewards[i * cfg.eval.n : (i + 1) * cfg.eval.n]))
+                    for i in range(len(problems))
+                ]
+                ks = [2**j for j in range(int(math.log2(cfg.eval.n)) + 1)]
+                scores = {
+                    f"eval/{name}/pass@{k}": sum(pass_at_k(cfg.eval.n, c, k) for c in correct)
+                    / len(correct)
+                    for k in ks
+                }
+                self.metric_logger.log_dict(scores, step=self.step)
+                tqdm.write(
+                    f"eval {name}: "
+                    + " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in scores.items())
+                )
+        _barrier()
+
+    def _log_samples(self, indices: list[int], texts: list[str], rollout: RolloutBatch) -> None:
+        g = self.cfg.rollout.samples_per_prompt
+        lines = []
+        for j in range(min(self.cfg.log.num_samples, len(indices))):
+            p = self.problems[indices[j]]
+            lines.append(f"**problem** {p.problem}\n\n**gold** {p.answer}\n")
+            for s in range(min(g, 2)):
+                lines.append(f"- reward {rollout.rewards[j * g + s]:.0f}: `{texts[j * g + s]}`")
+        self.metric_logger.log_text("samples", "\n".join(lines), step=self.step)
+
+    def save_checkpoint(self) -> None:
+        path = self.checkpoints.save(
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            extra={
+                "step": self.step,
+                "weight_version": self.weight_version,
+                "data": self.batches.state_dict(),
+            },
+        )
+        if (
+            self.is_rank_zero
+        ):  # the published weights are the model: export them with the checkpoint
+            export_hf_dir(
+                version_dir(self.sync_dir, self.weight_version), self.cfg.model_dir, path / "hf"
+            )
+        _barrier()
+
+    def cleanup(self) -> None:
+        if self.generator is not None:
+            self.generator.close()
+        if self.reward_pool is not None:
+            self.reward_pool.close()
+        if self.metric_logger is not None:
+            self.metric_logger.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _dp_group(self):
+        if self.mesh is None:
+            return None
+        return self.mesh["dp_shard"].get_group()
+
+
+# ---------------------------------------------------------------------- helpers
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(msg, file=sys.stderr)
+
+
+def _configured(node: DictConfig | None) -> bool:
+    """A ``_component_`` section that is present and not switched off (``key=null`` on the
+    command line empties its ``_component_``)."""
+    return node is not None and node.get("_component_") is not None
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast_object(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_reduce_sum(t: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
+    if not dist.is_initialized() or (group is not None and dist.get_world_size(group) == 1):
+        return t
+    t = t.to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t.cpu()
+
+
+def _dp_coords(mesh) -> tuple[int, int]:
+    if mesh is None:
+        return 0, 1
+    dp = mesh["dp_shard"]
+    return dp.get_local_rank(), dp.size()
+
+
+def _model_family(hf_config: dict) -> str:
+    return {"qwen2": "qwen2", "llama": "llama3"}[hf_config["model_type"]]
+
+
+def _run_name(output_dir: Path) -> str:
+    return str(output_dir.resolve()).strip("/").replace("/", "_")[-100:]
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str):
+    t0 = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t0
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _rollout_stats(
+    rollout: RolloutBatch, old_logprobs: torch.Tensor, group_size: int
+) -> dict[str, float]:
+    rewards = rollout.rewards.view(-1, group_size)
+    mask = rollout.mask
+    mismatch = (old_logprobs - rollout.worker_logprobs).abs()[mask]
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/identical_group_frac": float(
+            (rewards.max(1).values == rewards.min(1).values).float().mean()
+        ),
+        "response/len_mean": float(rollout.response_lens.float().mean()),
+        "response/len_max": float(rollout.response_lens.max()),
+        "response/truncated_frac": float(rollout.truncated.float().mean()),
+        "logprob_mismatch/mean_abs": float(mismatch.mean()) if mismatch.numel() else 0.0,
+        "logprob_mismatch/max_abs": float(mismatch.max()) if mismatch.numel() else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------- entry point
+@parse
+def recipe_main(cfg: DictConfig) -> None:
+    cfg = check_schema(cfg)
+    if cfg.dry_run:
+        dry_run(cfg)
+        return
+    errors, _ = validate(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    recipe = SimKORecipe(cfg)
+    try:
+        recipe.setup()
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

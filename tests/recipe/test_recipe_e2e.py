@@ -1,0 +1,190 @@
+"""The recipe end to end through the real CLI (`tune run simko_recipe ...`), from a temporary
+directory: TensorBoard scalars, checkpoints with HF exports, kill -9 and resume, and the
+same result on 1 and 2 torchrun ranks (FSDP2, TP)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+SCALARS = {
+    "loss", "entropy_mean", "gate_threshold_mean", "gated_frac", "top1_frac",
+    "lambda_1", "lambda_2", "lambda_3", "lambda_sample", "clip_frac_low", "clip_frac_high",
+    "ratio_mean", "ratio_max", "approx_kl", "grad_norm", "lr", "weight_version",
+    "reward/mean", "reward/identical_group_frac", "response/len_mean", "response/len_max",
+    "response/truncated_frac", "time/generate", "time/old_logprobs", "time/update",
+    "time/publish", "throughput/tokens_per_s", "memory/peak_gib",
+    "logprob_mismatch/mean_abs", "updates_skipped_nonfinite",
+}  # fmt: skip
+# Timings and memory differ run to run; everything else must not.
+VOLATILE = ("time/", "throughput/", "memory/")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    """A quickly warm-started Countdown policy (few SFT steps: rewards low but not all zero)."""
+    from simko_tune.warm_start import WarmStartConfig, build_tiny_policy
+
+    out = tmp_path_factory.mktemp("policy") / "tiny_policy"
+    return build_tiny_policy(
+        out, WarmStartConfig(max_steps=60, target_success=None, sft_problems=300, eval_problems=16)
+    )
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _args(out: Path, policy: Path, *extra: str) -> list[str]:
+    return [
+        "--config", "tiny_cpu", f"output_dir={out}", f"model_dir={policy}", "prepare_model=null",
+        "rollout.prompts_per_step=4", "ppo.mini_batch_prompts=2", "ppo.micro_batch_size=8",
+        "dataset.n=64", "log.samples_every_n_steps=1", "eval.every_n_steps=0",
+        f"generation.sync_dir={out}/sync", *extra,
+    ]  # fmt: skip
+
+
+def _tune_run(cwd: Path, args: list[str], nproc: int = 1, timeout: int = 600):
+    launcher = ["tune", "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
+    proc = subprocess.run(
+        launcher + ["simko_recipe", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    out: dict[str, dict[int, float]] = {}
+    for run in sorted(p for p in tb_dir.iterdir() if p.is_dir()):
+        acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:  # new-style scalars are stored as tensors
+            for ev in acc.Tensors(tag):
+                value = tensor_util.make_ndarray(ev.tensor_proto)
+                if value.dtype.kind in "fiu" and value.size == 1:
+                    out.setdefault(tag, {})[ev.step] = float(value)
+        for tag in acc.Tags()["scalars"]:
+            for ev in acc.Scalars(tag):
+                out.setdefault(tag, {})[ev.step] = ev.value
+    return out
+
+
+def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    shards = sorted(hf_dir.glob("*.safetensors"))
+    assert shards and (hf_dir / "model.safetensors.index.json").is_file(), list(hf_dir.iterdir())
+    return {k: v for f in shards for k, v in load_file(f).items()}
+
+
+def _final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return _load_hf_weights(out / "checkpoints" / f"step_{step:08d}" / "hf")
+
+
+def test_tiny_cpu_two_steps_with_vllm_logs_everything(tmp_path, policy_dir):
+    out = tmp_path / "out"
+    _tune_run(
+        tmp_path,
+        _args(out, policy_dir, "max_steps=2", "checkpoint.every_n_steps=2", "eval.every_n_steps=2",
+              "eval.sets.countdown_test.n=8"),
+    )  # fmt: skip
+    scalars = _scalars(out / "tb")
+    missing = SCALARS - set(scalars)
+    assert not missing, f"missing TensorBoard scalars: {sorted(missing)}"
+    assert set(scalars["loss"]) == {1, 2}
+    assert scalars["weight_version"] == {1: 1.0, 2: 2.0}
+    assert any(t.startswith("eval/countdown_test/pass@") for t in scalars)
+    for tag in ("lambda_1", "lambda_2", "lambda_3"):
+        assert all(v <= 0 for v in scalars[tag].values())
+    assert scalars["lambda_1"][1] >= scalars["lambda_2"][1] >= scalars["lambda_3"][1]
+    # the checkpoint carries an HF export that transformers loads, equal to the trainer's weights
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = out / "checkpoints" / "step_00000002" / "hf"
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    exported = _load_hf_weights(hf_dir)
+    initial = load_file(policy_dir / "model.safetensors")
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial), "weights never changed"
+    for name, param in model.state_dict().items():
+        if name in exported:
+            assert torch.equal(param, exported[name])
+
+
+def _comparable(scalars: dict[str, dict[int, float]], steps) -> dict[str, list[float]]:
+    return {
+        tag: [vals[s] for s in steps]
+        for tag, vals in scalars.items()
+        if not tag.startswith(VOLATILE) and all(s in vals for s in steps)
+    }
+
+
+def test_kill_and_resume_gives_identical_metrics_and_weights(tmp_path, policy_dir):
+    native = ("generation.backend=native", "max_steps=4", "checkpoint.every_n_steps=2")
+    full = tmp_path / "full"
+    _tune_run(tmp_path, _args(full, policy_dir, *native))
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(
+        ["tune", "run", "simko_recipe", *_args(resumed, policy_dir, *native)],
+        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    marker = resumed / "checkpoints" / "step_00000002" / "hf" / "model.safetensors.index.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the first checkpoint never appeared"
+    os.killpg(proc.pid, signal.SIGKILL)  # mid step 3
+    proc.wait(timeout=60)
+    assert not (resumed / "checkpoints" / "step_00000004").exists()
+
+    tb_before = {p.name for p in (resumed / "tb").iterdir()}
+    _tune_run(tmp_path, _args(resumed, policy_dir, *native, "resume=auto"))
+    new_runs = [p for p in (resumed / "tb").iterdir() if p.name not in tb_before]
+    assert len(new_runs) == 1
+
+    ref = _comparable(_scalars(full / "tb"), [3, 4])
+    tb = resumed / "tb_resumed_only"
+    tb.mkdir()
+    (tb / new_runs[0].name).symlink_to(new_runs[0])
+    got = _comparable(_scalars(tb), [3, 4])
+    assert set(ref) == set(got) and "reward/mean" in got and "loss" in got
+    for tag in ref:
+        assert got[tag] == pytest.approx(ref[tag], rel=1e-6, abs=1e-7), tag
+    a, b = _final_weights(full, 4), _final_weights(resumed, 4)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize(
+    "layout", [("parallel.dp_shard=2",), ("parallel.tp=2", "parallel.dp_shard=1")]
+)
+def test_two_ranks_match_one_process(tmp_path, policy_dir, layout):
+    common = ("generation.backend=native", "max_steps=1", "checkpoint.every_n_steps=1")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _tune_run(tmp_path, _args(single, policy_dir, *common))
+    _tune_run(tmp_path, _args(multi, policy_dir, *common, *layout), nproc=2)
+    a, b = _scalars(single / "tb"), _scalars(multi / "tb")
+    for tag in ("loss", "reward/mean", "lambda_1", "entropy_mean", "grad_norm"):
+        assert b[tag][1] == pytest.approx(a[tag][1], rel=1e-4, abs=1e-6), tag
+    wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
