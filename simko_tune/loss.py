@@ -1,0 +1,535 @@
+"""SimKO and GRPO-family policy losses, computed chunk by chunk from final hidden states.
+
+The loss never holds the full ``[tokens, vocab]`` logits. Valid response tokens are packed
+and walked in chunks of whole responses (the entropy gate needs each response's own
+quantile before any of its tokens is weighted). For each chunk the logits are projected,
+the per-token statistics and loss are computed, and the gradient of the loss with respect
+to that chunk's logits is written in place over them and immediately contracted into the
+gradients of the hidden states and the output weight, as Liger's fused linear
+cross-entropy does. Backward is then only a scale, the matmul count stays at the plain
+path's three, and one chunk's ``[C, V]`` fp32 buffer lives at a time (the per-chunk kernels,
+compiled, update it in place). Chunks hold whole responses, so a response longer than
+``chunk_size`` tokens is a chunk of its own: the bound is max(chunk_size, longest
+response) × V × 4 bytes, plus an fp32 [V, D] weight-gradient accumulator.
+
+The math follows DESIGN.md §1 (SimKO, arXiv 2510.14807, and its official verl code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MODES = ("simko", "grpo", "psr", "nsr", "w_reinforce", "forking_only")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+KL_TYPES = ("k1", "k2", "k3")
+# Λ(1), Λ(2), Λ(3) are logged whatever top_k is.
+_NUM_LOGGED_RANKS = 3
+
+
+@dataclass
+class LossConfig:
+    """Policy-loss settings. Defaults are the SimKO paper's (K=3, α=0.01, λ=1.1, τ=0.8)."""
+
+    mode: str = "simko"
+    top_k: int = 3
+    alpha: float = 0.01
+    lam: float = 1.1
+    tau: float = 0.8
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = "token_mean"
+    kl_coef: float = 0.0
+    kl_type: str = "k3"
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+    chunk_size: int = 1024
+    compile: bool = True
+    # Divisor of each response's token sum for seq_mean_token_sum_norm (Dr. GRPO uses the
+    # maximum response length); None means the padded response length T of the batch.
+    max_response_len: int | None = None
+
+    def __post_init__(self) -> None:
+        for field, value, allowed in (
+            ("mode", self.mode, MODES),
+            ("agg", self.agg, AGGREGATIONS),
+            ("kl_type", self.kl_type, KL_TYPES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"LossConfig.{field}={value!r}: expected one of {allowed}")
+        for field, ok in (
+            ("top_k", self.top_k >= 1),
+            ("alpha", 0.0 <= self.alpha <= 1.0),
+            ("lam", self.lam > 0.0),
+            ("tau", 0.0 <= self.tau <= 1.0),
+            ("clip_low", 0.0 <= self.clip_low < 1.0),
+            ("clip_high", self.clip_high >= 0.0),
+            ("kl_coef", self.kl_coef >= 0.0),
+            ("entropy_coef", self.entropy_coef >= 0.0),
+            ("temperature", self.temperature > 0.0),
+            ("chunk_size", self.chunk_size >= 1),
+            ("max_response_len", self.max_response_len is None or self.max_response_len >= 1),
+        ):
+            if not ok:
+                raise ValueError(f"LossConfig.{field}={getattr(self, field)!r} is out of range")
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> Tensor:
+    """Group-relative advantages: ``(r - mean_group) / (std_group + eps)`` (GRPO, unbiased
+    std as ``torch.std``) or ``r - mean_group`` (Dr. GRPO, ``scale_by_std=False``).
+
+    ``rewards`` is ``[num_prompts * group_size]`` with each group contiguous. A group whose
+    rewards are all equal carries no signal and gets exact zeros (never NaN, also for
+    ``group_size == 1``).
+    """
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} cannot be split into groups of {group_size}"
+        )
+    grouped = rewards.float().view(-1, group_size)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std and group_size > 1:
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+    identical = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(identical, torch.zeros_like(centered), centered).view(-1)
+
+
+def mode_advantages(rewards: Tensor, group_size: int, mode: str, **kw) -> Tensor:
+    """Advantages each mode trains with (a response is correct when its reward is 1).
+
+    simko / grpo / forking_only: :func:`group_advantages` (``kw`` passed on);
+    psr: +1 correct, 0 else; nsr: -1 incorrect, 0 else;
+    w_reinforce: ``positive_weight`` (0.1) correct, -1 incorrect.
+    """
+    if mode in ("simko", "grpo", "forking_only"):
+        return group_advantages(rewards, group_size, **kw)
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    positive_weight = kw.pop("positive_weight", 0.1) if mode == "w_reinforce" else None
+    if kw:
+        raise TypeError(f"mode {mode!r} takes no options {sorted(kw)}")
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} cannot be split into groups of {group_size}"
+        )
+    correct = rewards == 1
+    zeros = torch.zeros_like(rewards, dtype=torch.float32)
+    if mode == "psr":
+        return torch.where(correct, 1.0, zeros)
+    if mode == "nsr":
+        return torch.where(correct, zeros, -1.0)
+    return torch.where(correct, positive_weight, -torch.ones_like(zeros))
+
+
+# --------------------------------------------------------------------------- chunk math
+
+
+def _chunk_stats(z: Tensor, targets: Tensor, num_ranks: int) -> tuple[Tensor, ...]:
+    """Per-token statistics of one chunk of fp32 logits ``z`` [C, V] (not modified):
+    log-normaliser, sampled-token log-prob, entropy, top-``num_ranks`` log-probs and ids."""
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z - lse[:, None]
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    sampled = z.gather(1, targets[:, None]).squeeze(1) - lse
+    top_z, top_ids = z.topk(num_ranks, dim=-1)
+    return lse, sampled, entropy, top_z - lse[:, None], top_ids
+
+
+def _chunk_grad_(
+    z: Tensor, lse: Tensor, entropy: Tensor, dense: Tensor, entropy_grad: Tensor
+) -> None:
+    """Overwrite ``z`` with the dense part of dLoss/dz.
+
+    With ``d log p_j / dz = e_j - p`` and ``dH/dz = -p * (log p + H)``, a loss whose
+    per-token gradient is ``Σ_j a_j ∇log p_j + a_H ∇H`` has the dense part
+    ``-p * (Σ_j a_j + a_H (log p + H))``; ``dense`` is ``Σ_j a_j``, ``entropy_grad`` is
+    ``a_H``. The sparse ``a_j e_j`` terms are scattered in afterwards.
+    """
+    z.sub_(lse[:, None])  # log p
+    probs = z.exp()
+    z.add_(entropy[:, None]).mul_(entropy_grad[:, None]).add_(dense[:, None]).mul_(probs).neg_()
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _chunk_fns(compile: bool):
+    """The per-chunk kernels, compiled once per process with a dynamic token dimension."""
+    if not compile:
+        return _chunk_stats, _chunk_grad_
+    if not _COMPILED:
+        _COMPILED["stats"] = torch.compile(_chunk_stats, dynamic=True)
+        _COMPILED["grad"] = torch.compile(_chunk_grad_, dynamic=True)
+    return _COMPILED["stats"], _COMPILED["grad"]
+
+
+def _segment_quantile(values: Tensor, counts: list[int], q: float) -> Tensor:
+    """``torch.quantile(segment, q)`` (linear interpolation) of each contiguous segment of
+    ``values``; ``counts`` are the segment lengths, all >= 1, known on the host (no device
+    sync). Same arithmetic as ATen's quantile, so gates agree bit for bit with a per-row
+    ``torch.quantile``."""
+    device, dtype = values.device, values.dtype
+    lengths = torch.tensor(counts, device=device)
+    rows = torch.repeat_interleave(
+        torch.arange(len(counts), device=device), lengths, output_size=values.numel()
+    )
+    starts = torch.cumsum(lengths, 0) - lengths
+    cols = torch.arange(values.numel(), device=device) - starts[rows]
+    padded = values.new_full((len(counts), max(counts)), float("inf"))
+    padded[rows, cols] = values
+    ordered = padded.sort(dim=1).values
+    ranks = torch.tensor(q, dtype=dtype, device=device) * (lengths - 1).to(dtype)
+    below = ranks.long()
+    low = ordered.gather(1, below[:, None]).squeeze(1)
+    high = ordered.gather(1, ranks.ceil().long()[:, None]).squeeze(1)
+    return low.lerp(high, ranks - below.to(dtype)), rows
+
+
+def _kl(logp: Tensor, ref_logp: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """Per-token KL estimate to the reference policy and its derivative in ``logp``."""
+    diff = logp - ref_logp
+    if kind == "k1":
+        return diff, torch.ones_like(diff)
+    if kind == "k2":
+        return 0.5 * diff * diff, diff
+    inv = torch.exp(-diff)  # k3: exp(ref - logp) - (ref - logp) - 1
+    return inv + diff - 1.0, 1.0 - inv
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+_METRIC_SUMS = (
+    "entropy_mean",
+    "gated_frac",
+    "top1_frac",
+    "lambda_1",
+    "lambda_2",
+    "lambda_3",
+    "lambda_sample",
+    "clip_frac_low",
+    "clip_frac_high",
+    "ratio_mean",
+    "approx_kl",
+    "kl_ref",
+)
+
+
+def _token_terms(
+    logp: Tensor,
+    entropy: Tensor,
+    gated: Tensor,
+    is_top1: Tensor,
+    t: dict[str, Tensor],
+    cfg: LossConfig,
+) -> dict[str, Tensor]:
+    """Per-token loss and its derivatives for one chunk ([C]-sized tensors).
+
+    ``loss``: ℓ_t before the aggregation weight; ``d_sampled``: dℓ/d log p(y);
+    ``d_top``: dℓ/d log p(v_n) for the top-K (simko), per candidate; ``d_entropy``: dℓ/dH.
+    """
+    adv = t["adv"]
+    simko = cfg.mode == "simko"
+    if simko:  # λ scales the advantage (official code), not the ratio (paper pseudo-code)
+        adv = torch.where(gated & is_top1 & (adv < 0), adv * cfg.lam, adv)
+    log_ratio = logp - t["old"]
+    ratio = log_ratio.exp()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    # torch.maximum's tie rule gives the full unclipped gradient whenever the branches are
+    # equal, zero when the clipped branch strictly wins.
+    d_pg = torch.where(unclipped >= clipped, -adv * ratio, torch.zeros_like(adv))
+    if cfg.mode == "forking_only":
+        loss, d_pg = loss * gated, d_pg * gated
+    terms = {"ratio": ratio, "log_ratio": log_ratio, "clip_active": clipped > unclipped}
+    d_sampled = d_pg
+    if simko:  # γ⁺: value γ, gradient sg(γ)[(1 - αw) ∇log p(y) + αw/K Σ_n ∇log p(v_n)]
+        boost = cfg.alpha * (gated & t["correct"])
+        d_sampled = d_pg * (1.0 - boost)
+        terms["d_top"] = d_pg * boost / cfg.top_k
+    if "ref" in t:
+        kl, d_kl = _kl(logp, t["ref"], cfg.kl_type)
+        terms["kl"] = kl
+        if cfg.kl_coef > 0:
+            loss = loss + cfg.kl_coef * kl
+            d_sampled = d_sampled + cfg.kl_coef * d_kl
+    if cfg.entropy_coef > 0:
+        loss = loss - cfg.entropy_coef * entropy
+    terms.update(loss=loss, d_sampled=d_sampled, d_entropy=torch.full_like(loss, -cfg.entropy_coef))
+    return terms
+
+
+def _full(x: Tensor) -> Tensor:
+    """The global tensor behind a DTensor (differentiably), or ``x`` itself."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def _row_chunks(counts: list[int], chunk_size: int) -> list[tuple[int, int, int, int]]:
+    """Group whole rows into ``(row_start, row_end, token_start, token_end)`` chunks of at
+    most ``chunk_size`` valid tokens; a row longer than that is a chunk on its own."""
+    chunks, row0, tok0, size = [], 0, 0, 0
+    for row, n in enumerate(counts):
+        if size and size + n > chunk_size:
+            chunks.append((row0, row, tok0, tok0 + size))
+            row0, tok0, size = row, tok0 + size, 0
+        size += n
+    if size:
+        chunks.append((row0, len(counts), tok0, tok0 + size))
+    return chunks
+
+
+class _PrecomputedGrad(torch.autograd.Function):
+    """Attach gradients computed during the forward pass to a loss value.
+
+    The gradients are kept on ``ctx`` (not ``save_for_backward``) and handed over in
+    backward, so autograd owns the only reference and accumulates the [V, D] weight
+    gradient without copying it. Hence one backward per loss, like ``retain_graph=False``.
+    """
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, grad_hidden, grad_weight):
+        ctx.grads = [grad_hidden, grad_weight]
+        return loss.detach().clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.grads is None:
+            raise RuntimeError("policy_loss supports a single backward pass per call")
+        grads, ctx.grads = ctx.grads, None
+        for i, grad in enumerate(grads):
+            if grad is not None and ctx.needs_input_grad[i + 1]:
+                grads[i] = grad.mul_(grad_out.to(grad.dtype))
+            else:
+                grads[i] = None
+        return None, grads[0], grads[1], None, None
+
+
+def policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    cfg: LossConfig,
+    ref_logprobs: Tensor | None = None,
+    normalizer: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Policy loss of ``cfg.mode`` from final hidden states, with its diagnostics.
+
+    Args:
+        hidden: [B, T, D] final hidden states (after the final norm) at response positions.
+        weight: [V, D] output projection (a DTensor is gathered with ``full_tensor()``).
+        targets: [B, T] sampled token ids. old_logprobs: [B, T] their rollout log-probs.
+        advantages: [B] per-response advantages (see :func:`mode_advantages`).
+        mask: [B, T] bool, valid response tokens. correct: [B] bool, reward == 1.
+        ref_logprobs: [B, T] reference-policy log-probs, needed when ``cfg.kl_coef > 0``.
+        normalizer: denominator of the aggregation over the WHOLE batch, all micro-batches
+            and data-parallel ranks together, supplied (all-reduced) by the caller: the
+            number of valid tokens for ``token_mean``; the number of sequences with at least
+            one valid token for the ``seq_mean_*`` aggregations. ``None`` uses the local
+            batch's own count. With it, summing the losses (gradients) of N micro-batches on
+            R ranks gives exactly the gradient of the one big batch.
+
+    Aggregation: ``token_mean`` = Σ_tokens ℓ / normalizer; ``seq_mean_token_mean`` =
+    Σ_rows mean_tokens(ℓ) / normalizer; ``seq_mean_token_sum_norm`` (Dr. GRPO) =
+    Σ_rows (Σ_tokens ℓ / L) / normalizer with L = ``cfg.max_response_len`` or T.
+    In forking_only mode non-gated tokens contribute zero but still count in the normaliser.
+    λ (simko) scales the advantage where the token is gated, A < 0 and the sampled token is
+    the argmax of the current logits; the top-K boost applies to gated tokens of ``correct``
+    responses. Gradients are computed during this call (fused); the loss supports one
+    backward (no double backward). Returns the scalar loss and detached metrics: means over
+    the local valid tokens, ``gate_threshold_mean`` over local non-empty responses, and
+    ``num_tokens`` to weight them when reducing across ranks.
+    """
+    hidden, weight = _full(hidden), _full(weight)
+    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be [B, T, D] and weight {tuple(weight.shape)} [V, D]"
+        )
+    batch, seq_len, dim = hidden.shape
+    for name, tensor, shape in (
+        ("targets", targets, (batch, seq_len)),
+        ("old_logprobs", old_logprobs, (batch, seq_len)),
+        ("mask", mask, (batch, seq_len)),
+        ("advantages", advantages, (batch,)),
+        ("correct", correct, (batch,)),
+        ("ref_logprobs", ref_logprobs, (batch, seq_len)),
+    ):
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if cfg.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError("LossConfig.kl_coef > 0 needs ref_logprobs")
+    num_ranks = max(cfg.top_k, _NUM_LOGGED_RANKS)
+    if weight.shape[0] < num_ranks:
+        raise ValueError(f"vocabulary of {weight.shape[0]} is smaller than top_k={num_ranks}")
+
+    mask = mask.bool()
+    counts = mask.sum(dim=1)
+    valid = mask.reshape(-1).nonzero().squeeze(1)  # row-major: each row's tokens contiguous
+    h = hidden.reshape(batch * seq_len, dim).index_select(0, valid)
+    rows = torch.repeat_interleave(torch.arange(batch, device=hidden.device), counts)
+    tokens = {
+        "targets": targets.reshape(-1)[valid].long(),
+        "old": old_logprobs.reshape(-1)[valid].float(),
+        "adv": advantages.float()[rows],
+        "correct": correct.bool()[rows],
+    }
+    if ref_logprobs is not None:
+        tokens["ref"] = ref_logprobs.reshape(-1)[valid].float()
+
+    # Per-token weight ω of the aggregation: loss = Σ_t ω_t ℓ_t.
+    if cfg.agg == "token_mean":
+        local_count, per_row = valid.numel(), torch.ones_like(counts, dtype=torch.float32)
+    else:
+        local_count = int((counts > 0).sum())
+        divisor = counts if cfg.agg == "seq_mean_token_mean" else cfg.max_response_len or seq_len
+        divisor = torch.as_tensor(divisor, dtype=torch.float32, device=hidden.device)
+        per_row = (1.0 / divisor.clamp_min(1.0)).expand(batch)
+    if normalizer is None:
+        normalizer = max(local_count, 1)
+    elif not isinstance(normalizer, Tensor) and normalizer <= 0:
+        raise ValueError(f"normalizer must be positive, got {normalizer}")
+    norm = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
+    tokens["omega"] = per_row[rows] / norm
+
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    with torch.no_grad():
+        loss, grad_h, grad_w, metrics = _fused_forward(
+            h.detach(),
+            weight.detach(),
+            tokens,
+            counts.tolist(),
+            cfg,
+            num_ranks,
+            grad_hidden=needs_grad and hidden.requires_grad,
+            grad_weight=needs_grad and weight.requires_grad,
+        )
+    if needs_grad:
+        loss = _PrecomputedGrad.apply(loss, h, weight, grad_h, grad_w)
+    return loss, metrics
+
+
+def _fused_forward(
+    h: Tensor,
+    weight: Tensor,
+    tokens: dict[str, Tensor],
+    counts: list[int],
+    cfg: LossConfig,
+    num_ranks: int,
+    grad_hidden: bool,
+    grad_weight: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]:
+    """Loss, gradients w.r.t. ``h`` [N, D] and ``weight``, and metric sums, chunk by chunk."""
+    stats_fn, grad_fn = _chunk_fns(cfg.compile)
+    device, dtype = h.device, h.dtype
+    # Temperature folded into the hidden states: z = (h / T) Wᵀ, so no pass over [C, V].
+    h = h / cfg.temperature if cfg.temperature != 1.0 else h
+    grad_h = torch.zeros_like(h) if grad_hidden else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if grad_weight else None
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    sums = dict.fromkeys(_METRIC_SUMS, total)
+    thresholds_sum, ratio_max = total, total
+
+    for row0, row1, tok0, tok1 in _row_chunks(counts, cfg.chunk_size):
+        t = {k: v[tok0:tok1] for k, v in tokens.items()}
+        hc = h[tok0:tok1]
+        z = hc @ weight.t()
+        z = z.float() if z.dtype != torch.float32 else z
+        lse, logp, entropy, top_logp, top_ids = stats_fn(z, t["targets"], num_ranks)
+
+        # Entropy gate: above the response's own τ-quantile over its valid tokens.
+        lengths = [n for n in counts[row0:row1] if n]
+        thresholds, local_rows = _segment_quantile(entropy, lengths, cfg.tau)
+        gated = entropy > thresholds[local_rows]
+        is_top1 = logp >= top_logp[:, 0]
+        terms = _token_terms(logp, entropy, gated, is_top1, t, cfg)
+        omega = t["omega"]
+        total = total + (omega * terms["loss"]).sum()
+
+        if grad_h is not None or grad_w is not None:
+            a_sampled = omega * terms["d_sampled"]
+            dense = a_sampled
+            if "d_top" in terms:
+                a_top = (omega * terms["d_top"])[:, None].expand(-1, cfg.top_k)
+                dense = dense + cfg.top_k * a_top[:, 0]
+            grad_fn(z, lse, entropy, dense, omega * terms["d_entropy"])
+            z.scatter_add_(1, t["targets"][:, None], a_sampled[:, None])
+            if "d_top" in terms:
+                z.scatter_add_(1, top_ids[:, : cfg.top_k], a_top)
+            g = z.to(dtype)
+            if grad_h is not None:
+                grad_h[tok0:tok1] = g @ weight
+            if grad_w is not None:
+                if g.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), hc)
+                else:
+                    grad_w += g.t() @ hc
+            del g  # with z: frees this chunk's [C, V] buffer before the next is allocated
+        del z
+
+        ratio = terms["ratio"]
+        clip_active = terms["clip_active"]
+        sums["entropy_mean"] = sums["entropy_mean"] + entropy.sum()
+        sums["gated_frac"] = sums["gated_frac"] + gated.sum()
+        sums["top1_frac"] = sums["top1_frac"] + is_top1.sum()
+        for n in range(_NUM_LOGGED_RANKS):
+            sums[f"lambda_{n + 1}"] = sums[f"lambda_{n + 1}"] + top_logp[:, n].sum()
+        sums["lambda_sample"] = sums["lambda_sample"] + logp.sum()
+        sums["clip_frac_low"] = sums["clip_frac_low"] + (clip_active & (ratio < 1.0)).sum()
+        sums["clip_frac_high"] = sums["clip_frac_high"] + (clip_active & (ratio > 1.0)).sum()
+        sums["ratio_mean"] = sums["ratio_mean"] + ratio.sum()
+        sums["approx_kl"] = sums["approx_kl"] + (ratio - 1.0 - terms["log_ratio"]).sum()
+        if "kl" in terms:
+            sums["kl_ref"] = sums["kl_ref"] + terms["kl"].sum()
+        ratio_max = torch.maximum(ratio_max, ratio.max())
+        thresholds_sum = thresholds_sum + thresholds.sum()
+
+    num_tokens = sum(counts)
+    num_rows = sum(1 for n in counts if n)
+    metrics = {k: v.float() / max(num_tokens, 1) for k, v in sums.items()}
+    if "ref" not in tokens:
+        del metrics["kl_ref"]
+    metrics["ratio_max"] = ratio_max
+    metrics["gate_threshold_mean"] = thresholds_sum / max(num_rows, 1)
+    metrics["num_tokens"] = torch.tensor(float(num_tokens), device=device)
+    if grad_h is not None and cfg.temperature != 1.0:
+        grad_h /= cfg.temperature
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    return total, grad_h, grad_w, metrics
+
+
+def token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """[B, T] fp32 log-probs of ``targets`` under ``hidden @ weight.T / temperature``, without
+    gradient and chunked over tokens (old-policy and reference log-probs in the recipe).
+    Padding positions get values too; the caller masks them."""
+    hidden, weight = _full(hidden), _full(weight)
+    batch, seq_len, dim = hidden.shape
+    flat_h = hidden.reshape(-1, dim)
+    flat_t = targets.reshape(-1).long()
+    out = torch.empty(flat_t.shape, dtype=torch.float32, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, flat_t.numel(), chunk_size):
+            end = min(start + chunk_size, flat_t.numel())
+            z = (flat_h[start:end] / temperature) @ weight.detach().t()
+            z = z.float() if z.dtype != torch.float32 else z
+            picked = z.gather(1, flat_t[start:end, None]).squeeze(1)
+            out[start:end] = picked - torch.logsumexp(z, dim=-1)
+    return out.view(batch, seq_len)
