@@ -20,6 +20,7 @@ One step of the loop (``SimKORecipe.train``):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import resource
@@ -96,6 +97,7 @@ class SimKORecipe:
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
         if _configured(cfg.prepare_model) and self.is_rank_zero:
+            _log(f"prepare_model: {cfg.prepare_model._component_} -> {cfg.model_dir}")
             tt_config.instantiate(cfg.prepare_model)  # builds model_dir once, if missing
         _barrier()
         self.hf_config = read_hf_config(cfg.model_dir)
@@ -584,6 +586,9 @@ def recipe_main(cfg: DictConfig) -> None:
     errors, _ = validate(cfg)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    log = logging.getLogger("simko_tune")  # progress of our own modules (e.g. the warm start)
+    log.setLevel(logging.INFO)
+    log.addHandler(logging.StreamHandler())
     recipe = SimKORecipe(cfg)
     try:
         recipe.setup()
