@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
+
+from simko_tune.paths import atomic_dir
 
 # Everything of the base model directory except its weights: config, tokenizer, generation config.
 _HF_SIDE_FILES = (
@@ -32,9 +32,7 @@ def export_hf_dir(
     shards = sorted(pub.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{pub}: no safetensors shards to export")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         weight_map, total = {}, 0
         for f in shards:
             shutil.copy2(f, tmp / f.name)
@@ -48,10 +46,4 @@ def export_hf_dir(
         for name in _HF_SIDE_FILES:
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

@@ -13,12 +13,12 @@ with another one would give different ids in vLLM than in the trainer (DESIGN §
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from simko_tune.paths import atomic_dir
 
 # Qwen2's pre-tokenizer split pattern (digits one by one), as in its tokenizer.json.
 QWEN2_SPLIT_PATTERN = (
@@ -203,10 +203,7 @@ def write_hf_dir(
     assembled in a sibling temp folder and published by one rename."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         tensors = {k: v.detach().contiguous() for k, v in hf_state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -214,10 +211,4 @@ def write_hf_dir(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
             shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return Path(out_dir)
