@@ -1,0 +1,509 @@
+"""Client for the generation workers: data-parallel generation over several vLLM processes.
+
+Failure handling is the point of this module. Every wait is a ZeroMQ poll with a deadline
+(never a blocking receive), local workers are also watched through their process handle so
+a crash is seen within a second, and a failure either restarts the worker (which then loads
+the last acknowledged weights and retries the request) or raises
+:class:`GenerationError` with the tail of the worker's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import zmq
+
+from simko_tune.generation.types import (
+    INITIAL_VERSION,
+    Completion,
+    GenerationError,
+    Generator,
+    SamplingConfig,
+    check_prompt_lengths,
+    sample_seed,
+)
+from simko_tune.generation.weights import default_sync_dir, prune_versions
+
+_POLL_MS = 200
+_LOG_TAIL_BYTES = 4000
+_SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclass
+class _Launch:
+    """How to (re)start a local worker."""
+
+    model_dir: str
+    sync_dir: str
+    engine_kwargs: dict
+    env: dict[str, str]
+    tensor_parallel_size: int
+    log_path: Path
+
+
+@dataclass
+class _Worker:
+    address: str
+    launch: _Launch | None = None  # None: a remote worker we only connect to
+    proc: subprocess.Popen | None = None
+    sock: zmq.Socket | None = None
+    info: dict = field(default_factory=dict)
+    version: int = INITIAL_VERSION
+    restarts: int = 0
+
+    def name(self, index: int) -> str:
+        pid = f", pid {self.proc.pid}" if self.proc else ""
+        return f"worker {index} ({self.address}{pid})"
+
+    def dead(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def log_tail(self) -> str:
+        if self.launch is None:
+            return "(remote worker: see its log on its node)"
+        try:
+            with open(self.launch.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
+                tail = f.read().decode(errors="replace")
+        except OSError as e:
+            return f"(log {self.launch.log_path} unreadable: {e})"
+        return f"--- tail of {self.launch.log_path} ---\n{tail}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_devices(num_workers: int, tensor_parallel_size: int) -> list[str]:
+    """GPUs: ``tensor_parallel_size`` consecutive devices per worker. CPU: the cores this
+    process may use, split evenly (each worker's OpenMP threads bind to its own cores)."""
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        need = num_workers * tensor_parallel_size
+        if need > n:
+            raise ValueError(
+                f"{num_workers} workers x TP {tensor_parallel_size} need {need} GPUs, {n} visible"
+            )
+        return [
+            ",".join(str(k * tensor_parallel_size + d) for d in range(tensor_parallel_size))
+            for k in range(num_workers)
+        ]
+    cores = sorted(os.sched_getaffinity(0))
+    per = len(cores) // num_workers
+    if per == 0:  # fewer cores than workers: they share all of them
+        return [",".join(map(str, cores))] * num_workers
+    return [",".join(map(str, cores[k * per : (k + 1) * per])) for k in range(num_workers)]
+
+
+def _worker_env(device: str) -> dict[str, str]:
+    import torch
+
+    from simko_tune.paths import cache_dir
+
+    env = dict(os.environ)
+    env.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if torch.cuda.is_available():
+        env["CUDA_VISIBLE_DEVICES"] = device
+    else:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = device
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        env.pop("OMP_NUM_THREADS", None)  # vLLM sizes its OpenMP pool from the binding
+    return env
+
+
+class VLLMWorkers(Generator):
+    """Data-parallel generation over vLLM worker processes (see :class:`Generator`).
+
+    ``weight_version`` is :data:`INITIAL_VERSION` (0) until the first :meth:`load_weights`.
+    Prompts are split into contiguous blocks, one per worker; with a seed, each sample's
+    seed depends only on (seed, prompt index, sample index), so results do not depend on
+    the split.
+    """
+
+    def __init__(
+        self,
+        workers: list[_Worker],
+        sync_dir: str | Path,
+        *,
+        request_timeout_s: float,
+        restart_on_failure: bool,
+        startup_timeout_s: float = 600.0,
+        owns_sync_dir: bool = False,
+    ) -> None:
+        self.sync_dir = Path(sync_dir)
+        self.request_timeout_s = request_timeout_s
+        self.restart_on_failure = restart_on_failure
+        self.startup_timeout_s = startup_timeout_s
+        self._workers = workers
+        self._ctx = zmq.Context()
+        self._owns_sync_dir = owns_sync_dir
+        self._acked = INITIAL_VERSION
+        self._closed = False
+        # Slowest worker's seconds to verify and to reload the last loaded version (metrics).
+        self.last_load_timings: dict[str, float] = {}
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def start_local(
+        cls,
+        model_dir: str | Path,
+        num_workers: int = 1,
+        sync_dir: str | Path | None = None,
+        *,
+        engine_kwargs: dict | None = None,
+        devices: list[str] | None = None,
+        tensor_parallel_size: int = 1,
+        request_timeout_s: float = 600.0,
+        restart_on_failure: bool = True,
+        log_dir: str | Path | None = None,
+        startup_timeout_s: float = 600.0,
+    ) -> VLLMWorkers:
+        """Start ``num_workers`` worker processes on this node and wait until all answer.
+
+        ``devices[k]`` is worker ``k``'s ``CUDA_VISIBLE_DEVICES`` on GPU, or its
+        ``VLLM_CPU_OMP_THREADS_BIND`` core list on CPU (default: an even split).
+        ``sync_dir`` defaults to a fresh folder under /dev/shm, removed on :meth:`close`.
+        Worker logs go to ``log_dir`` (default: a fresh folder under the project cache).
+        """
+        devices = devices or _default_devices(num_workers, tensor_parallel_size)
+        if len(devices) != num_workers:
+            raise ValueError(f"{len(devices)} device entries for {num_workers} workers")
+        owns = sync_dir is None
+        sync_dir = Path(sync_dir) if sync_dir is not None else default_sync_dir()
+        sync_dir.mkdir(parents=True, exist_ok=True)
+        if log_dir is None:
+            from simko_tune.paths import cache_dir
+
+            (cache_dir() / "worker_logs").mkdir(exist_ok=True)
+            log_dir = tempfile.mkdtemp(
+                prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=cache_dir() / "worker_logs"
+            )
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        workers = [
+            _Worker(
+                address="",
+                launch=_Launch(
+                    model_dir=str(model_dir),
+                    sync_dir=str(sync_dir),
+                    engine_kwargs=dict(engine_kwargs or {}),
+                    env=_worker_env(devices[k]),
+                    tensor_parallel_size=tensor_parallel_size,
+                    log_path=log_dir / f"worker{k}.log",
+                ),
+            )
+            for k in range(num_workers)
+        ]
+        self = cls(
+            workers,
+            sync_dir,
+            request_timeout_s=request_timeout_s,
+            restart_on_failure=restart_on_failure,
+            startup_timeout_s=startup_timeout_s,
+            owns_sync_dir=owns,
+        )
+        try:
+            for w in workers:  # start all first: engines initialise in parallel
+                self._spawn(w)
+            for k in range(num_workers):
+                self._await_ready(k)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    @classmethod
+    def connect(
+        cls, addresses: list[str], sync_dir: str | Path, *, request_timeout_s: float = 600.0
+    ) -> VLLMWorkers:
+        """Join workers already running elsewhere (``tcp://host:port``, one per worker).
+        They must read the same ``sync_dir`` (a shared filesystem). They are not restarted
+        on failure, and :meth:`close` leaves them running."""
+        workers = [_Worker(address=a) for a in addresses]
+        self = cls(workers, sync_dir, request_timeout_s=request_timeout_s, restart_on_failure=False)
+        try:
+            for k, w in enumerate(workers):
+                self._reset_socket(w)
+                self._await_ready(k, timeout_s=request_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        if len({w.version for w in workers}) == 1:
+            self._acked = workers[0].version
+        return self
+
+    def _spawn(self, w: _Worker) -> None:
+        launch = w.launch
+        assert launch is not None
+        port = _free_port()
+        w.address = f"tcp://127.0.0.1:{port}"
+        cmd = [
+            sys.executable, "-m", "simko_tune.generation.server",
+            "--model", launch.model_dir,
+            "--port", str(port),
+            "--sync-dir", launch.sync_dir,
+            "--tensor-parallel-size", str(launch.tensor_parallel_size),
+            "--engine-kwargs", json.dumps(launch.engine_kwargs),
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+        with open(launch.log_path, "ab") as log:
+            # Own process group: the engine's helper processes are killed with the worker.
+            w.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=launch.env, start_new_session=True
+            )
+        w.version = INITIAL_VERSION
+        self._reset_socket(w)
+
+    def _reset_socket(self, w: _Worker) -> None:
+        """A REQ socket that missed a reply cannot be reused: replace it."""
+        if w.sock is not None:
+            w.sock.close(linger=0)
+        w.sock = self._ctx.socket(zmq.REQ)
+        w.sock.setsockopt(zmq.LINGER, 0)
+        w.sock.connect(w.address)
+
+    def _await_ready(self, k: int, timeout_s: float | None = None) -> None:
+        w = self._workers[k]
+        try:
+            reply = self._request(
+                k, {"op": "ping"}, timeout_s or self.startup_timeout_s, recover=False
+            )
+        except GenerationError as e:
+            raise GenerationError(f"{w.name(k)} did not start: {e}") from None
+        w.info = reply
+
+    def _kill(self, w: _Worker) -> None:
+        if w.proc is None:
+            return
+        try:
+            os.killpg(w.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        w.proc.wait()
+
+    def _restart(self, k: int) -> None:
+        """Replace a failed local worker and bring it to the acknowledged weights."""
+        w = self._workers[k]
+        self._kill(w)
+        w.restarts += 1
+        self._spawn(w)
+        self._await_ready(k)
+        if self._acked != INITIAL_VERSION:
+            reply = self._request(
+                k, {"op": "load", "version": self._acked}, self.request_timeout_s, recover=False
+            )
+            if not reply["ok"]:
+                raise GenerationError(
+                    f"restarted {w.name(k)} could not load acknowledged version {self._acked}: "
+                    f"{reply['error']}"
+                )
+            w.version = reply["version"]
+
+    # ----------------------------------------------------------------- messaging
+    def _request(self, k: int, msg: dict, timeout_s: float, recover: bool = True) -> dict:
+        return self._call({k: msg}, timeout_s, recover=recover)[k]
+
+    def _call(
+        self, msgs: dict[int, dict], timeout_s: float, recover: bool = True
+    ) -> dict[int, dict]:
+        """Send each worker its message and wait for every reply, polling with a deadline
+        and watching local processes. A worker that dies or times out is restarted and sent
+        its message again (requests are idempotent) when ``recover`` and
+        ``restart_on_failure`` allow, at most once per call; otherwise
+        :class:`GenerationError` is raised with the tail of its log."""
+        poller = zmq.Poller()
+        deadline: dict[int, float] = {}
+        pending: set[int] = set()
+
+        def send(k: int) -> None:
+            w = self._workers[k]
+            w.sock.send_json(msgs[k])
+            poller.register(w.sock, zmq.POLLIN)
+            deadline[k] = time.monotonic() + timeout_s
+            pending.add(k)
+
+        replies: dict[int, dict] = {}
+        restarted: set[int] = set()
+        try:
+            for k in msgs:
+                send(k)
+            while pending:
+                ready = dict(poller.poll(_POLL_MS))
+                for k in sorted(pending):
+                    w = self._workers[k]
+                    if w.sock in ready:
+                        reply = w.sock.recv_json()
+                        if not reply.get("fatal"):
+                            replies[k] = reply
+                            w.version = reply["version"]
+                            pending.discard(k)
+                            poller.unregister(w.sock)
+                            continue
+                        problem = f"{w.name(k)} failed and is exiting: {reply['error']}"
+                    elif w.dead():
+                        problem = f"{w.name(k)} exited with code {w.proc.returncode}"
+                    elif time.monotonic() > deadline[k]:
+                        problem = f"{w.name(k)}: no reply within {timeout_s:.0f}s"
+                    else:
+                        continue
+                    pending.discard(k)
+                    poller.unregister(w.sock)
+                    tail = w.log_tail()
+                    if not (recover and self.restart_on_failure and w.launch) or k in restarted:
+                        self._kill(w)
+                        self._reset_socket(w)
+                        raise GenerationError(f"{problem}\n{tail}")
+                    print(f"[simko] {problem}; restarting it\n{tail}", file=sys.stderr, flush=True)
+                    restarted.add(k)
+                    self._restart(k)
+                    send(k)
+        finally:
+            for k in pending:  # abandoned mid-request: their sockets cannot be reused
+                self._reset_socket(self._workers[k])
+        return replies
+
+    # ----------------------------------------------------------------- Generator
+    @property
+    def weight_version(self) -> int:
+        versions = {w.version for w in self._workers}
+        if len(versions) != 1:
+            raise GenerationError(f"workers serve different weight versions: {sorted(versions)}")
+        return versions.pop()
+
+    @property
+    def max_model_len(self) -> int:
+        return min(w.info["max_model_len"] for w in self._workers)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    @property
+    def addresses(self) -> list[str]:
+        """The workers' ZeroMQ addresses (what :meth:`connect` takes)."""
+        return [w.address for w in self._workers]
+
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig
+    ) -> list[list[Completion]]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not prompts:
+            return []
+        check_prompt_lengths(prompts, self.max_model_len)
+        seeds = [
+            [None if sampling.seed is None else sample_seed(sampling.seed, i, j) for j in range(n)]
+            for i in range(len(prompts))
+        ]
+        bounds = _split(len(prompts), len(self._workers))
+        s = asdict(sampling)
+        msgs = {
+            k: {"op": "generate", "prompts": prompts[a:b], "seeds": seeds[a:b], "sampling": s}
+            for k, (a, b) in enumerate(bounds)
+            if b > a
+        }
+        replies = self._call(msgs, self.request_timeout_s)
+        out: list[list[Completion]] = []
+        for k in sorted(replies):
+            reply = replies[k]
+            if not reply["ok"]:
+                raise GenerationError(f"{self._workers[k].name(k)}: {reply['error']}")
+            version = reply["version"]
+            out.extend(
+                [Completion(**c, weight_version=version) for c in row]
+                for row in reply["completions"]
+            )
+        return out
+
+    def load_weights(self, version: int, timeout_s: float = 300.0) -> None:
+        """All workers load ``version``; then older publications are pruned. If any worker
+        refuses (a bad publication), the others go back to the previous version and
+        :class:`GenerationError` says why: the pool never serves mixed weights."""
+        previous = self._acked
+        replies = self._call(
+            {k: {"op": "load", "version": version} for k in range(len(self._workers))}, timeout_s
+        )
+        failed = {k: r for k, r in replies.items() if not r["ok"]}
+        if failed:
+            errors = "; ".join(
+                f"{self._workers[k].name(k)}: {r['error']}" for k, r in failed.items()
+            )
+            moved = [k for k, r in replies.items() if r["ok"]]
+            if moved and version != previous:
+                back = self._call(
+                    {k: {"op": "load", "version": previous} for k in moved}, timeout_s
+                )
+                if not all(r["ok"] for r in back.values()):
+                    errors += f"; rolling workers {moved} back to version {previous} failed too"
+            raise GenerationError(f"loading weight version {version} failed: {errors}")
+        self._acked = version
+        self.last_load_timings = {
+            key: max(r.get(key, 0.0) for r in replies.values()) for key in ("verify_s", "reload_s")
+        }
+        # Freeing a GB-scale publication takes a while and nobody waits on it.
+        threading.Thread(target=prune_versions, args=(self.sync_dir, version), daemon=True).start()
+
+    def ping(self) -> list[dict]:
+        """Health check: each worker's version, model, pid and ``max_model_len``."""
+        replies = self._call({k: {"op": "ping"} for k in range(len(self._workers))}, 30.0)
+        return [replies[k] for k in range(len(self._workers))]
+
+    def close(self) -> None:
+        """Stop local workers (politely, then by force); leave remote ones running."""
+        if self._closed:
+            return
+        self._closed = True
+        local = [w for w in self._workers if w.proc is not None and not w.dead()]
+        for w in local:
+            try:
+                w.sock.send_json({"op": "shutdown"}, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        deadline = time.monotonic() + _SHUTDOWN_GRACE_S
+        for w in local:
+            try:
+                w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for w in self._workers:
+            self._kill(w)
+            if w.sock is not None:
+                w.sock.close(linger=0)
+        self._ctx.term()
+        if self._owns_sync_dir:
+            import shutil
+
+            shutil.rmtree(self.sync_dir, ignore_errors=True)
+
+    def __enter__(self) -> VLLMWorkers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _split(num_items: int, num_parts: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal blocks ``[a, b)`` covering ``range(num_items)``."""
+    base, extra = divmod(num_items, num_parts)
+    bounds, a = [], 0
+    for k in range(num_parts):
+        b = a + base + (k < extra)
+        bounds.append((a, b))
+        a = b
+    return bounds

@@ -1,0 +1,247 @@
+"""In-process generation with the torchtune model and its KV cache: the fallback where vLLM
+is not available, and the baseline the vLLM workers are benchmarked against.
+
+Same interface and semantics as :class:`VLLMWorkers`: seeds per (seed, prompt, sample),
+log-probs of the distribution sampled from, the end-of-sequence token(s) of the model's
+config as stop tokens, responses capped at the model's context length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torchtune.generation import (
+    get_causal_mask_from_padding_mask,
+    get_position_ids_from_padding_mask,
+)
+from torchtune.modules import TransformerDecoder
+from torchtune.modules.common_utils import delete_kv_caches
+
+from simko_tune.generation.types import (
+    INITIAL_VERSION,
+    Completion,
+    Generator,
+    SamplingConfig,
+    check_prompt_lengths,
+    sample_seed,
+)
+from simko_tune.generation.weights import (
+    checkpoint_shapes,
+    compare_shapes,
+    prune_versions,
+    verify_publication,
+)
+from simko_tune.models import model_from_hf_config, read_hf_config
+
+
+def hf_to_tune(state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
+    """Hugging Face → torchtune names (torchtune's converters; inverse of
+    :func:`simko_tune.models.tune_to_hf_converter`)."""
+    kw = {
+        "num_heads": hf_config["num_attention_heads"],
+        "num_kv_heads": hf_config.get("num_key_value_heads", hf_config["num_attention_heads"]),
+        "dim": hf_config["hidden_size"],
+        "head_dim": hf_config.get("head_dim"),
+    }
+    tie = bool(hf_config.get("tie_word_embeddings", False))
+    if hf_config["model_type"] == "qwen2":
+        from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+
+        return qwen2_hf_to_tune(state, **kw, tie_word_embeddings=tie)
+    if hf_config["model_type"] == "llama":
+        from torchtune.models.convert_weights import hf_to_tune as llama_hf_to_tune
+
+        out = llama_hf_to_tune(
+            {k: v for k, v in state.items() if not (tie and k == "lm_head.weight")}, **kw
+        )
+        return out
+    raise ValueError(f"model_type {hf_config['model_type']!r} has no HF → torchtune converter")
+
+
+def load_hf_weights(model: TransformerDecoder, folder: str | Path, hf_config: dict) -> None:
+    """Load every ``*.safetensors`` in ``folder`` into ``model`` (strict: all weights)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    model.load_state_dict(hf_to_tune(state, hf_config), strict=True)
+
+
+def _eos_ids(model_dir: Path, hf_config: dict) -> set[int]:
+    ids: set[int] = set()
+    sources = [hf_config]
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()))
+    for src in sources:
+        eos = src.get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else eos or [])
+    return ids
+
+
+def _apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """vLLM's rule: drop the least likely tokens whose total probability is <= 1 - top_p
+    (always keeping the most likely one)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= 1 - top_p
+    drop[..., -1] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+class NativeGenerator(Generator):
+    """Generation with the torchtune model in this process (see :class:`Generator`).
+
+    ``weight_version`` is :data:`INITIAL_VERSION` (0) until :meth:`load_weights`. Rows
+    (prompt × sample) are decoded ``max_batch_size`` at a time, left-padded, with
+    torchtune's static KV cache.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        sync_dir: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        max_batch_size: int = 32,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.sync_dir = Path(sync_dir) if sync_dir is not None else None
+        self.hf_config = read_hf_config(model_dir)
+        self.max_model_len = int(self.hf_config.get("max_position_embeddings", 4096))
+        self.max_batch_size = max_batch_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model_from_hf_config(model_dir)
+        load_hf_weights(self.model, model_dir, self.hf_config)
+        self.model.to(device=self.device, dtype=dtype).eval()
+        self.eos_ids = _eos_ids(self.model_dir, self.hf_config)
+        self._expected_shapes = checkpoint_shapes(sorted(self.model_dir.glob("*.safetensors")))
+        self._version = INITIAL_VERSION
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def load_weights(self, version: int, timeout_s: float = 300.0) -> None:
+        """Verify and load a publication from the sync dir (``timeout_s`` is moot in-process)."""
+        if self.sync_dir is None:
+            raise ValueError("NativeGenerator was built without a sync_dir")
+        folder, shapes = verify_publication(self.sync_dir, version)
+        compare_shapes(self._expected_shapes, shapes, str(folder))
+        load_hf_weights(self.model, folder, self.hf_config)
+        self.model.to(device=self.device, dtype=self.dtype)
+        self._version = version
+        prune_versions(self.sync_dir, version)
+
+    def generate(
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig
+    ) -> list[list[Completion]]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        check_prompt_lengths(prompts, self.max_model_len)
+        rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        out: list[list[Completion | None]] = [[None] * n for _ in prompts]
+        for start in range(0, len(rows), self.max_batch_size):
+            batch = rows[start : start + self.max_batch_size]
+            seeds = [
+                None if sampling.seed is None else sample_seed(sampling.seed, i, j)
+                for i, j in batch
+            ]
+            for (i, j), c in zip(
+                batch, self._decode([prompts[i] for i, _ in batch], seeds, sampling)
+            ):
+                out[i][j] = c
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _decode(
+        self, prompts: list[list[int]], seeds: list[int | None], sampling: SamplingConfig
+    ) -> list[Completion]:
+        model, dev = self.model, self.device
+        bsz = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        prompt_len = int(lengths.max())
+        # Each row may fill the context (vLLM's rule), so the longest prompt bounds the cache.
+        budgets = [min(sampling.max_tokens, self.max_model_len - len(p)) for p in prompts]
+        max_new = max(budgets)
+        total = prompt_len + max_new
+        tokens = torch.zeros(bsz, prompt_len, dtype=torch.long, device=dev)
+        valid = torch.ones(bsz, total, dtype=torch.bool, device=dev)
+        for b, p in enumerate(prompts):  # left padding
+            tokens[b, prompt_len - len(p) :] = torch.tensor(p, device=dev)
+            valid[b, : prompt_len - len(p)] = False
+        positions = get_position_ids_from_padding_mask(valid)
+        stop_ids = set(sampling.stop_token_ids or ()) | (
+            set() if sampling.ignore_eos else self.eos_ids
+        )
+        gens = [None if s is None else torch.Generator(device=dev).manual_seed(s) for s in seeds]
+
+        model.setup_caches(batch_size=bsz, dtype=self.dtype, decoder_max_seq_len=total)
+        try:
+            mask = get_causal_mask_from_padding_mask(valid[:, :prompt_len], target_seq_len=total)
+            logits = model(tokens, input_pos=positions[:, :prompt_len], mask=mask)[:, -1]
+            out_tokens: list[list[int]] = [[] for _ in range(bsz)]
+            out_lps: list[list[float]] = [[] for _ in range(bsz)]
+            finish: list[str | None] = [None] * bsz
+            cols = torch.arange(total, device=dev)
+            for t in range(max_new):
+                next_tok, next_lp = self._sample(logits.float(), sampling, gens)
+                for b in range(bsz):
+                    if finish[b] is not None:
+                        continue
+                    tok = int(next_tok[b])
+                    out_tokens[b].append(tok)
+                    out_lps[b].append(float(next_lp[b]))
+                    if tok in stop_ids:
+                        finish[b] = "stop"
+                    elif len(out_tokens[b]) >= budgets[b]:
+                        finish[b] = "length"
+                if all(f is not None for f in finish):
+                    break
+                pos = prompt_len + t
+                step_mask = (valid & (cols <= pos))[:, None, :]
+                logits = model(
+                    next_tok[:, None], input_pos=positions[:, pos, None], mask=step_mask
+                )[:, -1]
+        finally:
+            delete_kv_caches(model)
+        return [
+            Completion(token_ids=toks, logprobs=lps, finish_reason=f, weight_version=self._version)
+            for toks, lps, f in zip(out_tokens, out_lps, finish)
+        ]
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor, sampling: SamplingConfig, gens: list[torch.Generator | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next token per row and its log-prob under the distribution sampled from."""
+        if sampling.temperature == 0:
+            logp = logits.log_softmax(dim=-1)
+            tok = logp.argmax(dim=-1)
+            return tok, logp.gather(-1, tok[:, None])[:, 0]
+        scaled = logits / sampling.temperature
+        if sampling.top_p < 1:
+            scaled = _apply_top_p(scaled, sampling.top_p)
+        logp = scaled.log_softmax(dim=-1)
+        # Exponential race (Gumbel-max): argmax p / q with q ~ Exp(1) samples from p, and
+        # lets each row draw its noise from its own seeded generator.
+        q = torch.empty_like(logp)
+        for b, g in enumerate(gens):
+            q[b].exponential_(generator=g)
+        tok = (logp.exp() / q).argmax(dim=-1)
+        return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> NativeGenerator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

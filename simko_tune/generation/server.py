@@ -1,0 +1,250 @@
+"""A generation worker: one process hosting one ``vllm.LLM`` engine, served over ZeroMQ.
+
+Start it locally through :meth:`VLLMWorkers.start_local`, or on another node with::
+
+    python -m simko_tune.generation.server --model /path/to/hf_model --host 0.0.0.0 \\
+        --port 5555 --sync-dir /shared/fs/simko_sync --engine-kwargs '{"max_model_len": 4096}'
+
+and join it with ``VLLMWorkers.connect(["tcp://node:5555"], sync_dir=...)``.
+
+Protocol: a REP socket; each request and reply is one JSON object (no pickle: nothing
+received over the network is ever executed). Ops: ``ping``, ``generate``, ``load``,
+``shutdown``. Every reply has ``ok`` and the ``version`` the worker serves; failures carry
+``error``. The worker serves one request at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from simko_tune.generation.types import INITIAL_VERSION, check_prompt_lengths
+from simko_tune.generation.weights import (
+    PublicationError,
+    checkpoint_shapes,
+    compare_shapes,
+    verify_publication,
+)
+
+FINISH_REASONS = {"stop", "length"}
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+class ReloadExtension:
+    """Mixed into vLLM's worker class (engine arg ``worker_extension_cls``); runs in the
+    process that holds the model.
+
+    vLLM's in-place reload skips a tied output layer (its weight is the embedding's, which
+    the checkpoint names only once). On CPU that layer keeps a *repacked copy* of the old
+    embedding for its matmul, so without re-processing it the worker would serve the new
+    embeddings with the old output projection: silently stale weights.
+    """
+
+    def simko_reload(self, weights_path: str) -> None:
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        self.reload_weights(weights_path=weights_path)
+        if getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False):
+            for module in self.model_runner.get_model().modules():
+                if isinstance(module, ParallelLMHead):
+                    module.quant_method.process_weights_after_loading(module)
+
+
+class Worker:
+    """Request handlers around one engine. Kept free of sockets so the logic reads plainly."""
+
+    def __init__(self, llm: Any, model_dir: str, sync_dir: str) -> None:
+        self.llm = llm
+        self.model_dir = model_dir
+        self.sync_dir = sync_dir
+        self.version = INITIAL_VERSION
+        self.max_model_len = llm.llm_engine.model_config.max_model_len
+        # Every weight the engine loaded at start; a publication must carry all of them.
+        self.expected_shapes = checkpoint_shapes(sorted(Path(model_dir).glob("*.safetensors")))
+
+    def ping(self, msg: dict) -> dict:
+        return {
+            "ok": True,
+            "version": self.version,
+            "model": self.model_dir,
+            "pid": os.getpid(),
+            "max_model_len": self.max_model_len,
+        }
+
+    def generate(self, msg: dict) -> dict:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts: list[list[int]] = msg["prompts"]
+        seeds: list[list[int | None]] = msg["seeds"]
+        s = msg["sampling"]
+        check_prompt_lengths(prompts, self.max_model_len)
+        requests, params = [], []
+        for prompt, prompt_seeds in zip(prompts, seeds):
+            for seed in prompt_seeds:
+                requests.append(TokensPrompt(prompt_token_ids=prompt))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=s["temperature"],
+                        top_p=s["top_p"],
+                        max_tokens=s["max_tokens"],
+                        stop_token_ids=s["stop_token_ids"],
+                        ignore_eos=s["ignore_eos"],
+                        seed=seed,
+                        logprobs=0,  # the sampled token's log-prob only
+                        flat_logprobs=True,
+                        detokenize=False,
+                    )
+                )
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        flat = []
+        for out in outputs:
+            o = out.outputs[0]
+            if o.finish_reason not in FINISH_REASONS:
+                raise RuntimeError(f"request {out.request_id} finished with {o.finish_reason!r}")
+            token_ids = list(o.token_ids)
+            logprobs = list(o.logprobs.logprobs)
+            if list(o.logprobs.token_ids) != token_ids:
+                raise RuntimeError(
+                    f"request {out.request_id}: logprobs are not the sampled tokens'"
+                )
+            flat.append(
+                {"token_ids": token_ids, "logprobs": logprobs, "finish_reason": o.finish_reason}
+            )
+        it = iter(flat)
+        completions = [[next(it) for _ in prompt_seeds] for prompt_seeds in seeds]
+        return {"ok": True, "version": self.version, "completions": completions}
+
+    def load(self, msg: dict) -> dict:
+        """Verify, then reload in place. A publication that fails verification is refused
+        and the previous weights keep serving; a failure during the reload itself leaves
+        the engine half-updated, so the worker reports it and exits (``fatal``)."""
+        version = int(msg["version"])
+        t0 = time.perf_counter()
+        if version == INITIAL_VERSION:
+            folder = Path(self.model_dir)
+        else:
+            try:
+                folder, shapes = verify_publication(self.sync_dir, version)
+                compare_shapes(self.expected_shapes, shapes, str(folder))
+            except PublicationError as e:
+                return {"ok": False, "version": self.version, "error": str(e)}
+        t1 = time.perf_counter()
+        try:
+            self.llm.collective_rpc("simko_reload", kwargs={"weights_path": str(folder)})
+            self.llm.reset_prefix_cache()
+        except Exception:
+            return {
+                "ok": False,
+                "fatal": True,
+                "version": self.version,
+                "error": f"reloading {folder} failed:\n{traceback.format_exc()}",
+            }
+        self.version = version
+        t2 = time.perf_counter()
+        return {"ok": True, "version": version, "verify_s": t1 - t0, "reload_s": t2 - t1}
+
+
+def build_engine(model_dir: str, engine_kwargs: dict, tensor_parallel_size: int) -> Any:
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    kwargs = dict(engine_kwargs)
+    mode = kwargs.pop("logprobs_mode", "processed_logprobs")
+    if mode != "processed_logprobs":
+        raise ValueError(
+            "logprobs_mode must be 'processed_logprobs' (log-probs of the distribution "
+            f"actually sampled from, temperature applied), got {mode!r}"
+        )
+    if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        # vLLM's CPU default reserves a fraction of all host memory; a worker needs far less.
+        kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+    return LLM(
+        model=model_dir,
+        tensor_parallel_size=tensor_parallel_size,
+        logprobs_mode=mode,
+        worker_extension_cls="simko_tune.generation.server.ReloadExtension",
+        **kwargs,
+    )
+
+
+def serve(worker: Worker, host: str, port: int, parent_pid: int | None = None) -> None:
+    """Answer requests until ``shutdown``, or until the launching process is gone (a local
+    worker must not outlive a crashed trainer)."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.REP)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(f"tcp://{host}:{port}")
+    print(
+        f"[simko worker {os.getpid()}] serving {worker.model_dir} on tcp://{host}:{port}",
+        flush=True,
+    )
+    handlers = {"ping": worker.ping, "generate": worker.generate, "load": worker.load}
+    try:
+        while True:
+            if not sock.poll(1000):
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    print(
+                        f"[simko worker {os.getpid()}] launcher {parent_pid} is gone; exiting",
+                        flush=True,
+                    )
+                    return
+                continue
+            raw = sock.recv()
+            try:
+                msg = json.loads(raw)
+                op = msg.get("op")
+                if op == "shutdown":
+                    sock.send_json({"ok": True, "version": worker.version})
+                    return
+                if op not in handlers:
+                    raise ValueError(f"unknown op {op!r}")
+                reply = handlers[op](msg)
+            except Exception as e:
+                from vllm.v1.engine.exceptions import EngineDeadError
+
+                traceback.print_exc()
+                reply = {
+                    "ok": False,
+                    "version": worker.version,
+                    "error": f"{type(e).__name__}: {e}",
+                    # A dead engine never recovers: exit, so the client restarts or reports us.
+                    "fatal": isinstance(e, EngineDeadError),
+                }
+            sock.send_json(reply)
+            if reply.get("fatal"):
+                print(f"[simko worker {os.getpid()}] fatal: {reply['error']}", flush=True)
+                sys.exit(1)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept remote clients")
+    parser.add_argument("--sync-dir", required=True, help="where the trainer publishes weights")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--engine-kwargs", default="{}", help="JSON: extra vllm.LLM arguments")
+    parser.add_argument(
+        "--parent-pid", type=int, help="exit when this process is gone (local workers)"
+    )
+    args = parser.parse_args(argv)
+    engine_kwargs = json.loads(args.engine_kwargs)
+    llm = build_engine(args.model, engine_kwargs, args.tensor_parallel_size)
+    serve(Worker(llm, args.model, args.sync_dir), args.host, args.port, args.parent_pid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The vLLM worker against the trainer's own computations, on one shared real engine."""
+
+import shutil
+import time
+
+import pytest
+import torch
+
+from simko_tune.generation import (
+    GenerationError,
+    NativeGenerator,
+    SamplingConfig,
+    StaleWeightsError,
+    check_versions,
+    publish_weights,
+)
+from simko_tune.generation.weights import published_versions, version_dir
+from simko_tune.models import read_hf_config
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 17, 42, 9], [100, 3], [7, 8, 9, 10, 11, 12, 13]]
+GREEDY = SamplingConfig(temperature=0, max_tokens=12)
+
+
+def _tokens(out):
+    return [[c.token_ids for c in row] for row in out]
+
+
+def test_health_check(vllm_worker, gen_model_dir):
+    (info,) = vllm_worker.ping()
+    assert info["ok"] and info["model"] == str(gen_model_dir) and info["pid"] > 0
+    assert info["max_model_len"] == vllm_worker.max_model_len == 256
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logprobs_match_trainer_recomputation(vllm_worker, gen_model_dir, ref, temperature):
+    vllm_worker.load_weights(0)  # the initial checkpoint, whatever earlier tests loaded
+    model = ref.trainer_model(gen_model_dir)
+    out = vllm_worker.generate(
+        PROMPTS, 3, SamplingConfig(temperature=temperature, max_tokens=16, seed=5)
+    )
+    assert [len(row) for row in out] == [3, 3, 3]
+    check_versions(out, 0)
+    for prompt, row in zip(PROMPTS, out):
+        for c in row:
+            assert len(c.token_ids) == len(c.logprobs) > 0
+            expected = ref.recompute_logprobs(model, prompt, c.token_ids, temperature)
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, rtol=0, atol=1e-4)
+
+
+def test_published_weights_are_served(vllm_worker, gen_model_dir, sync_dir, versions, ref):
+    """Publish → load → greedy changes and equals the trainer's own greedy decode (and the
+    native generator's); a second publication moves the version on and prunes the first."""
+    vllm_worker.load_weights(0)
+    before = _tokens(vllm_worker.generate(PROMPTS, 1, GREEDY))
+    hf_config = read_hf_config(gen_model_dir)
+    stop = set(NativeGenerator(gen_model_dir).eos_ids)
+
+    v1 = next(versions)
+    model = ref.perturbed_model(gen_model_dir, seed=1)
+    publish_weights(model, v1, sync_dir, hf_config)
+    vllm_worker.load_weights(v1)
+    assert vllm_worker.weight_version == v1
+    out = vllm_worker.generate(PROMPTS, 1, GREEDY)
+    check_versions(out, v1)
+    assert _tokens(out) != before
+    assert _tokens(out) == [[ref.naive_greedy(model, p, 12, stop)] for p in PROMPTS]
+    native = NativeGenerator(gen_model_dir, sync_dir)
+    native.load_weights(v1)
+    assert _tokens(native.generate(PROMPTS, 1, GREEDY)) == _tokens(out)
+
+    v2 = next(versions)
+    model2 = ref.perturbed_model(gen_model_dir, seed=2)
+    publish_weights(model2, v2, sync_dir, hf_config)
+    vllm_worker.load_weights(v2)
+    out2 = vllm_worker.generate(PROMPTS, 1, GREEDY)
+    check_versions(out2, v2)
+    with pytest.raises(StaleWeightsError):
+        check_versions(out, v2)
+    assert _tokens(out2) == [[ref.naive_greedy(model2, p, 12, stop)] for p in PROMPTS]
+    deadline = time.monotonic() + 30  # older versions are pruned in the background
+    while v1 in published_versions(sync_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert v1 not in published_versions(sync_dir) and v2 in published_versions(sync_dir)
+
+
+def _corrupt_truncate(folder):
+    shard = next(folder.glob("*.safetensors"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+
+
+def _corrupt_flip(folder):
+    shard = next(folder.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+def _corrupt_manifest(folder):
+    (folder / "manifest.json").unlink()
+
+
+def _corrupt_unfinished(folder):
+    shutil.move(folder, folder.with_name(folder.name + ".tmp"))
+
+
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (_corrupt_truncate, "truncated"),
+        (_corrupt_flip, "corrupt"),
+        (_corrupt_manifest, "manifest missing"),
+        (_corrupt_unfinished, "not published"),
+    ],
+)
+def test_bad_publication_is_never_loaded(
+    vllm_worker, gen_model_dir, sync_dir, versions, ref, corrupt, message
+):
+    good = next(versions)
+    publish_weights(
+        ref.perturbed_model(gen_model_dir, seed=good), good, sync_dir, read_hf_config(gen_model_dir)
+    )
+    vllm_worker.load_weights(good)
+    before = vllm_worker.generate(PROMPTS, 1, GREEDY)
+
+    bad = next(versions)
+    publish_weights(
+        ref.perturbed_model(gen_model_dir, seed=bad), bad, sync_dir, read_hf_config(gen_model_dir)
+    )
+    corrupt(version_dir(sync_dir, bad))
+    with pytest.raises(GenerationError, match=message):
+        vllm_worker.load_weights(bad)
+    assert vllm_worker.weight_version == good
+    after = vllm_worker.generate(PROMPTS, 1, GREEDY)
+    check_versions(after, good)
+    assert _tokens(after) == _tokens(before)
+    assert good in published_versions(sync_dir)  # still there for restarts
+
+
+def test_publication_missing_a_weight_is_refused(
+    vllm_worker, gen_model_dir, sync_dir, versions, ref
+):
+    """The loader would only warn and keep the old tensor: the worker refuses instead."""
+    model = ref.perturbed_model(gen_model_dir, seed=9)
+    hf_config = dict(read_hf_config(gen_model_dir), num_hidden_layers=1)  # drops layer 1 names
+    del model.layers[1]
+    v = next(versions)
+    publish_weights(model, v, sync_dir, hf_config)
+    current = vllm_worker.weight_version
+    with pytest.raises(GenerationError, match=r"missing \['model.layers.1"):
+        vllm_worker.load_weights(v)
+    assert vllm_worker.weight_version == current
+
+
+def test_too_long_prompt_is_refused_before_sending(vllm_worker):
+    with pytest.raises(
+        GenerationError, match=r"prompt 1 has 256 tokens; the engine's max_model_len is 256"
+    ):
+        vllm_worker.generate([[1, 2], [3] * 256], 1, GREEDY)
+    # and the worker is still fine
+    assert len(vllm_worker.generate([[1, 2]], 1, GREEDY)[0]) == 1
+
+
+def test_response_is_capped_by_context(vllm_worker):
+    (c,) = vllm_worker.generate(
+        [[3] * 250], 1, SamplingConfig(temperature=0, max_tokens=50, ignore_eos=True)
+    )[0]
+    assert len(c.token_ids) == 6 and c.finish_reason == "length"
