@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.tied_linear import TiedLinear
@@ -85,6 +86,46 @@ def model_from_hf_config(
             **dims, max_seq_len=seq, rope_base=cfg.get("rope_theta", 5e5), tie_word_embeddings=tie
         )
     raise ValueError(f"{model_dir}/config.json: model_type {cfg['model_type']!r} is not supported")
+
+
+def hf_to_tune(state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
+    """Hugging Face → torchtune names (torchtune's converters; inverse of
+    :func:`tune_to_hf_converter`)."""
+    dims = _dims(hf_config)
+    kw = {
+        "num_heads": dims["num_heads"],
+        "num_kv_heads": dims["num_kv_heads"],
+        "dim": dims["embed_dim"],
+        "head_dim": hf_config.get("head_dim"),
+    }
+    tie = bool(hf_config.get("tie_word_embeddings", False))
+    if hf_config["model_type"] == "qwen2":
+        from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+
+        return qwen2_hf_to_tune(state, **kw, tie_word_embeddings=tie)
+    if hf_config["model_type"] == "llama":
+        from torchtune.models.convert_weights import hf_to_tune as llama_hf_to_tune
+
+        return llama_hf_to_tune(
+            {k: v for k, v in state.items() if not (tie and k == "lm_head.weight")}, **kw
+        )
+    raise ValueError(f"model_type {hf_config['model_type']!r} has no HF → torchtune converter")
+
+
+def load_hf_weights(model: TransformerDecoder, folder: str | Path, hf_config: dict) -> None:
+    """Load every ``*.safetensors`` in ``folder`` into ``model`` (strict: all weights)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    model.load_state_dict(hf_to_tune(state, hf_config), strict=True)
+
+
+def load_hf_model(model_dir: str | Path, max_seq_len: int | None = None) -> TransformerDecoder:
+    """The torchtune model of an HF directory with its weights loaded (fp32, CPU)."""
+    model = model_from_hf_config(model_dir, max_seq_len)
+    load_hf_weights(model, model_dir, read_hf_config(model_dir))
+    return model
 
 
 def tune_to_hf_converter(hf_config: dict) -> Callable[[StateDict], StateDict]:

@@ -135,7 +135,11 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _missing_files(cfg: DictConfig) -> list[str]:
-    paths = [] if cfg.prepare_model and cfg.prepare_model.get("_component_") else [Path(cfg.model_dir) / "config.json"]
+    paths = (
+        []
+        if cfg.prepare_model and cfg.prepare_model.get("_component_")
+        else [Path(cfg.model_dir) / "config.json"]
+    )
     for section in ("tokenizer", "checkpointer"):
         node = cfg.get(section)
         for key in _FILE_KEYS:

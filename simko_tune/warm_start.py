@@ -31,7 +31,7 @@ from simko_tune.countdown import (
     parse_gold,
     solve,
 )
-from simko_tune.models import model_from_hf_config, read_hf_config, tune_to_hf_converter
+from simko_tune.models import load_hf_model, read_hf_config, tune_to_hf_converter
 from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer, write_hf_dir
 
 logger = logging.getLogger(__name__)
@@ -86,24 +86,6 @@ class CountdownTokens:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
-
-
-def load_tune_model(model_dir: Path) -> TransformerDecoder:
-    """The torchtune model of a Qwen2 HF directory, weights loaded (fp32)."""
-    from safetensors.torch import load_file
-    from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
-
-    cfg = read_hf_config(model_dir)
-    model = model_from_hf_config(model_dir)
-    sd = qwen2_hf_to_tune(
-        load_file(str(model_dir / "model.safetensors")),
-        num_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg["num_key_value_heads"],
-        dim=cfg["hidden_size"],
-        tie_word_embeddings=cfg["tie_word_embeddings"],
-    )
-    model.load_state_dict(sd, strict=True)
-    return model
 
 
 def _sft_batch(
@@ -241,7 +223,7 @@ def build_tiny_policy(out_dir: str | Path, cfg: WarmStartConfig | None = None) -
             corpus += [p.problem + s + STOP_TOKEN for s in solve(numbers, target)]
         tok_dir = train_tokenizer(corpus, work / "tokenizer", vocab_size=cfg.vocab_size)
         init_dir = build_tiny_qwen2(tok_dir, work / "init", cfg.dims, seed=cfg.seed)
-        model = load_tune_model(init_dir)
+        model = load_hf_model(init_dir)
         tokens = CountdownTokens(init_dir)
 
         steps, log = _supervised_fit(model, tokens, cfg)

@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 
 # Project-owned caches, set before torch/vllm import anywhere in the session.
-_CACHE = Path(os.environ.get("SIMKO_CACHE_DIR", Path(tempfile.gettempdir()) / "simko_tune_test_cache"))
+_CACHE = Path(
+    os.environ.get("SIMKO_CACHE_DIR", Path(tempfile.gettempdir()) / "simko_tune_test_cache")
+)
 os.environ.setdefault("SIMKO_CACHE_DIR", str(_CACHE))
 os.environ.setdefault("VLLM_CACHE_ROOT", str(_CACHE / "vllm"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(_CACHE / "inductor"))

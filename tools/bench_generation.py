@@ -125,8 +125,7 @@ def main() -> None:
     import torch
 
     from simko_tune.generation import NativeGenerator, SamplingConfig, VLLMWorkers
-    from simko_tune.generation.native import load_hf_weights
-    from simko_tune.models import model_from_hf_config, read_hf_config
+    from simko_tune.models import load_hf_weights, model_from_hf_config, read_hf_config
     from simko_tune.paths import cache_dir
 
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir() / "vllm"))

@@ -16,7 +16,6 @@ from torchtune.generation import (
     get_causal_mask_from_padding_mask,
     get_position_ids_from_padding_mask,
 )
-from torchtune.modules import TransformerDecoder
 from torchtune.modules.common_utils import delete_kv_caches
 
 from simko_tune.generation.types import (
@@ -33,42 +32,7 @@ from simko_tune.generation.weights import (
     prune_versions,
     verify_publication,
 )
-from simko_tune.models import model_from_hf_config, read_hf_config
-
-
-def hf_to_tune(state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
-    """Hugging Face → torchtune names (torchtune's converters; inverse of
-    :func:`simko_tune.models.tune_to_hf_converter`)."""
-    kw = {
-        "num_heads": hf_config["num_attention_heads"],
-        "num_kv_heads": hf_config.get("num_key_value_heads", hf_config["num_attention_heads"]),
-        "dim": hf_config["hidden_size"],
-        "head_dim": hf_config.get("head_dim"),
-    }
-    tie = bool(hf_config.get("tie_word_embeddings", False))
-    if hf_config["model_type"] == "qwen2":
-        from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
-
-        return qwen2_hf_to_tune(state, **kw, tie_word_embeddings=tie)
-    if hf_config["model_type"] == "llama":
-        from torchtune.models.convert_weights import hf_to_tune as llama_hf_to_tune
-
-        out = llama_hf_to_tune(
-            {k: v for k, v in state.items() if not (tie and k == "lm_head.weight")}, **kw
-        )
-        return out
-    raise ValueError(f"model_type {hf_config['model_type']!r} has no HF → torchtune converter")
-
-
-def load_hf_weights(model: TransformerDecoder, folder: str | Path, hf_config: dict) -> None:
-    """Load every ``*.safetensors`` in ``folder`` into ``model`` (strict: all weights)."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        state.update(load_file(str(path)))
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    model.load_state_dict(hf_to_tune(state, hf_config), strict=True)
+from simko_tune.models import load_hf_weights, model_from_hf_config, read_hf_config
 
 
 def _eos_ids(model_dir: Path, hf_config: dict) -> set[int]:

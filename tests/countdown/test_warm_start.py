@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from simko_tune.countdown import countdown_reward, make_countdown_problems, parse_gold, solve
+from simko_tune.models import load_hf_model
 from simko_tune.warm_start import (
     MARKER,
     CountdownTokens,
@@ -21,7 +22,6 @@ from simko_tune.warm_start import (
     _sft_batch,
     build_tiny_policy,
     ensure_tiny_policy,
-    load_tune_model,
     sample_answers,
 )
 
@@ -63,7 +63,7 @@ def test_directory_and_record(policy_dir):
 
 
 def test_supervised_steps_lower_the_loss(policy_dir):
-    model = load_tune_model(policy_dir)
+    model = load_hf_model(policy_dir)
     tokens = CountdownTokens(policy_dir)
     loss = _sft_loss(model, tokens, make_countdown_problems(16, seed=5, split="test"))
     vocab = json.loads((policy_dir / "config.json").read_text())["vocab_size"]
@@ -95,7 +95,7 @@ def test_transformers_loads_it_with_identical_ids_and_logits(policy_dir):
     ids = torch.tensor([r + [tokens.pad_id] * (width - len(r)) for r in rows])
 
     hf = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    tune = load_tune_model(policy_dir)
+    tune = load_hf_model(policy_dir)
     with torch.no_grad():
         ref = hf(ids).logits
         got = tune(ids)
@@ -112,7 +112,7 @@ def test_sft_batch_labels_answer_tokens_only():
 def test_kv_cache_sampler_matches_plain_greedy_decoding(policy_dir):
     """Near-zero temperature makes sampling greedy: the batched, left-padded KV-cache
     sampler must then agree with a plain loop over one unpadded prompt at a time."""
-    model = load_tune_model(policy_dir).eval()
+    model = load_hf_model(policy_dir).eval()
     tokens = CountdownTokens(policy_dir)
     prompts = [tokens.prompt(p.problem) for p in make_countdown_problems(8, seed=3)]
     assert len({len(p) for p in prompts}) > 1  # some padding is exercised

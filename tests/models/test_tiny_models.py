@@ -76,7 +76,13 @@ def test_logits_match_transformers(tiny_model_dir, tmp_path, tied):
 
 def test_directory_is_complete(tiny_model_dir):
     names = {p.name for p in tiny_model_dir.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.json", "merges.txt"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+    } <= names
     assert not any(n.startswith(".") for n in names)
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     raw = json.loads((tiny_model_dir / "tokenizer.json").read_text())
