@@ -337,6 +337,7 @@ class SimKORecipe:
             for start in range(0, len(rollout), rows_per_update):
                 mini = range(start, min(start + rows_per_update, len(rollout)))
                 normalizer = self._normalizer(rollout, mini)
+                finite = True
                 for rows in self._my_micro_batches(mini):
                     mb = rollout.select(rows)
                     width = mb.tokens.shape[1]
@@ -353,6 +354,7 @@ class SimKORecipe:
                         normalizer=normalizer,
                     )
                     loss.backward()
+                    finite &= math.isfinite(loss.item())
                     sums["loss"] += loss.item()
                     n_tok = float(mb.mask.sum())
                     for k, v in metrics.items():
@@ -360,11 +362,14 @@ class SimKORecipe:
                             sums[k] += float(v) * n_tok
                     sums["_tokens"] += n_tok
                 grad_norm = clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
-                if torch.isfinite(grad_norm):
+                # A NaN/inf loss or gradient on any rank skips the update on every rank: a
+                # clipped loss can be NaN with finite gradients, so both are checked.
+                bad = torch.tensor([0.0 if finite and torch.isfinite(grad_norm) else 1.0])
+                if _all_reduce_sum(bad, self.device).item() == 0:
                     self.optimizer.step()
-                else:  # a NaN/inf never reaches the weights
+                else:
                     skipped += 1
-                    _log(f"step {self.step}: non-finite gradient norm, update skipped")
+                    _log(f"step {self.step}: non-finite loss or gradient, update skipped")
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()

@@ -37,13 +37,13 @@ SPECIAL_TOKENS = (
 
 @dataclass
 class TinyQwen2Dims:
-    """Shape of a tiny Qwen2 model (defaults: ~0.2M parameters, fast on one CPU core)."""
+    """Shape of a tiny Qwen2 model (defaults: ~0.4M parameters with a 400-token vocabulary)."""
 
     num_layers: int = 2
-    num_heads: int = 2  # head dim 32: vLLM's CPU attention supports 32, 64, 80, ... only
-    num_kv_heads: int = 1
-    embed_dim: int = 64
-    intermediate_dim: int = 128
+    num_heads: int = 4  # head dim 32: vLLM's CPU attention supports 32, 64, 80, ... only
+    num_kv_heads: int = 2  # divisible by a tensor-parallel size of 2
+    embed_dim: int = 128
+    intermediate_dim: int = 256
     max_seq_len: int = 512
     tie_word_embeddings: bool = True
     rope_base: float = 1_000_000.0

@@ -18,8 +18,16 @@ _UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
 def _brace_group(text: str, start: int) -> str | None:
     """Content of the `{...}` group opening at `text[start]`, or None if it never closes."""
     depth = 0
+    backslashes = 0  # run of backslashes just before text[i]: an odd run escapes `\{` `\}`
     for i in range(start, len(text)):
         ch = text[i]
+        if ch == "\\":
+            backslashes += 1
+            continue
+        escaped = backslashes % 2 == 1
+        backslashes = 0
+        if escaped:
+            continue
         if ch == "{":
             depth += 1
         elif ch == "}":

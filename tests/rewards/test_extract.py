@@ -21,6 +21,13 @@ EXTRACT_CASES = [
     ("\\boxed{ 7 }", "7"),
     ("\\boxed{7} ... template \\boxed{}", "7"),  # empty box skipped
     ("no answer here", None),
+    # escaped braces are text, not groups: a `\left\{` must not swallow the closing brace
+    ("\\boxed{\\{1, 2\\}} end", "\\{1, 2\\}"),
+    (
+        "\\boxed{f=\\left\\{\\begin{array}{ll}1 & x<0 \\\\ 2 & x \\geq 0\\end{array}\\right.} so",
+        "f=\\left\\{\\begin{array}{ll}1 & x<0 \\\\ 2 & x \\geq 0\\end{array}\\right.",
+    ),
+    ("\\boxed{a \\\\{b}}", "a \\\\{b}"),  # `\\` is a line break: the `{` after it opens a group
     ("", None),
     ("unclosed \\boxed{12", None),
     ("The final answer is $7$.", "7"),
