@@ -88,16 +88,21 @@ def model_from_hf_config(
     raise ValueError(f"{model_dir}/config.json: model_type {cfg['model_type']!r} is not supported")
 
 
-def hf_to_tune(state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
-    """Hugging Face → torchtune names (torchtune's converters; inverse of
-    :func:`tune_to_hf_converter`)."""
+def _converter_kwargs(hf_config: dict) -> dict:
+    """The shape arguments torchtune's weight converters take, in both directions."""
     dims = _dims(hf_config)
-    kw = {
+    return {
         "num_heads": dims["num_heads"],
         "num_kv_heads": dims["num_kv_heads"],
         "dim": dims["embed_dim"],
         "head_dim": hf_config.get("head_dim"),
     }
+
+
+def hf_to_tune(state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
+    """Hugging Face → torchtune names (torchtune's converters; inverse of
+    :func:`tune_to_hf_converter`)."""
+    kw = _converter_kwargs(hf_config)
     tie = bool(hf_config.get("tie_word_embeddings", False))
     if hf_config["model_type"] == "qwen2":
         from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
@@ -131,13 +136,7 @@ def load_hf_model(model_dir: str | Path, max_seq_len: int | None = None) -> Tran
 def tune_to_hf_converter(hf_config: dict) -> Callable[[StateDict], StateDict]:
     """torchtune → HF state-dict renaming for the model described by ``hf_config``
     (torchtune's own converters: Qwen2 keeps q/k layouts, Llama permutes them for RoPE)."""
-    dims = _dims(hf_config)
-    kw = {
-        "num_heads": dims["num_heads"],
-        "num_kv_heads": dims["num_kv_heads"],
-        "dim": dims["embed_dim"],
-        "head_dim": hf_config.get("head_dim"),
-    }
+    kw = _converter_kwargs(hf_config)
     tie = bool(hf_config.get("tie_word_embeddings", False))
     if hf_config["model_type"] == "qwen2":
         from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
