@@ -124,7 +124,8 @@ class SimKORecipe:
             cfg.generation.sync_dir or f"/dev/shm/simko_tune/{_run_name(self.output_dir)}"
         )
         if self.is_rank_zero:  # a previous run's publications must never be loaded
-            shutil.rmtree(self.sync_dir, ignore_errors=True)
+            for old in self.sync_dir.glob("v[0-9]*"):
+                shutil.rmtree(old, ignore_errors=True)
         resume_from = resolve_resume(cfg.resume, self.output_dir / "checkpoints")
         if resume_from is not None:
             extra = self.checkpoints.load(
@@ -226,8 +227,7 @@ class SimKORecipe:
             t_step = time.perf_counter()
             indices = self.batches.next_batch()
 
-            with _timed(timings, "generate"):
-                rollout, texts = self._rollout(indices)
+            rollout, texts = self._rollout(indices, timings)  # times "generate" and "score"
             with _timed(timings, "old_logprobs"):
                 old_logprobs = self._old_logprobs(rollout)
             with _timed(timings, "update"):
@@ -271,7 +271,9 @@ class SimKORecipe:
                 self.save_checkpoint()
         progress.close()
 
-    def _rollout(self, indices: list[int]) -> tuple[RolloutBatch, list[str]]:
+    def _rollout(
+        self, indices: list[int], timings: dict[str, float]
+    ) -> tuple[RolloutBatch, list[str]]:
         """Generate and score on rank 0, then share the packed batch with every rank."""
         cfg = self.cfg
         batch, texts = None, []
@@ -285,12 +287,14 @@ class SimKORecipe:
                 stop_token_ids=self.stop_ids,
                 seed=cfg.seed * 1_000_003 + self.step,
             )
-            completions = self.generator.generate(prompts, n=g, sampling=sampling)
+            with _timed(timings, "generate"):
+                completions = self.generator.generate(prompts, n=g, sampling=sampling)
             check_versions(completions, self.weight_version)
             flat = [c for group in completions for c in group]
             texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in flat]
             golds = [self.problems[i].answer for i in indices for _ in range(g)]
-            rewards = self.reward_pool.score(texts, golds)
+            with _timed(timings, "score"):
+                rewards = self.reward_pool.score(texts, golds)
             batch = build_rollout_batch(
                 prompts=[p for p in prompts for _ in range(g)],
                 responses=[c.token_ids for c in flat],

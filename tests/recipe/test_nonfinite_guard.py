@@ -36,7 +36,7 @@ def recipe(tmp_path, tiny_model_dir):
 
 
 def test_nonfinite_loss_skips_the_update(recipe):
-    rollout, _ = recipe._rollout(recipe.batches.next_batch())
+    rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
     old = recipe._old_logprobs(rollout)
     rollout.rewards[:] = torch.tensor([1.0, 0.0] * (len(rollout) // 2))  # non-zero advantages
     before = {k: v.detach().clone() for k, v in recipe.model.state_dict().items()}

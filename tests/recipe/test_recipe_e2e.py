@@ -21,7 +21,7 @@ SCALARS = {
     "lambda_1", "lambda_2", "lambda_3", "lambda_sample", "clip_frac_low", "clip_frac_high",
     "ratio_mean", "ratio_max", "approx_kl", "grad_norm", "lr", "weight_version",
     "reward/mean", "reward/identical_group_frac", "response/len_mean", "response/len_max",
-    "response/truncated_frac", "time/generate", "time/old_logprobs", "time/update",
+    "response/truncated_frac", "time/generate", "time/score", "time/old_logprobs", "time/update",
     "time/publish", "throughput/tokens_per_s", "memory/peak_gib",
     "logprob_mismatch/mean_abs", "updates_skipped_nonfinite",
 }  # fmt: skip
