@@ -174,17 +174,69 @@ def test_kill_and_resume_gives_identical_metrics_and_weights(tmp_path, policy_di
 
 
 @pytest.mark.parametrize(
-    "layout", [("parallel.dp_shard=2",), ("parallel.tp=2", "parallel.dp_shard=1")]
+    ("nproc", "layout"),
+    [
+        (2, ("parallel.dp_shard=2",)),  # FSDP2
+        (2, ("parallel.tp=2", "parallel.dp_shard=1")),  # tensor parallel
+        (4, ("parallel.tp=2", "parallel.dp_shard=2")),  # the 2-D mesh
+    ],
+    ids=["fsdp2", "tp2", "fsdp2xtp2"],
 )
-def test_two_ranks_match_one_process(tmp_path, policy_dir, layout):
+def test_torchrun_ranks_match_one_process(tmp_path, policy_dir, nproc, layout):
     common = ("generation.backend=native", "max_steps=1", "checkpoint.every_n_steps=1")
     single, multi = tmp_path / "single", tmp_path / "multi"
     _tune_run(tmp_path, _args(single, policy_dir, *common))
-    _tune_run(tmp_path, _args(multi, policy_dir, *common, *layout), nproc=2)
+    _tune_run(tmp_path, _args(multi, policy_dir, *common, *layout), nproc=nproc)
     a, b = _scalars(single / "tb"), _scalars(multi / "tb")
     for tag in ("loss", "reward/mean", "lambda_1", "entropy_mean", "grad_norm"):
         assert b[tag][1] == pytest.approx(a[tag][1], rel=1e-4, abs=1e-6), tag
     wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
     assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_two_node_launch_matches_one_process(tmp_path, policy_dir):
+    """Two torchrun agents (`--nnodes 2 --nproc_per_node 1`) meeting through c10d rendezvous on
+    127.0.0.1, as on two machines, train a step with the one-process result."""
+    import socket
+
+    common = ("generation.backend=native", "max_steps=1", "checkpoint.every_n_steps=1")
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _tune_run(tmp_path, _args(single, policy_dir, *common))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agents = [
+        subprocess.Popen(
+            [
+                "tune",
+                "run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--node_rank",
+                str(node),
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "simko",
+                "simko_recipe",
+                *_args(multi, policy_dir, *common, "parallel.dp_shard=2"),
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for node in (0, 1)
+    ]
+    logs = [a.communicate(timeout=600)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), "\n".join(log[-3000:] for log in logs)
+    wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
