@@ -111,6 +111,16 @@ def test_tiny_cpu_two_steps_with_vllm_logs_everything(tmp_path, policy_dir):
     assert set(scalars["loss"]) == {1, 2}
     assert scalars["weight_version"] == {1: 1.0, 2: 2.0}
     assert any(t.startswith("eval/countdown_test/pass@") for t in scalars)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = next(p for p in (out / "tb").iterdir() if p.is_dir())
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    samples = [
+        ev for tag in acc.Tags()["tensors"] if tag.startswith("samples") for ev in acc.Tensors(tag)
+    ]
+    assert {ev.step for ev in samples} == {1, 2}  # sample completions as text, every step here
+    assert b"**gold**" in samples[0].tensor_proto.string_val[0]
     for tag in ("lambda_1", "lambda_2", "lambda_3"):
         assert all(v <= 0 for v in scalars[tag].values())
     assert scalars["lambda_1"][1] >= scalars["lambda_2"][1] >= scalars["lambda_3"][1]
