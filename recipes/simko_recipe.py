@@ -53,7 +53,7 @@ from simko_tune.generation import (
 )
 from simko_tune.generation.weights import version_dir
 from simko_tune.loss import LossConfig, mode_advantages, policy_loss, token_logprobs
-from simko_tune.metrics import pass_at_k
+from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.models import read_hf_config
 from simko_tune.parallel import (
     ParallelDims,
@@ -80,6 +80,7 @@ class SimKORecipe:
         self.generator = None
         self.reward_pool = None
         self.metric_logger = None
+        self._eval_cache = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -358,8 +359,9 @@ class SimKORecipe:
                         normalizer=normalizer,
                     )
                     loss.backward()
-                    finite &= math.isfinite(loss.item())
-                    sums["loss"] += loss.item()
+                    value = loss.item()
+                    finite &= math.isfinite(value)
+                    sums["loss"] += value
                     n_tok = float(mb.mask.sum())
                     for k, v in metrics.items():
                         if k != "num_tokens":
@@ -431,25 +433,21 @@ class SimKORecipe:
                 stop_token_ids=self.stop_ids,
                 seed=cfg.seed,
             )
-            for name, spec in cfg.eval.sets.items():
-                problems = tt_config.instantiate(spec)
-                prompts = self._tokenize_all(problems)
-                groups = self.generator.generate(prompts, n=cfg.eval.n, sampling=sampling)
+            for name, (problems, prompts) in self._eval_sets().items():
+                n = cfg.eval.n
+                groups = self.generator.generate(prompts, n=n, sampling=sampling)
                 texts = [
                     self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                     for grp in groups
                     for c in grp
                 ]
-                golds = [p.answer for p in problems for _ in range(cfg.eval.n)]
+                golds = [p.answer for p in problems for _ in range(n)]
                 rewards = self.reward_pool.score(texts, golds)
-                correct = [
-                    int(sum(rewards[i * cfg.eval.n : (i + 1) * cfg.eval.n]))
-                    for i in range(len(problems))
-                ]
-                ks = [2**j for j in range(int(math.log2(cfg.eval.n)) + 1)]
+                correct = [int(sum(rewards[i * n : (i + 1) * n])) for i in range(len(problems))]
+                ks = powers_of_two_up_to(n)
+                curves = [pass_at_k_curve(n, c, ks) for c in correct]
                 scores = {
-                    f"eval/{name}/pass@{k}": sum(pass_at_k(cfg.eval.n, c, k) for c in correct)
-                    / len(correct)
+                    f"eval/{name}/pass@{k}": sum(curve[k] for curve in curves) / len(curves)
                     for k in ks
                 }
                 self.metric_logger.log_dict(scores, step=self.step)
@@ -458,6 +456,15 @@ class SimKORecipe:
                     + " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in scores.items())
                 )
         _barrier()
+
+    def _eval_sets(self) -> dict[str, tuple[list, list[list[int]]]]:
+        """The evaluation problems and their prompt ids, loaded and tokenised once."""
+        if self._eval_cache is None:
+            self._eval_cache = {}
+            for name, spec in self.cfg.eval.sets.items():
+                problems = tt_config.instantiate(spec)
+                self._eval_cache[name] = (problems, self._tokenize_all(problems))
+        return self._eval_cache
 
     def _log_samples(self, indices: list[int], texts: list[str], rollout: RolloutBatch) -> None:
         g = self.cfg.rollout.samples_per_prompt
