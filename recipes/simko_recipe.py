@@ -61,7 +61,9 @@ from simko_tune.parallel import (
     full_output_weight,
     hidden_states,
     init_distributed,
+    load_rank0_state_dict,
     parallelize_model,
+    shutdown_distributed,
 )
 from simko_tune.plan import dry_run, validate
 from simko_tune.rewards import RewardPool
@@ -167,11 +169,16 @@ class SimKORecipe:
             reshard_after_forward=cfg.parallel.reshard_after_forward,
         )
         model.to_empty(device=self.device)
-        state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         if self.mesh is None:
+            state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
             model.load_state_dict(state, strict=True)
         else:
-            training.load_from_full_model_state_dict(model, state, self.device, strict=True)
+            state = {}  # only rank 0 reads the checkpoint: one full copy per node, not per rank
+            if self.is_rank_zero:
+                state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()
+                state = state[training.MODEL_KEY]
+            load_rank0_state_dict(model, state)
+        del state
         with torch.no_grad():  # buffers (RoPE caches) were created on the meta device
             for module in model.modules():
                 if hasattr(module, "rope_init"):
@@ -503,8 +510,7 @@ class SimKORecipe:
             self.reward_pool.close()
         if self.metric_logger is not None:
             self.metric_logger.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
     def _dp_group(self):
         if self.mesh is None:

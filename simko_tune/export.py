@@ -20,6 +20,7 @@ _HF_SIDE_FILES = (
     "merges.txt",
     "tokenizer.model",
     "special_tokens_map.json",
+    "original/tokenizer.model",  # Meta's tiktoken file, where Llama 3 releases keep it
 )
 
 
@@ -45,5 +46,6 @@ def export_hf_dir(
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for name in _HF_SIDE_FILES:
             if (base / name).is_file():
+                (tmp / name).parent.mkdir(exist_ok=True)
                 shutil.copy2(base / name, tmp / name)
     return out

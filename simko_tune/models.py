@@ -82,8 +82,23 @@ def model_from_hf_config(
     if cfg["model_type"] == "llama":
         from torchtune.models.llama3_2 import llama3_2
 
-        return llama3_2(
-            **dims, max_seq_len=seq, rope_base=cfg.get("rope_theta", 5e5), tie_word_embeddings=tie
+        rope_base = cfg.get("rope_theta", 5e5)
+        scaling = cfg.get("rope_scaling")
+        if scaling is None and not tie:  # Llama 3.0: plain RoPE
+            from torchtune.models.llama3 import llama3
+
+            return llama3(**dims, max_seq_len=seq, rope_base=rope_base)
+        if scaling is None or scaling.get("rope_type", scaling.get("type")) != "llama3":
+            raise ValueError(
+                f"{model_dir}/config.json: rope_scaling {scaling} with tie_word_embeddings={tie} "
+                "is not supported (Llama 3.0 has none and is untied; 3.1/3.2 use 'llama3')"
+            )
+        return llama3_2(  # Llama 3.1/3.2: "llama3" RoPE scaling
+            **dims,
+            max_seq_len=seq,
+            rope_base=rope_base,
+            scale_factor=scaling.get("factor", 32),
+            tie_word_embeddings=tie,
         )
     raise ValueError(f"{model_dir}/config.json: model_type {cfg['model_type']!r} is not supported")
 

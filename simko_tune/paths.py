@@ -45,6 +45,7 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from other users' readers
     try:
         yield tmp
         if out.exists():

@@ -1,4 +1,4 @@
-"""Tiny Qwen2-architecture models and tokenizers that this project builds itself.
+"""Tiny Qwen2 and Llama 3 models, and tokenizers, that this project builds itself.
 
 No weights can be downloaded on the development machine, so tests and the CPU default run on
 small models built here. They are real Hugging Face directories (``config.json``,
@@ -211,4 +211,78 @@ def write_hf_dir(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
             shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+    return Path(out_dir)
+
+
+LLAMA3_VOCAB_SIZE = 128_256  # the Llama 3 tiktoken vocabulary with its 256 reserved specials
+LLAMA3_ROPE_SCALING = {  # Llama 3.1/3.2's "llama3" RoPE scaling, as in their config.json
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def build_tiny_llama3(
+    out_dir: str | Path,
+    tokenizer_model: str | Path | None = None,
+    vocab_size: int = LLAMA3_VOCAB_SIZE,
+    tie_word_embeddings: bool = True,
+    rope_scaling: dict | None = LLAMA3_ROPE_SCALING,
+    seed: int = 0,
+    init_std: float = 0.02,
+) -> Path:
+    """Write a randomly initialised tiny Llama 3 model as a Hugging Face directory.
+
+    The defaults mirror Llama 3.2 (tied embeddings, "llama3" RoPE scaling) in miniature:
+    2 layers, width 64, head dim 32. ``tokenizer_model`` (Llama 3's tiktoken file) is copied
+    to ``original/tokenizer.model``, where Meta's releases keep it and the configs look.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from simko_tune.models import model_from_hf_config, tune_to_hf_converter
+
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 512,
+        "rope_theta": 500_000.0,
+        "rope_scaling": rope_scaling,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": tie_word_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 128_000,
+        "eos_token_id": [128_001, 128_008, 128_009],
+        "torch_dtype": "float32",
+        "dtype": "float32",
+    }
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        torch.manual_seed(seed)
+        model = model_from_hf_config(tmp)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, init_std)
+        hf_state = tune_to_hf_converter(config)(model.state_dict())
+        tensors = {k: v.detach().contiguous() for k, v in hf_state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        gen = {"bos_token_id": 128_000, "eos_token_id": config["eos_token_id"]}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if tokenizer_model is not None:
+            (tmp / "original").mkdir()
+            shutil.copy2(tokenizer_model, tmp / "original" / "tokenizer.model")
     return Path(out_dir)

@@ -8,9 +8,16 @@ from simko_tune.parallel.apply import (
     apply_tp,
     full_output_weight,
     hidden_states,
+    load_rank0_state_dict,
     parallelize_model,
 )
-from simko_tune.parallel.mesh import ParallelDims, all_reduce_sum, clip_grad_norm_, init_distributed
+from simko_tune.parallel.mesh import (
+    ParallelDims,
+    all_reduce_sum,
+    clip_grad_norm_,
+    init_distributed,
+    shutdown_distributed,
+)
 from simko_tune.parallel.tp_plans import get_tp_plan
 
 __all__ = [
@@ -25,5 +32,7 @@ __all__ = [
     "get_tp_plan",
     "hidden_states",
     "init_distributed",
+    "load_rank0_state_dict",
     "parallelize_model",
+    "shutdown_distributed",
 ]

@@ -21,6 +21,7 @@ import types
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     FSDPModule,
@@ -183,3 +184,14 @@ def full_output_weight(model: nn.Module) -> torch.Tensor:
             "hidden_states(model, tokens) in the same forward, before backward"
         )
     return weight.full_tensor()
+
+
+def load_rank0_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full (unsharded) state dict that only rank 0 holds into a parallelized model.
+
+    Rank 0 broadcasts one tensor at a time and every rank keeps its own slice, so a node's
+    host memory holds one full copy of the weights, not one per rank. The other ranks pass
+    ``{}``; all keys must match (strict).
+    """
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(model, state, options=options)

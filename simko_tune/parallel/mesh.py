@@ -31,6 +31,18 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it.
+
+    Without the barrier a rank that finishes first tears down its gloo pairs while a peer
+    still has traffic in flight, and the peer aborts at exit ("terminate called without an
+    active exception"). A no-op without a process group.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @dataclass
 class ParallelDims:
     """Degrees of the 2-D mesh: ``dp_shard`` (FSDP2) × ``tp`` (tensor parallel).

@@ -18,7 +18,13 @@ from torch.distributed.tensor import DTensor
 from torchtune.models.qwen2 import qwen2
 
 from simko_tune.checkpoint import CheckpointManager, resolve_resume
-from simko_tune.parallel import ParallelDims, hidden_states, init_distributed, parallelize_model
+from simko_tune.parallel import (
+    ParallelDims,
+    hidden_states,
+    init_distributed,
+    parallelize_model,
+    shutdown_distributed,
+)
 
 
 def tiny_model(seed: int) -> torch.nn.Module:
@@ -100,6 +106,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     result = run(args.mode, args.ckpt_dir)
+    shutdown_distributed()
     if result is not None:
         torch.save(result, args.out)
 

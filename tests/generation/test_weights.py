@@ -146,6 +146,7 @@ def _fsdp_rank(rank: int, world: int, init_file: str, model_dir: str, sync: str,
         path = publish_weights(model, 5, sync, read_hf_config(model_dir), max_shard_bytes=50_000)
         result = {"rank": rank, "path": None if path is None else str(path)}
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # no rank tears its gloo pairs down while a peer still uses them
     finally:
         dist.destroy_process_group()
 

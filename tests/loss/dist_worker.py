@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from simko_tune.loss import AGGREGATIONS, LossConfig, group_advantages, policy_loss
+from simko_tune.parallel import shutdown_distributed
 
 INPUTS = ("targets", "old_logprobs", "advantages", "mask", "correct")
 
@@ -98,7 +99,7 @@ def main() -> None:
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(gathered, f)
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ def test_atomic_dir_keeps_old_content_on_error(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "a").write_text("1")
     assert (out / "a").read_text() == "1"
+    assert out.stat().st_mode & 0o777 == 0o755  # readable by other users' processes
     with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
         (tmp / "a").write_text("2")
         raise RuntimeError("writer died")
@@ -52,3 +53,17 @@ def test_export_without_shards_is_an_error(tmp_path, tiny_model_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no safetensors"):
         export_hf_dir(tmp_path / "empty", tiny_model_dir, tmp_path / "hf")
+
+
+def test_export_keeps_llama3_tiktoken_file(tmp_path):
+    """Llama 3 releases keep the tokenizer at original/tokenizer.model, where the llama3
+    configs look: an export of a Llama policy must carry it."""
+    from simko_tune.tiny import build_tiny_llama3
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "tok.model").write_bytes(b"tiktoken ranks")
+    model_dir = build_tiny_llama3(tmp_path / "llama", base / "tok.model", vocab_size=256)
+    out = export_hf_dir(model_dir, model_dir, tmp_path / "hf")
+    assert (out / "original" / "tokenizer.model").read_bytes() == b"tiktoken ranks"
+    assert (out / "config.json").read_text() == (model_dir / "config.json").read_text()

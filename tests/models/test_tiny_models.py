@@ -10,7 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from simko_tune.models import final_hidden, model_from_hf_config, output_weight, read_hf_config
-from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2, tokenizer_files
+from simko_tune.tiny import (
+    LLAMA3_ROPE_SCALING,
+    TinyQwen2Dims,
+    build_tiny_llama3,
+    build_tiny_qwen2,
+    tokenizer_files,
+)
 
 TEXTS = [
     "<|im_start|>user\nWhat is 123+4? 3*5+7<|im_end|>\n",
@@ -87,3 +93,39 @@ def test_directory_is_complete(tiny_model_dir):
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
     raw = json.loads((tiny_model_dir / "tokenizer.json").read_text())
     assert cfg["vocab_size"] == len(raw["model"]["vocab"]) + len(raw["added_tokens"])
+
+
+@pytest.mark.parametrize(
+    "tied, rope_scaling",
+    [(True, LLAMA3_ROPE_SCALING), (False, LLAMA3_ROPE_SCALING), (False, None)],
+    ids=["llama3.2", "llama3.1", "llama3.0"],
+)
+def test_llama3_logits_match_transformers(tmp_path, tied, rope_scaling):
+    """Llama 3.x directories (RoPE scaling or none, tied or not) load into torchtune with the
+    logits transformers computes; positions up to 300 exercise the scaled low frequencies."""
+    from transformers import AutoModelForCausalLM
+
+    from simko_tune.models import load_hf_model
+
+    model_dir = build_tiny_llama3(  # large weights: sharp attention, so RoPE matters
+        tmp_path / "llama",
+        vocab_size=256,
+        tie_word_embeddings=tied,
+        rope_scaling=rope_scaling,
+        init_std=0.3,
+    )
+    tune = load_hf_model(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 300))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        full = tune(ids)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_llama3_with_unknown_rope_scaling_is_refused(tmp_path):
+    scaling = {"rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(ValueError, match="rope_scaling"):
+        build_tiny_llama3(tmp_path / "llama", vocab_size=256, rope_scaling=scaling)
+    assert not (tmp_path / "llama").exists()

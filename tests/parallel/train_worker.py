@@ -24,6 +24,7 @@ from simko_tune.parallel import (
     hidden_states,
     init_distributed,
     parallelize_model,
+    shutdown_distributed,
 )
 
 GLOBAL_BATCH = 5
@@ -151,6 +152,7 @@ def main() -> None:
     result = train_step(
         args.model, args.family, args.dp, args.tp, args.ac, args.compile, args.mixed_precision
     )
+    shutdown_distributed()
     if result is not None:
         torch.save(result, args.out)
 

@@ -57,16 +57,23 @@ def _args(out: Path, policy: Path, *extra: str) -> list[str]:
 
 def _tune_run(cwd: Path, args: list[str], nproc: int = 1, timeout: int = 600):
     launcher = ["tune", "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         launcher + ["simko_recipe", *args],
         cwd=cwd,
         env=_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
+        start_new_session=True,  # on timeout the whole tree goes, ranks included
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"tune run timed out after {timeout} s:\n{stdout[-2000:]}{stderr[-4000:]}")
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def _scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
@@ -250,3 +257,47 @@ def test_two_node_launch_matches_one_process(tmp_path, policy_dir):
     wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path):
+    """The shipped llama3_2_3b config, shrunk to a tiny Llama 3.2 with Meta's real tokenizer:
+    Llama 3 chat prompts, the LLAMA3_2 checkpointer, FSDP2 on two ranks, publication and
+    reload (the generator's log-probs equal the trainer's after an update), HF export."""
+    from transformers import AutoModelForCausalLM
+
+    from simko_tune.paths import data_dir
+    from simko_tune.tiny import build_tiny_llama3
+
+    tiktoken_file = data_dir() / "tokenizers" / "llama3" / "tokenizer.model"
+    # weights large enough that the logits are far from uniform: a wrong publication shows
+    model_dir = build_tiny_llama3(tmp_path / "llama", tiktoken_file, init_std=0.3)
+    out = tmp_path / "out"
+    _tune_run(
+        tmp_path,
+        ["--config", "llama3_2_3b", f"output_dir={out}", f"model_dir={model_dir}", "device=cpu",
+         "model._component_=simko_tune.models.model_from_hf_config", f"model.model_dir={model_dir}",
+         "checkpointer.checkpoint_files=[model.safetensors]", f"generation.sync_dir={out}/sync",
+         "generation.backend=native", "generation.num_workers=1", "generation.devices=null",
+         "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
+         "rollout.max_response_tokens=8", "ppo.mini_batch_prompts=2", "ppo.micro_batch_size=4",
+         "loss.compile=false", "loss.entropy_coef=0.01", "optimizer.lr=1e-3",
+         "parallel.dp_shard=2", "parallel.compile_model=false", "parallel.mixed_precision=null",
+         "rewards.num_workers=1", "max_steps=2", "checkpoint.every_n_steps=2",
+         "eval.every_n_steps=0"],
+        nproc=2,
+    )  # fmt: skip
+    scalars = _scalars(out / "tb")
+    assert scalars["weight_version"] == {1: 1.0, 2: 2.0}
+    # step 2 samples from the published step-1 update: same weights as the trainer's
+    assert scalars["logprob_mismatch/mean_abs"][2] < 1e-4
+
+    hf_dir = out / "checkpoints" / "step_00000002" / "hf"
+    exported = _load_hf_weights(hf_dir)
+    assert "lm_head.weight" not in exported  # tied, as in Llama 3.2
+    initial = load_file(model_dir / "model.safetensors")
+    assert any(not torch.equal(exported[k], initial[k]) for k in initial), "weights never changed"
+    assert (hf_dir / "original" / "tokenizer.model").is_file()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    for name, param in model.state_dict().items():
+        if name in exported:
+            assert torch.equal(param, exported[name])
