@@ -230,6 +230,8 @@ class SimKORecipe:
             disable=not self.is_rank_zero,
             dynamic_ncols=True,
         )
+        if cfg.eval.before_training and self.step == 0:
+            self.evaluate()
         while self.step < cfg.max_steps:
             timings: dict[str, float] = {}
             t_step = time.perf_counter()

@@ -130,6 +130,7 @@ class CheckpointSection:
 @dataclass
 class EvalSection:
     every_n_steps: int = 0  # 0: never during training
+    before_training: bool = False  # also at step 0 of a fresh run: the curve's starting point
     n: int = 8
     temperature: float = 0.6
     top_p: float = 0.95

@@ -51,6 +51,7 @@ def _args(out: Path, policy: Path, *extra: str) -> list[str]:
         "--config", "tiny_cpu", f"output_dir={out}", f"model_dir={policy}", "prepare_model=null",
         "rollout.prompts_per_step=4", "ppo.mini_batch_prompts=2", "ppo.micro_batch_size=8",
         "dataset.n=64", "log.samples_every_n_steps=1", "eval.every_n_steps=0",
+        "eval.before_training=false",
         f"generation.sync_dir={out}/sync", *extra,
     ]  # fmt: skip
 
@@ -110,14 +111,14 @@ def test_tiny_cpu_two_steps_with_vllm_logs_everything(tmp_path, policy_dir):
     _tune_run(
         tmp_path,
         _args(out, policy_dir, "max_steps=2", "checkpoint.every_n_steps=2", "eval.every_n_steps=2",
-              "eval.sets.countdown_test.n=8"),
+              "eval.before_training=true", "eval.sets.countdown_test.n=8"),
     )  # fmt: skip
     scalars = _scalars(out / "tb")
     missing = SCALARS - set(scalars)
     assert not missing, f"missing TensorBoard scalars: {sorted(missing)}"
     assert set(scalars["loss"]) == {1, 2}
     assert scalars["weight_version"] == {1: 1.0, 2: 2.0}
-    assert any(t.startswith("eval/countdown_test/pass@") for t in scalars)
+    assert set(scalars["eval/countdown_test/pass@8"]) == {0, 2}  # before training, at step 2
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = next(p for p in (out / "tb").iterdir() if p.is_dir())
@@ -283,7 +284,7 @@ def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path):
          "loss.compile=false", "loss.entropy_coef=0.01", "optimizer.lr=1e-3",
          "parallel.dp_shard=2", "parallel.compile_model=false", "parallel.mixed_precision=null",
          "rewards.num_workers=1", "max_steps=2", "checkpoint.every_n_steps=2",
-         "eval.every_n_steps=0"],
+         "eval.every_n_steps=0", "eval.before_training=false"],
         nproc=2,
     )  # fmt: skip
     scalars = _scalars(out / "tb")
