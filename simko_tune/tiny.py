@@ -181,6 +181,18 @@ def build_tiny_qwen2(
         rope_base=dims.rope_base,
         tie_word_embeddings=dims.tie_word_embeddings,
     )
+    _random_init(model, init_std)
+    config = hf_qwen2_config(vocab_size, dims, specials["<|im_end|>"], specials["<|endoftext|>"])
+    hf_state = tune_to_hf_converter(config)(model.state_dict())
+    write_hf_dir(hf_state, config, tok_dir, out_dir)
+    (Path(out_dir) / "tiny_dims.json").write_text(json.dumps(asdict(dims), indent=2))
+    return Path(out_dir)
+
+
+def _random_init(model, init_std: float) -> None:
+    """Norm scales 1, biases 0, every other weight N(0, init_std²)."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -189,11 +201,6 @@ def build_tiny_qwen2(
                 p.zero_()
             else:
                 p.normal_(0.0, init_std)
-    config = hf_qwen2_config(vocab_size, dims, specials["<|im_end|>"], specials["<|endoftext|>"])
-    hf_state = tune_to_hf_converter(config)(model.state_dict())
-    write_hf_dir(hf_state, config, tok_dir, out_dir)
-    (Path(out_dir) / "tiny_dims.json").write_text(json.dumps(asdict(dims), indent=2))
-    return Path(out_dir)
 
 
 def write_hf_dir(
@@ -271,12 +278,7 @@ def build_tiny_llama3(
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         torch.manual_seed(seed)
         model = model_from_hf_config(tmp)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, init_std)
+        _random_init(model, init_std)
         hf_state = tune_to_hf_converter(config)(model.state_dict())
         tensors = {k: v.detach().contiguous() for k, v in hf_state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
