@@ -169,14 +169,12 @@ class SimKORecipe:
             reshard_after_forward=cfg.parallel.reshard_after_forward,
         )
         model.to_empty(device=self.device)
-        if self.mesh is None:
+        state = {}  # only rank 0 reads the checkpoint: one full copy per node, not per rank
+        if self.is_rank_zero:
             state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
+        if self.mesh is None:
             model.load_state_dict(state, strict=True)
         else:
-            state = {}  # only rank 0 reads the checkpoint: one full copy per node, not per rank
-            if self.is_rank_zero:
-                state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()
-                state = state[training.MODEL_KEY]
             load_rank0_state_dict(model, state)
         del state
         with torch.no_grad():  # buffers (RoPE caches) were created on the meta device

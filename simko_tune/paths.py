@@ -1,10 +1,11 @@
-"""Where the project finds its shared data and keeps its caches."""
+"""Where the project finds its shared data, keeps its caches and opens local ports."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,13 @@ def cache_dir() -> Path:
     path = Path(env) if env else Path.home() / ".cache" / "simko_tune"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from simko_tune.generation.types import (
     sample_seed,
 )
 from simko_tune.generation.weights import default_sync_dir, prune_versions
+from simko_tune.paths import free_port
 
 _POLL_MS = 200
 _LOG_TAIL_BYTES = 4000
@@ -78,12 +78,6 @@ class _Worker:
         except OSError as e:
             return f"(log {self.launch.log_path} unreadable: {e})"
         return f"--- tail of {self.launch.log_path} ---\n{tail}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _default_devices(num_workers: int, tensor_parallel_size: int) -> list[str]:
@@ -251,7 +245,7 @@ class VLLMWorkers(Generator):
     def _spawn(self, w: _Worker) -> None:
         launch = w.launch
         assert launch is not None
-        port = _free_port()
+        port = free_port()
         w.address = f"tcp://127.0.0.1:{port}"
         cmd = [
             sys.executable, "-m", "simko_tune.generation.server",

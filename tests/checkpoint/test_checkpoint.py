@@ -7,7 +7,6 @@ import importlib.util
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from simko_tune.checkpoint import MARKER, CheckpointManager, resolve_resume
+from simko_tune.paths import free_port
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 TIMEOUT_S = 150
@@ -35,12 +35,6 @@ def child_env() -> dict[str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def assert_resumed_exactly(resumed: dict, saved: dict) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from simko_tune.parallel import ParallelDims, all_reduce_sum, get_tp_plan, parallelize_model
+from simko_tune.paths import free_port
 
 WORKER = Path(__file__).with_name("train_worker.py")
 TIMEOUT_S = 150
@@ -29,12 +29,6 @@ def _load_worker():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env() -> dict[str, str]:

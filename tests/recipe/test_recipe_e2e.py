@@ -217,14 +217,12 @@ def test_torchrun_ranks_match_one_process(tmp_path, policy_dir, nproc, layout):
 def test_two_node_launch_matches_one_process(tmp_path, policy_dir):
     """Two torchrun agents (`--nnodes 2 --nproc_per_node 1`) meeting through c10d rendezvous on
     127.0.0.1, as on two machines, train a step with the one-process result."""
-    import socket
+    from simko_tune.paths import free_port
 
     common = ("generation.backend=native", "max_steps=1", "checkpoint.every_n_steps=1")
     single, multi = tmp_path / "single", tmp_path / "multi"
     _tune_run(tmp_path, _args(single, policy_dir, *common))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     agents = [
         subprocess.Popen(
             [
