@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import resource
 import shutil
 import sys
 import time
-from collections import defaultdict
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -57,14 +56,23 @@ from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.models import read_hf_config
 from simko_tune.parallel import (
     ParallelDims,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
     clip_grad_norm_,
+    dp_coords,
+    dp_group,
     full_output_weight,
     hidden_states,
     init_distributed,
     load_rank0_state_dict,
+    materialize,
+    micro_batches,
     parallelize_model,
+    set_gradient_sync,
     shutdown_distributed,
 )
+from simko_tune.parallel.microbatch import row_lengths
 from simko_tune.plan import dry_run, validate
 from simko_tune.rewards import RewardPool
 from simko_tune.rollout import RolloutBatch, build_rollout_batch
@@ -87,22 +95,14 @@ class SimKORecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.rank, self.world_size = init_distributed()
-        self.is_rank_zero = self.rank == 0
-        if self.device.type == "cpu":
-            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        training.set_seed(cfg.seed + self.rank)
-        self.mesh = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp).build_mesh(
-            self.device.type
-        )
-        self.dp_rank, self.dp_size = _dp_coords(self.mesh)
+        self._setup_parallel()
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
         if _configured(cfg.prepare_model) and self.is_rank_zero:
             _log(f"prepare_model: {cfg.prepare_model._component_} -> {cfg.model_dir}")
             tt_config.instantiate(cfg.prepare_model)  # builds model_dir once, if missing
-        _barrier()
+        barrier()
         self.hf_config = read_hf_config(cfg.model_dir)
 
         self.model = self._setup_model()
@@ -114,12 +114,7 @@ class SimKORecipe:
             len(self.problems), cfg.rollout.prompts_per_step, seed=cfg.seed, shuffle=True
         )
 
-        self.optimizer = tt_config.instantiate(cfg.optimizer, self.model.parameters())
-        self.lr_scheduler = (
-            tt_config.instantiate(cfg.lr_scheduler, self.optimizer)
-            if _configured(cfg.lr_scheduler)
-            else None
-        )
+        self._setup_optimizer()
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last
         )
@@ -155,7 +150,26 @@ class SimKORecipe:
             # the workers start from model_dir: give them the resumed weights
             self._publish(self.weight_version)
 
+    def _setup_parallel(self) -> None:
+        """Process groups (the main one for collectives, a CPU one for waits), the mesh."""
+        cfg = self.cfg
+        self.rank, self.world_size = init_distributed(
+            timeout_s=cfg.parallel.collective_timeout_s,
+            wait_timeout_s=cfg.parallel.wait_timeout_s,
+        )
+        self.is_rank_zero = self.rank == 0
+        if self.device.type == "cpu":
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        training.set_seed(cfg.seed + self.rank)
+        self.mesh = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp).build_mesh(
+            self.device.type
+        )
+        self.dp_rank, self.dp_size = dp_coords(self.mesh)
+        self.dp_group = dp_group(self.mesh)
+
     def _setup_model(self) -> torch.nn.Module:
+        """Build on the meta device, parallelize, allocate on ``cfg.device``, load the
+        checkpoint (rank 0 reads it, every rank keeps its shard)."""
         cfg = self.cfg
         with training.set_default_dtype(torch.float32), torch.device("meta"):
             model = tt_config.instantiate(cfg.model)
@@ -168,20 +182,26 @@ class SimKORecipe:
             mixed_precision=cfg.parallel.mixed_precision,
             reshard_after_forward=cfg.parallel.reshard_after_forward,
         )
-        model.to_empty(device=self.device)
+        materialize(model, self.device)
         state = {}  # only rank 0 reads the checkpoint: one full copy per node, not per rank
         if self.is_rank_zero:
             state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         if self.mesh is None:
             model.load_state_dict(state, strict=True)
         else:
+            barrier()  # the other ranks wait for the read on the CPU group, not in a broadcast
             load_rank0_state_dict(model, state)
         del state
-        with torch.no_grad():  # buffers (RoPE caches) were created on the meta device
-            for module in model.modules():
-                if hasattr(module, "rope_init"):
-                    module.rope_init()
         return model
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.optimizer = tt_config.instantiate(cfg.optimizer, self.model.parameters())
+        self.lr_scheduler = (
+            tt_config.instantiate(cfg.lr_scheduler, self.optimizer)
+            if _configured(cfg.lr_scheduler)
+            else None
+        )
 
     def _setup_generator(self):
         g = self.cfg.generation
@@ -311,46 +331,55 @@ class SimKORecipe:
                 truncated=[c.finish_reason == "length" for c in flat],
                 pad_id=self.stop_ids[0],
             )
-        return _broadcast_object(batch), texts
+        return broadcast_object(batch), texts
 
     @torch.no_grad()
     def _old_logprobs(self, rollout: RolloutBatch) -> torch.Tensor:
         """Log-probs of the sampled tokens under the policy before this step's update."""
         if self.cfg.rollout.old_logprobs == "workers":
             return rollout.worker_logprobs
-        out = torch.zeros_like(rollout.worker_logprobs)
-        for rows in self._my_micro_batches(range(len(rollout))):
+        ppo = self.cfg.ppo
+        budget = ppo.logprob_max_tokens_per_micro_batch or ppo.max_tokens_per_micro_batch
+        out = torch.zeros(rollout.worker_logprobs.shape, device=self.device)
+        for rows in self._micro_batches(rollout, range(len(rollout)), budget):
             mb = rollout.select(rows)
             hidden = hidden_states(self.model, mb.tokens.to(self.device))
-            lp = (
-                token_logprobs(
-                    hidden,
-                    full_output_weight(self.model),
-                    mb.targets.to(self.device),
-                    temperature=self.loss_cfg.temperature,
-                    chunk_size=self.loss_cfg.chunk_size,
-                )
-                .float()
-                .cpu()
+            lp = token_logprobs(
+                hidden,
+                full_output_weight(self.model),
+                mb.targets.to(self.device),
+                temperature=self.loss_cfg.temperature,
+                chunk_size=self.loss_cfg.chunk_size,
             )
-            out[rows, : lp.shape[1]] = lp * mb.mask
+            out[rows.to(self.device), : lp.shape[1]] = lp.float() * mb.mask.to(self.device)
         # every rank computed its own rows; sum to share them (rows are disjoint)
-        return _all_reduce_sum(out, self.device, group=self._dp_group())
+        return all_reduce_sum(out, group=self.dp_group).cpu()
 
     def _update(self, rollout: RolloutBatch, old_logprobs: torch.Tensor) -> dict[str, float]:
+        """PPO epochs over mini-batches; one optimizer step per mini-batch.
+
+        Per mini-batch: micro-batches (token budget) forward + backward, gradients reduced
+        over data-parallel ranks on the last one only, clip, a NaN/inf guard, the step.
+        Metrics stay on the device; the guard's flag is the mini-batch's one host sync.
+        """
         cfg = self.cfg
         g = cfg.rollout.samples_per_prompt
         advantages = mode_advantages(rollout.rewards, g, self.loss_cfg.mode)
         correct = rollout.rewards >= 1.0
         rows_per_update = cfg.ppo.mini_batch_prompts * g
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, torch.Tensor] = {}  # token-weighted metric sums of this rank's rows
+        loss_sum = grad_norm_sum = torch.zeros((), device=self.device)
         num_updates = skipped = 0
         for _ in range(cfg.ppo.epochs):
             for start in range(0, len(rollout), rows_per_update):
                 mini = range(start, min(start + rows_per_update, len(rollout)))
                 normalizer = self._normalizer(rollout, mini)
-                finite = True
-                for rows in self._my_micro_batches(mini):
+                mini_loss = torch.zeros((), device=self.device)
+                micro = self._micro_batches(rollout, mini, cfg.ppo.max_tokens_per_micro_batch)
+                for i, rows in enumerate(micro):
+                    set_gradient_sync(
+                        self.model, not cfg.ppo.defer_grad_sync or i == len(micro) - 1
+                    )
                     mb = rollout.select(rows)
                     width = mb.tokens.shape[1]
                     hidden = hidden_states(self.model, mb.tokens.to(self.device))
@@ -366,19 +395,16 @@ class SimKORecipe:
                         normalizer=normalizer,
                     )
                     loss.backward()
-                    value = loss.item()
-                    finite &= math.isfinite(value)
-                    sums["loss"] += value
-                    n_tok = float(mb.mask.sum())
+                    mini_loss = mini_loss + loss.detach()
+                    n_tok = metrics.pop("num_tokens")
                     for k, v in metrics.items():
-                        if k != "num_tokens":
-                            sums[k] += float(v) * n_tok
-                    sums["_tokens"] += n_tok
+                        sums[k] = sums.get(k, 0.0) + v.detach() * n_tok
+                    sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
                 grad_norm = clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
                 # A NaN/inf loss or gradient on any rank skips the update on every rank: a
                 # clipped loss can be NaN with finite gradients, so both are checked.
-                bad = torch.tensor([0.0 if finite and torch.isfinite(grad_norm) else 1.0])
-                if _all_reduce_sum(bad, self.device).item() == 0:
+                bad = (~torch.isfinite(mini_loss) | ~torch.isfinite(grad_norm)).float()
+                if all_reduce_sum(bad).item() == 0:  # the mini-batch's one host sync
                     self.optimizer.step()
                 else:
                     skipped += 1
@@ -386,20 +412,17 @@ class SimKORecipe:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()
-                sums["grad_norm"] += float(grad_norm)
+                loss_sum = loss_sum + mini_loss
+                grad_norm_sum = grad_norm_sum + grad_norm.to(self.device)
                 num_updates += 1
-        # loss and metrics as token-weighted means over this rank's rows, then over ranks
-        tokens = max(sums.pop("_tokens"), 1.0)
-        stats = {k: v / tokens for k, v in sums.items() if k not in ("loss", "grad_norm")}
-        reduced = _all_reduce_sum(
-            torch.tensor([sums["loss"]] + [stats[k] * tokens for k in sorted(stats)] + [tokens]),
-            self.device,
-            group=self._dp_group(),
-        )
-        total_tokens = float(reduced[-1])
-        out = {k: float(reduced[1 + i]) / total_tokens for i, k in enumerate(sorted(stats))}
-        out["loss"] = float(reduced[0]) / max(num_updates, 1)
-        out["grad_norm"] = sums["grad_norm"] / max(num_updates, 1)
+        # metrics: token-weighted means over all ranks' rows; loss: summed over dp ranks
+        names = sorted(k for k in sums if k != "_tokens")
+        local = torch.stack([loss_sum] + [sums[k] for k in names] + [sums["_tokens"]])
+        reduced = all_reduce_sum(local.float(), group=self.dp_group).tolist()
+        total_tokens = max(reduced[-1], 1.0)
+        out = {k: reduced[1 + i] / total_tokens for i, k in enumerate(names)}
+        out["loss"] = reduced[0] / max(num_updates, 1)
+        out["grad_norm"] = float(grad_norm_sum) / max(num_updates, 1)
         out["updates_skipped_nonfinite"] = float(skipped)
         return out
 
@@ -411,13 +434,19 @@ class SimKORecipe:
             return float(mask.sum())
         return float(len(rows))
 
-    def _my_micro_batches(self, rows: range):
-        """This data-parallel rank's contiguous share of ``rows``, in micro-batches."""
-        per_rank = len(rows) // self.dp_size
-        start = rows.start + self.dp_rank * per_rank
-        mbs = self.cfg.ppo.micro_batch_size
-        for s in range(start, start + per_rank, mbs):
-            yield torch.arange(s, min(s + mbs, start + per_rank))
+    def _micro_batches(
+        self, rollout: RolloutBatch, rows: range, max_tokens: int | None
+    ) -> list[torch.Tensor]:
+        """This data-parallel rank's rows of ``rows``, in micro-batches (a token budget, or
+        ``ppo.micro_batch_size`` rows when ``max_tokens`` is None)."""
+        return micro_batches(
+            rows,
+            row_lengths(rollout.mask),
+            self.dp_rank,
+            self.dp_size,
+            max_rows=self.cfg.ppo.micro_batch_size,
+            max_tokens=max_tokens,
+        )
 
     def _publish(self, version: int) -> None:
         """Weights → safetensors + manifest (all ranks gather, rank 0 writes) → workers ack."""
@@ -426,7 +455,7 @@ class SimKORecipe:
             self.generator.load_weights(version)
             prune_versions(self.sync_dir, keep_version=version)
         self.weight_version = version
-        _barrier()
+        barrier()
 
     # ------------------------------------------------------------------ eval, logs, checkpoints
     def evaluate(self) -> None:
@@ -462,7 +491,7 @@ class SimKORecipe:
                     f"eval {name}: "
                     + " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in scores.items())
                 )
-        _barrier()
+        barrier()
 
     def _eval_sets(self) -> dict[str, tuple[list, list[list[int]]]]:
         """The evaluation problems and their prompt ids, loaded and tokenised once."""
@@ -501,21 +530,22 @@ class SimKORecipe:
             export_hf_dir(
                 version_dir(self.sync_dir, self.weight_version), self.cfg.model_dir, path / "hf"
             )
-        _barrier()
+        barrier()
 
     def cleanup(self) -> None:
+        """After a normal end: release this rank's resources, then leave the process group
+        together with the other ranks."""
+        self.close()
+        shutdown_distributed()
+
+    def close(self) -> None:
+        """Release what this rank started (workers, verifier pool, logger); no collectives."""
         if self.generator is not None:
             self.generator.close()
         if self.reward_pool is not None:
             self.reward_pool.close()
         if self.metric_logger is not None:
             self.metric_logger.close()
-        shutdown_distributed()
-
-    def _dp_group(self):
-        if self.mesh is None:
-            return None
-        return self.mesh["dp_shard"].get_group()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -528,34 +558,6 @@ def _configured(node: DictConfig | None) -> bool:
     """A ``_component_`` section that is present and not switched off (``key=null`` on the
     command line empties its ``_component_``)."""
     return node is not None and node.get("_component_") is not None
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast_object(obj: Any) -> Any:
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_reduce_sum(t: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
-    if not dist.is_initialized() or (group is not None and dist.get_world_size(group) == 1):
-        return t
-    t = t.to(device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t.cpu()
-
-
-def _dp_coords(mesh) -> tuple[int, int]:
-    if mesh is None:
-        return 0, 1
-    dp = mesh["dp_shard"]
-    return dp.get_local_rank(), dp.size()
 
 
 def _model_family(hf_config: dict) -> str:
@@ -615,8 +617,36 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         recipe.setup()
         recipe.train()
-    finally:
-        recipe.cleanup()
+    except BaseException:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            _fail_fast(recipe)
+        recipe.close()
+        raise
+    recipe.cleanup()
+
+
+def _fail_fast(recipe: SimKORecipe) -> NoReturn:
+    """End this rank now, non-zero, after an exception.
+
+    Its peers may sit in a collective it will never join (an all-gather of the publication,
+    a broadcast of the rollout), so waiting on any barrier would hang until a timeout.
+    Instead: log the cause, release what this rank started (generation workers, verifier
+    pool), and exit without the interpreter's teardown. torchrun's agent then stops the other
+    ranks within seconds (gloo peers also fail at once on the closed connections).
+    """
+    rank = dist.get_rank()
+    print(
+        f"[rank {rank}] failed, ending every rank:\n{traceback.format_exc()}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        recipe.close()
+    except Exception as e:  # the exit matters more than a clean close
+        print(f"[rank {rank}] cleanup after failure failed too: {e!r}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

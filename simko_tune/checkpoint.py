@@ -31,6 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from simko_tune.parallel.collectives import barrier
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
@@ -39,11 +41,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_states() -> dict[str, Any]:
@@ -127,7 +124,7 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save(
@@ -139,7 +136,7 @@ class CheckpointManager:
         if rank == 0:
             scheduler_sd = lr_scheduler.state_dict() if lr_scheduler is not None else None
             torch.save({"extra": extra, "lr_scheduler": scheduler_sd}, tmp / "extra.pt")
-        _barrier()
+        barrier()
 
         if rank == 0:
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
@@ -148,7 +145,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             self._prune()
-        _barrier()
+        barrier()
         return final
 
     def _prune(self) -> None:

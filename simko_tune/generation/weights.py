@@ -28,6 +28,7 @@ from torch import nn
 
 from simko_tune.generation.types import GenerationError
 from simko_tune.models import tune_to_hf_converter
+from simko_tune.parallel.collectives import full_tensor
 
 MANIFEST = "manifest.json"
 CHECKSUM = "xxh3_64"
@@ -51,15 +52,6 @@ def default_sync_dir() -> Path:
 
 def version_dir(sync_dir: str | Path, version: int) -> Path:
     return Path(sync_dir) / f"v{version:06d}"
-
-
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every rank (a collective for FSDP2/TP DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach()
 
 
 def _clean_name(name: str) -> str:
@@ -150,7 +142,7 @@ def publish_weights(
         shard, shard_bytes = {}, 0
 
     for name, value in model.state_dict().items():
-        full = _full_tensor(value)
+        full = full_tensor(value)
         if rank != 0:
             continue
         for hf_name, t in to_hf({_clean_name(name): full}).items():
