@@ -360,7 +360,8 @@ class SimKORecipe:
 
         Per mini-batch: micro-batches (token budget) forward + backward, gradients reduced
         over data-parallel ranks on the last one only, clip, a NaN/inf guard, the step.
-        Metrics stay on the device; the guard's flag is the mini-batch's one host sync.
+        Metrics stay on the device; the guard's flag is the loop's one host sync per
+        mini-batch (the loss itself still reads each micro-batch's row lengths).
         """
         cfg = self.cfg
         g = cfg.rollout.samples_per_prompt
