@@ -142,6 +142,8 @@ def worker(args) -> None:
             defer_grad_sync=True,
         ),
     }
+    # warm-up (FSDP2's lazy init, first allocations) so that neither timed run pays for it
+    recipe._old_logprobs(rollout.select(torch.arange(2)))
     results = {}
     for name in args.order.split(","):
         with torch.no_grad():
