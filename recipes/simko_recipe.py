@@ -69,10 +69,10 @@ from simko_tune.parallel import (
     materialize,
     micro_batches,
     parallelize_model,
+    row_lengths,
     set_gradient_sync,
     shutdown_distributed,
 )
-from simko_tune.parallel.microbatch import row_lengths
 from simko_tune.plan import dry_run, validate
 from simko_tune.rewards import RewardPool
 from simko_tune.rollout import RolloutBatch, build_rollout_batch

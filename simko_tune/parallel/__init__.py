@@ -26,7 +26,7 @@ from simko_tune.parallel.collectives import (
     wait_group,
 )
 from simko_tune.parallel.mesh import ParallelDims, clip_grad_norm_
-from simko_tune.parallel.microbatch import micro_batches
+from simko_tune.parallel.microbatch import micro_batches, row_lengths
 from simko_tune.parallel.tp_plans import get_tp_plan
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "materialize",
     "micro_batches",
     "parallelize_model",
+    "row_lengths",
     "set_gradient_sync",
     "shutdown_distributed",
     "wait_group",

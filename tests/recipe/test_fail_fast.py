@@ -96,5 +96,4 @@ def test_unwritable_sync_dir_ends_every_rank(tmp_path, tiny_model_dir):
     rc, log, failed_at, ended_at = _run(
         tmp_path, tiny_model_dir, f"generation.sync_dir={blocker}/sync", env={}
     )
-    assert "publish" in log, log[-6000:]  # the traceback goes through the publication
     _assert_failed_fast(rc, log, failed_at, ended_at, str(blocker))
