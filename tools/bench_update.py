@@ -144,6 +144,7 @@ def worker(args) -> None:
     }
     # warm-up (FSDP2's lazy init, first allocations) so that neither timed run pays for it
     recipe._old_logprobs(rollout.select(torch.arange(2)))
+    recipe.model.reshard()  # a forward without backward leaves FSDP2's root unsharded
     results = {}
     for name in args.order.split(","):
         with torch.no_grad():
