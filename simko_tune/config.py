@@ -178,10 +178,10 @@ class ConfigError(ValueError):
     """A config problem, naming the key."""
 
 
-def check_schema(cfg: DictConfig) -> DictConfig:
-    """Merge ``cfg`` onto the typed schema: unknown keys, wrong types and missing required
-    keys raise ConfigError naming the full key."""
-    schema = OmegaConf.structured(RecipeConfig)
+def check_schema(cfg: DictConfig, schema_class: type = RecipeConfig) -> DictConfig:
+    """Merge ``cfg`` onto the typed schema (the training recipe's unless another is given):
+    unknown keys, wrong types and missing required keys raise ConfigError naming the full key."""
+    schema = OmegaConf.structured(schema_class)
     try:
         merged = OmegaConf.merge(schema, cfg)
         missing = sorted(OmegaConf.missing_keys(merged))

@@ -258,16 +258,15 @@ def test_two_node_launch_matches_one_process(tmp_path, policy_dir):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
 
 
-def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path):
+def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path, shared_data):
     """The shipped llama3_2_3b config, shrunk to a tiny Llama 3.2 with Meta's real tokenizer:
     Llama 3 chat prompts, the LLAMA3_2 checkpointer, FSDP2 on two ranks, publication and
     reload (the generator's log-probs equal the trainer's after an update), HF export."""
     from transformers import AutoModelForCausalLM
 
-    from simko_tune.paths import data_dir
     from simko_tune.tiny import build_tiny_llama3
 
-    tiktoken_file = data_dir() / "tokenizers" / "llama3" / "tokenizer.model"
+    tiktoken_file = shared_data / "tokenizers" / "llama3" / "tokenizer.model"
     # weights large enough that the logits are far from uniform: a wrong publication shows
     model_dir = build_tiny_llama3(tmp_path / "llama", tiktoken_file, init_std=0.3)
     out = tmp_path / "out"
