@@ -200,3 +200,78 @@ def test_hub_olympiadbench_reads_final_answer_lists_as_locally(
     repo = hub_repo(tmp_path / "OlympiadBench", rows, "train", "OE_TO_maths_en_COMP")
     point_hub_copy(monkeypatch, "olympiadbench", repo)
     assert load_benchmark("olympiadbench") == local[:674]
+
+
+# ------------------------------------------------------------------------- training sets
+
+
+def point_train_hub_copy(monkeypatch, name: str, repo: Path) -> None:
+    from simko_tune.data import TRAIN_DATASETS
+
+    entry = TRAIN_DATASETS[name]
+    monkeypatch.setitem(
+        TRAIN_DATASETS, name, replace(entry, hub=replace(entry.hub, repo=str(repo)))
+    )
+
+
+def test_registered_training_set_without_hub_copy_says_to_configure_the_folder(no_local_folder):
+    from simko_tune.data import TRAIN_DATASETS, load_train_dataset
+
+    assert TRAIN_DATASETS["simko_gsm8k_level1_train"].hub is None
+    with pytest.raises(FileNotFoundError, match="'simko_gsm8k_level1_train' has no hub copy"):
+        load_train_dataset("simko_gsm8k_level1_train")
+
+
+@pytest.mark.slow
+def test_hub_math_test_gives_the_problems_and_golds_of_simko_parquet(
+    monkeypatch, tmp_path, shared_data, no_local_folder
+):
+    """TianHongZXY/MATH (problem, level, type, solution) as the hub serves it, built from the
+    rows behind SimKO's math_test parquet: the same problems, and golds (the last ``\\boxed{}``
+    of each solution) equal to SimKO's targets under the verifier, except where SimKO's
+    normalisation damaged the target: spaces and the ``\\\\`` of matrix rows removed
+    (``\\begin{pmatrix}6\\3\\0\\end{pmatrix}``, ``\\cotx``), ``\\text{}`` contents dropped."""
+    import pyarrow.parquet as pq
+
+    from simko_tune.data import load_train_dataset_with_report
+    from simko_tune.rewards import answers_match
+
+    local = pq.read_table(shared_data / "eval" / "simko" / "math_test.parquet").to_pylist()
+    truth = [r["reward_model"]["ground_truth"] for r in local]
+    rows = [
+        {
+            "problem": t["question"],
+            "level": r["level"],
+            "type": r["type"],
+            "solution": t["solution"],
+        }
+        for r, t in zip(local, truth, strict=True)
+    ]
+    point_train_hub_copy(monkeypatch, "simko_math_test", hub_repo(tmp_path / "MATH", rows, "test"))
+    hub, report = load_train_dataset_with_report("simko_math_test", on_bad_row="skip")
+    assert (report.loaded, report.skipped) == (5000, [])
+    assert [p.problem for p in hub] == [r["prompt"][-1]["content"].strip() for r in local]
+    differ = [
+        (p.answer, t["target"])
+        for p, t in zip(hub, truth, strict=True)
+        if not answers_match(p.answer, t["target"])
+    ]
+    damaged = [d for d in differ if d[0].replace(" ", "").replace("\\\\", "\\") == d[1]]
+    assert len(damaged) >= 70  # the matrices
+    assert len(differ) - len(damaged) <= 20, [d for d in differ if d not in damaged]
+
+
+def test_hub_training_set_of_another_size_is_refused(monkeypatch, tmp_path, no_local_folder):
+    from simko_tune.data import DataError, load_train_dataset
+
+    rows = [
+        {"problem": f"What is {i}+1?", "solution": f"It is $\\boxed{{{i + 1}}}$."} for i in range(9)
+    ]
+    rows.append({"problem": "No boxed answer here.", "solution": "So it goes."})
+    point_train_hub_copy(
+        monkeypatch, "simko_math_train", hub_repo(tmp_path / "MATH", rows, "train")
+    )
+    with pytest.raises(DataError, match=r"TianHongZXY|MATH \(split train\): row 9: 'answer'"):
+        load_train_dataset("simko_math_train")
+    with pytest.raises(DataError, match="10 rows, expected 7500 for simko_math_train"):
+        load_train_dataset("simko_math_train", on_bad_row="skip")
