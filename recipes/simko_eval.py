@@ -20,18 +20,17 @@ import re
 import tempfile
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config
 from torchtune.config._utils import _get_component_from_path
 from torchtune.utils import get_logger
 from tqdm import tqdm
 
 import simko_tune.config
-from simko_tune.config import ConfigError, GenerationSection, RewardSection, check_schema
+from simko_tune.config import ConfigError, EvalRecipeConfig, check_schema
 from simko_tune.data import (
     BENCHMARKS,
     PROMPT_TEMPLATES,
@@ -53,40 +52,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _ROW_KEYS = ("benchmark", "problem_id", "sample_index", "reward")
 
 ProblemKey = tuple[str, str]  # (benchmark, problem_id)
-
-
-@dataclass
-class EvalSection:
-    """Sampling, with the keys of the training recipe's ``eval`` section (``n``,
-    ``temperature``, ``top_p``, ``max_tokens``), plus what only a pass@K run needs."""
-
-    n: int = 256  # samples per problem
-    n_per_benchmark: dict[str, int] = field(default_factory=dict)  # n where it differs
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 4096
-    seed: int | None = None  # None: fresh randomness; an int makes each batch reproducible
-    ks: list[int] | None = None  # None: K = 1, 2, 4, ... up to each benchmark's n
-    problems_per_call: int = 8  # problems per generate() call (x n sequences each)
-
-
-@dataclass
-class EvalRecipeConfig:
-    """The eval recipe's schema. ``generation`` and ``rewards`` are the training recipe's
-    sections, so one block of YAML configures both recipes."""
-
-    model_dir: str = MISSING
-    output_dir: str = MISSING
-    data_dir: str | None = None  # None: $SIMKO_DATA_DIR or ../shared/data, else the hub
-    device: str = "cpu"  # the native generator's device
-    benchmarks: list[str] = MISSING
-    limit: int | None = None  # only the first `limit` problems of each benchmark
-    prompt_template: str = "qwen_boxed"
-    tokenizer: Any = MISSING
-    eval: EvalSection = field(default_factory=EvalSection)
-    generation: GenerationSection = field(default_factory=GenerationSection)
-    rewards: RewardSection = field(default_factory=RewardSection)
-    metric_logger: Any = MISSING
 
 
 # ---------------------------------------------------------------------------------------
