@@ -56,6 +56,7 @@ from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.models import read_hf_config
 from simko_tune.parallel import (
     ParallelDims,
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -269,11 +270,11 @@ class SimKORecipe:
                 stats.update({f"time/{k}": v for k, v in timings.items()})
                 elapsed = time.perf_counter() - t_step
                 stats["time/step"] = elapsed
-                stats["throughput/tokens_per_s"] = float(rollout.mask.sum()) / elapsed
+                stats["throughput/response_tokens_per_s"] = float(rollout.mask.sum()) / elapsed
                 stats["weight_version"] = self.weight_version
                 stats["lr"] = self.optimizer.param_groups[0]["lr"]
                 stats["memory/peak_gib"] = _peak_memory_gib(self.device)
-                stats["reward/pool_timeouts"] = self.reward_pool.stats.timeouts
+                stats["reward/timeouts_total"] = self.reward_pool.stats.timeouts  # since start
                 if self.step % cfg.log.every_n_steps == 0:
                     self.metric_logger.log_dict(stats, step=self.step)
                 if cfg.log.samples_every_n_steps and self.step % cfg.log.samples_every_n_steps == 0:
@@ -283,13 +284,13 @@ class SimKORecipe:
                     reward=f"{stats['reward/mean']:.3f}",
                     loss=f"{stats['loss']:.4f}",
                     ent=f"{stats['entropy_mean']:.2f}",
-                    top1=f"{stats['top1_frac']:.2f}",
+                    top1=f"{stats['sampled_top1_frac']:.2f}",
                     refresh=False,
                 )
                 tqdm.write(
                     f"step {self.step:>5} reward {stats['reward/mean']:.3f} "
-                    f"loss {stats['loss']:+.4f} Λ1 {stats['lambda_1']:.3f} "
-                    f"Λ2 {stats['lambda_2']:.2f} entropy {stats['entropy_mean']:.3f} "
+                    f"loss {stats['loss']:+.4f} Λ1 {stats['logprob_top1_mean']:.3f} "
+                    f"Λ2 {stats['logprob_top2_mean']:.2f} entropy {stats['entropy_mean']:.3f} "
                     f"len {stats['response/len_mean']:.1f} {elapsed:.1f}s"
                 )
 
@@ -369,7 +370,7 @@ class SimKORecipe:
         correct = rollout.rewards >= 1.0
         rows_per_update = cfg.ppo.mini_batch_prompts * g
         sums: dict[str, torch.Tensor] = {}  # token-weighted metric sums of this rank's rows
-        loss_sum = grad_norm_sum = torch.zeros((), device=self.device)
+        loss_sum = grad_norm_sum = ratio_max = torch.zeros((), device=self.device)
         num_updates = skipped = 0
         for _ in range(cfg.ppo.epochs):
             for start in range(0, len(rollout), rows_per_update):
@@ -398,6 +399,7 @@ class SimKORecipe:
                     loss.backward()
                     mini_loss = mini_loss + loss.detach()
                     n_tok = metrics.pop("num_tokens")
+                    ratio_max = torch.maximum(ratio_max, metrics.pop("ratio_max").detach())
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v.detach() * n_tok
                     sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
@@ -414,7 +416,7 @@ class SimKORecipe:
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()
                 loss_sum = loss_sum + mini_loss
-                grad_norm_sum = grad_norm_sum + grad_norm.to(self.device)
+                grad_norm_sum = grad_norm_sum + grad_norm.to(self.device)  # before clipping
                 num_updates += 1
         # metrics: token-weighted means over all ranks' rows; loss: summed over dp ranks
         names = sorted(k for k in sums if k != "_tokens")
@@ -423,7 +425,9 @@ class SimKORecipe:
         total_tokens = max(reduced[-1], 1.0)
         out = {k: reduced[1 + i] / total_tokens for i, k in enumerate(names)}
         out["loss"] = reduced[0] / max(num_updates, 1)
-        out["grad_norm"] = float(grad_norm_sum) / max(num_updates, 1)
+        out["grad_norm_mean"] = float(grad_norm_sum) / max(num_updates, 1)
+        # a maximum over every micro-batch of every rank, not a mean of maxima
+        out["ratio_max"] = float(all_reduce_max(ratio_max, group=self.dp_group))
         out["updates_skipped_nonfinite"] = float(skipped)
         return out
 

@@ -15,6 +15,7 @@ from simko_tune.parallel.apply import (
     set_gradient_sync,
 )
 from simko_tune.parallel.collectives import (
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -31,6 +32,7 @@ from simko_tune.parallel.tp_plans import get_tp_plan
 
 __all__ = [
     "ParallelDims",
+    "all_reduce_max",
     "all_reduce_sum",
     "apply_ac",
     "apply_compile",

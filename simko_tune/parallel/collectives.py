@@ -98,6 +98,15 @@ def all_reduce_sum(x: torch.Tensor | float, group: dist.ProcessGroup | None = No
     tensor-parallel ranks of one group hold the same tokens, and summing over them would
     count each token ``tp`` times.
     """
+    return _all_reduce(x, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max(x: torch.Tensor | float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Maximum of ``x`` over the ranks of ``group``, as ``all_reduce_sum`` returns a sum."""
+    return _all_reduce(x, dist.ReduceOp.MAX, group)
+
+
+def _all_reduce(x: torch.Tensor | float, op, group: dist.ProcessGroup | None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         out = x.detach().clone()
     else:
@@ -106,7 +115,7 @@ def all_reduce_sum(x: torch.Tensor | float, group: dist.ProcessGroup | None = No
         return out
     if dist.get_backend(group) == "nccl" and out.device.type != "cuda":
         out = out.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(out, op=op, group=group)
     return out
 
 
