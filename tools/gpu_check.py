@@ -342,6 +342,28 @@ def flops_per_token(shape: dict, matmul_params: int, seq: int) -> int:
     return 6 * matmul_params + 12 * shape["num_layers"] * shape["embed_dim"] * seq
 
 
+def planned_memory(model, args: argparse.Namespace, device):
+    """``dry_run``'s memory plan for part (b)'s setting: one rank, bf16 FSDP2, AC, AdamW,
+    one micro-batch of ``b_batch`` rows of ``b_seq`` tokens, each row one loss chunk."""
+    from omegaconf import OmegaConf
+
+    from simko_tune.memory_plan import ModelShape, estimate_memory
+
+    cfg = OmegaConf.create(
+        {
+            "device": str(device),
+            "device_memory_gib": None,
+            "parallel": {"mixed_precision": "bf16", "activation_checkpointing": True},
+            "rollout": {"max_prompt_tokens": 0, "max_response_tokens": args.b_seq},
+            "ppo": {"micro_batch_size": args.b_batch},
+            "loss": {"chunk_size": 2048},
+            "generation": {"backend": "vllm", "engine_kwargs": {"dtype": "bfloat16"}},
+            "optimizer": {"_component_": "torch.optim.AdamW"},
+        }
+    )
+    return estimate_memory(ModelShape.from_model(model), cfg, dp=1, tp=1)
+
+
 def part_b_train_step(args: argparse.Namespace, work: Path) -> dict:
     import torch
     import torch.distributed as dist
@@ -366,6 +388,7 @@ def part_b_train_step(args: argparse.Namespace, work: Path) -> dict:
     with torch.device("meta"):
         model = qwen2(**shape)
     n_params = sum(p.numel() for p in model.parameters())
+    plan = planned_memory(model, args, device)
     # the embedding lookup is no matmul; a tied table does one, as the output projection
     table = shape["vocab_size"] * shape["embed_dim"]
     matmul_params = n_params if shape["tie_word_embeddings"] else n_params - table
@@ -436,9 +459,11 @@ def part_b_train_step(args: argparse.Namespace, work: Path) -> dict:
         "settings": "bf16 FSDP2 (1 rank), activation checkpointing, "
         + ("eager" if args.no_compile else "compiled blocks + loss"),
     }
+    out["memory_plan_gib"] = round(plan.total / 2**30, 3)  # dry_run's estimate, same setting
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        out["peak_over_plan"] = round(out["peak_mem_gib"] / out["memory_plan_gib"], 3)
     dist.destroy_process_group()
     return out
 

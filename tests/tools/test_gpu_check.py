@@ -106,6 +106,21 @@ def test_flops_per_token_formula(gpu_check):
     assert gpu_check.flops_per_token(shape, n, 4096) == 6 * n + 12 * 28 * 1536 * 4096
 
 
+def test_part_b_memory_plan_is_dry_runs_arithmetic(gpu_check):
+    """Part (b) reports dry_run's estimate beside the measured peak: for one rank, bf16
+    FSDP2, AC and 2 rows of 64 tokens (one loss chunk of 128 tokens)."""
+    from torchtune.models.qwen2 import qwen2
+
+    with torch.device("meta"):
+        model = qwen2(**gpu_check.MODEL_SHAPES["tiny"])
+    args = gpu_check.parse_args(["--b-model", "tiny", "--b-batch", "2", "--b-seq", "64"])
+    plan = gpu_check.planned_memory(model, args, torch.device("cpu"))
+    n = sum(p.numel() for p in model.parameters())
+    assert (plan.parameters, plan.gradients, plan.optimizer_state) == (4 * n, 4 * n, 8 * n)
+    assert plan.loss_chunk == 2 * 128 * 512 * 4 + 512 * 64 * 4
+    assert plan.activation_checkpointing and plan.device_memory is None
+
+
 # ---------------------------------------------------------------------------- the wheels
 def _wheels_in_shell_script() -> list[str]:
     text = SHELL.read_text()
@@ -262,6 +277,7 @@ def test_parts_b_and_c_with_tiny_shapes_on_cpu(tmp_path):
     )
     assert "6*N + 12*L*d*s" in b["flops_formula"]
     assert b["matmul_params"] == b["params"]  # tied: the table counts once
+    assert b["memory_plan_gib"] > 0 and "peak_over_plan" not in b  # measured on CUDA only
     assert c["tokens"] == 512 and c["full_logits"]["time_s"] > 0
     assert c["time_chunked_over_full"] == pytest.approx(
         c["chunked"]["time_s"] / c["full_logits"]["time_s"], rel=1e-2
