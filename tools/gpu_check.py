@@ -220,6 +220,17 @@ def materialize(model, device) -> None:
                 module.rope_init()
 
 
+def resolve_device(name: str):
+    """``torch.device(name)`` with an index for CUDA: ``torch.cuda.set_device`` rejects a
+    bare ``cuda``."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)
+    return device
+
+
 def _synchronize(device) -> None:
     import torch
 
@@ -231,7 +242,8 @@ def _init_single_rank(device) -> None:
     """A one-rank process group (FSDP2 needs one) without torchrun."""
     from simko_tune.paths import free_port
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    local_rank = str(device.index or 0)  # init_distributed selects the CUDA device by it
+    os.environ.update(RANK="0", LOCAL_RANK=local_rank, WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     from simko_tune.parallel import init_distributed
 
@@ -378,7 +390,7 @@ def part_b_train_step(args: argparse.Namespace, work: Path) -> dict:
         parallelize_model,
     )
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     _init_single_rank(device)
@@ -397,9 +409,8 @@ def part_b_train_step(args: argparse.Namespace, work: Path) -> dict:
         compile_blocks=not args.no_compile, mixed_precision="bf16",
     )  # fmt: skip
     materialize(model, device)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=1e-6, weight_decay=0.01, fused=device.type == "cuda"
-    )
+    # fused, as the GPU configs: on the CPU too, so that the rehearsal takes the same path
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01, fused=True)
     cfg = LossConfig(mode="simko", chunk_size=2048, compile=not args.no_compile)
 
     b, s, vocab = args.b_batch, args.b_seq, shape["vocab_size"]
@@ -479,7 +490,7 @@ def part_c_loss(args: argparse.Namespace, work: Path) -> dict:
 
     if args.c_tokens % SEQ_LEN:
         raise ValueError(f"--c-tokens must be a multiple of {SEQ_LEN}")
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     batch, n, vocab, dim = args.c_tokens // SEQ_LEN, args.c_tokens, args.c_vocab, args.c_dim

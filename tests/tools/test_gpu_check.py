@@ -100,6 +100,19 @@ def test_materialize_random_weights_on_cpu(gpu_check):
     assert torch.isfinite(pos.cache).all() and pos.cache.shape[0] == 512
 
 
+def test_resolve_device_gives_cuda_an_index(gpu_check):
+    """``torch.cuda.set_device(torch.device("cuda"))`` raises: the check's default device
+    must reach it with an index."""
+    from torch._utils import _get_device_index
+
+    assert gpu_check.resolve_device("cuda") == torch.device("cuda", 0)
+    assert gpu_check.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert gpu_check.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="specified index"):
+        _get_device_index(torch.device("cuda"))  # what set_device does with a bare "cuda"
+    assert _get_device_index(gpu_check.resolve_device("cuda")) == 0
+
+
 def test_flops_per_token_formula(gpu_check):
     shape = gpu_check.MODEL_SHAPES["1.5b"]
     n = 1_543_714_304  # Qwen2.5-1.5B, tied embeddings
