@@ -8,8 +8,11 @@ the meta device) and the config, so that a setting that cannot fit is caught in 
 - FSDP2's unsharded compute copies in the compute dtype: the root (embedding, output
   projection; it is not resharded after forward) and two gathered blocks (one in use, one
   prefetched);
-- activations of one micro-batch (``micro_batch_size`` rows padded to prompt + response
-  tokens), with and without activation checkpointing;
+- with ``ppo.defer_grad_sync`` over several data-parallel ranks, the unsharded fp32
+  gradients each rank accumulates until the mini-batch's last micro-batch;
+- activations of one micro-batch (``ppo.max_tokens_per_micro_batch`` tokens, or
+  ``micro_batch_size`` rows padded to prompt + response tokens), with and without
+  activation checkpointing;
 - the loss's chunk: ``[C, V]`` fp32 logits and their gradient, plus its fp32 ``[V, D]``
   weight-gradient accumulator;
 - the weights published to the generation engines, in the engine's dtype.
@@ -85,6 +88,7 @@ class MemoryPlan:
     gradients: int
     optimizer_state: int
     compute_copies: int
+    deferred_gradients: int  # unsharded fp32 gradients while sync waits for the last micro-batch
     activations_checkpointed: int
     activations_full: int
     loss_chunk: int
@@ -106,6 +110,7 @@ class MemoryPlan:
             + self.gradients
             + self.optimizer_state
             + self.compute_copies
+            + self.deferred_gradients
             + self.activations
             + self.loss_chunk
         )
@@ -142,6 +147,7 @@ class MemoryPlan:
             f"gradients (fp32)       {gib(self.gradients)}",
             f"optimizer state        {gib(self.optimizer_state)}   {self.notes['optimizer']}",
             f"compute copies         {gib(self.compute_copies)}   {self.notes['compute']}",
+            f"deferred gradients     {gib(self.deferred_gradients)}   {self.notes['deferred']}",
             f"activations, AC        {gib(self.activations_checkpointed)}   {self.notes['tokens']}",
             f"activations, no AC     {gib(self.activations_full)}",
             f"loss chunk             {gib(self.loss_chunk)}   {self.notes['loss']}",
@@ -206,7 +212,14 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
     d, kv, i = shape.dim, shape.kv_dim, shape.intermediate_dim
     per_token_block = 4 * d + (2 * d + 2 * kv + 4 * i) // tp  # elements (module docstring)
     seq = r.max_prompt_tokens + r.max_response_tokens
-    tokens = cfg.ppo.micro_batch_size * seq
+    # a token budget per micro-batch (ppo.max_tokens_per_micro_batch), else whole padded rows
+    budget = cfg.ppo.get("max_tokens_per_micro_batch")
+    tokens = int(budget) if budget else cfg.ppo.micro_batch_size * seq
+    tokens_note = (
+        f"budget {tokens} tokens"
+        if budget
+        else f"micro-batch {cfg.ppo.micro_batch_size} x {seq} tokens"
+    )
     activations_full = tokens * shape.num_layers * per_token_block * compute_bytes
     activations_checkpointed = (
         tokens * shape.num_layers * d * compute_bytes + tokens * per_token_block * compute_bytes
@@ -214,9 +227,7 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
 
     # Chunks hold whole responses: a response longer than chunk_size is a chunk of its own.
     chunk_size = int(cfg.loss.get("chunk_size", 1024))
-    chunk = min(
-        max(chunk_size, r.max_response_tokens), cfg.ppo.micro_batch_size * r.max_response_tokens
-    )
+    chunk = min(max(chunk_size, r.max_response_tokens), tokens)
     loss_chunk = 2 * chunk * shape.vocab_size * FP32 + shape.vocab_size * d * FP32
 
     g = cfg.generation
@@ -227,12 +238,19 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         publication_note = "engine dtype auto: bf16 checkpoints assumed"
     publication = shape.num_params * _dtype_bytes(engine_dtype, "generation.engine_kwargs.dtype")
 
+    # ppo.defer_grad_sync: FSDP2 accumulates unsharded gradients (reduce dtype fp32) on each
+    # rank until the mini-batch's last micro-batch reduces them
+    deferred = bool(cfg.ppo.get("defer_grad_sync", False)) and dp > 1
+    deferred_gradients = shape.num_params * FP32 // tp if deferred else 0
+    deferred_note = "ppo.defer_grad_sync: unsharded fp32" if deferred else "none"
+
     device_memory, device_note = device_memory_bytes(cfg)
     return MemoryPlan(
         parameters=parameters,
         gradients=parameters,
         optimizer_state=optimizer_state,
         compute_copies=compute_copies,
+        deferred_gradients=deferred_gradients,
         activations_checkpointed=activations_checkpointed,
         activations_full=activations_full,
         loss_chunk=loss_chunk,
@@ -242,7 +260,8 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         notes={
             "optimizer": optimizer_note,
             "compute": compute_note,
-            "tokens": f"micro-batch {cfg.ppo.micro_batch_size} x {seq} tokens",
+            "deferred": deferred_note,
+            "tokens": tokens_note,
             "loss": f"{chunk} x {shape.vocab_size} fp32 logits + grads, [V, D] fp32 grad",
             "device": device_note,
             "publication": publication_note,

@@ -61,6 +61,7 @@ def test_7b_plan_matches_hand_arithmetic(plan_7b):
     assert plan_7b["loss_chunk"] == 2 * 3072 * V * 4 + V * D * 4
     assert plan_7b["publication"] == N_7B * 2  # bf16 engines: 15.2 GB
     assert plan_7b["activation_checkpointing"] is True
+    assert plan_7b["deferred_gradients"] == 0
     total = sharded + plan_7b["compute_copies"] + plan_7b["activations_checkpointed"]
     assert plan_7b["total"] == total + plan_7b["loss_chunk"]
     assert plan_7b["total"] == pytest.approx(43 * GB, rel=0.02)  # "About 43 GB ... of 80"
@@ -131,3 +132,24 @@ def test_model_shape_of_a_tied_tiny_qwen2():
     assert shape.root_params == 100 * 64 + 64  # one tied table + final norm
     assert shape.num_params == 3 * block + 100 * 64 + 64
     assert (shape.kv_dim, shape.intermediate_dim, shape.vocab_size) == (kv, 96, 100)
+
+
+def test_token_budget_and_deferred_gradient_sync():
+    """ppo.max_tokens_per_micro_batch sets the activations' tokens; ppo.defer_grad_sync adds
+    one unsharded fp32 gradient copy per rank (keys read when the schema has them)."""
+    from torchtune.models.qwen2_5 import qwen2_5_7b_base
+
+    from simko_tune.memory_plan import estimate_memory
+
+    with torch.device("meta"):
+        shape = ModelShape.from_model(qwen2_5_7b_base())
+    raw = OmegaConf.load(CONFIGS / "qwen2_5_7b.yaml")
+    raw.ppo.max_tokens_per_micro_batch = 16384
+    raw.ppo.defer_grad_sync = True
+    plan = estimate_memory(shape, raw, dp=4, tp=1)
+    per_token_block = 6 * D + 2 * KV + 4 * FF
+    assert plan.activations_checkpointed == 16384 * D * L * 2 + 16384 * per_token_block * 2
+    assert plan.deferred_gradients == N_7B * 4  # the comment's "+30 GB" per rank
+    assert plan.loss_chunk == 2 * 3072 * V * 4 + V * D * 4
+    single = estimate_memory(shape, raw, dp=1, tp=1)
+    assert single.deferred_gradients == 0  # nothing to reduce over one rank
