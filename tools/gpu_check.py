@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--parts", default="a,b,c", help="comma-separated subset of a,b,c")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to rehearse on a CPU")
     ap.add_argument("--out-dir", default="outputs/gpu_check", help="logs, runs, part results")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock limit, all parts")
-    ap.add_argument("--timeout-a", type=float, default=210.0)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock limit, all parts")
+    ap.add_argument("--timeout-a", type=float, default=180.0)
     ap.add_argument("--timeout-b", type=float, default=150.0)
     ap.add_argument("--timeout-c", type=float, default=90.0)
     ap.add_argument("--no-compile", action="store_true", help="eager blocks and loss (debugging)")
@@ -177,7 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"gpu_check: part {part} {status}", file=sys.stderr, flush=True)
     report["ok"] = all(r.get("ok") for r in report["parts"].values())
     report["wall_s"] = round(time.monotonic() - started, 1)
-    print(json.dumps(report))
+    line = json.dumps(report)
+    (out_dir / "gpu_check.json.tmp").write_text(line + "\n")
+    os.replace(out_dir / "gpu_check.json.tmp", out_dir / "gpu_check.json")
+    print(line)
     return report
 
 

@@ -69,5 +69,6 @@ fi
 python3 -c "import torch, torchtune, omegaconf, zmq, simko_tune.generation, simko_recipe" \
   || echo "gpu_check: imports failed (above); PYTHONPATH=$PYTHONPATH" >&2
 
-# tools/gpu_check.py keeps its own budget (--budget-s, 450 s); this is the backstop.
-exec timeout --kill-after 10 480 python3 tools/gpu_check.py "$@"
+# tools/gpu_check.py keeps its own budget (--budget-s, 420 s); this is the backstop: with
+# the install and the import check before it, the whole script stays under 8 minutes.
+exec timeout --kill-after 10 440 python3 tools/gpu_check.py "$@"

@@ -59,6 +59,9 @@ def test_defaults_fit_the_eight_minute_budget(gpu_check):
     assert (args.c_tokens, args.c_vocab) == (16_384, 151_936)
     assert args.b_model == "1.5b" and args.peak_tflops == 989.0
     assert gpu_check.parse_args(["--parts", "c, a", "--device", "cpu"]).parts == ["c", "a"]
+    # the shell script's backstop leaves the budget room, and the install room under 8 min
+    backstop = int(re.search(r"timeout --kill-after 10 (\d+) python3", SHELL.read_text())[1])
+    assert args.budget_s < backstop <= 8 * 60 - 30
 
 
 @pytest.mark.parametrize(
@@ -309,6 +312,7 @@ def test_a_failing_part_is_recorded_and_the_next_still_runs(tmp_path):
     assert not c["ok"] and "multiple of 256" in c["error"]
     assert b["ok"], b
     assert report["ok"] is False and "part c FAILED" in stderr
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == report
 
 
 @pytest.mark.slow
