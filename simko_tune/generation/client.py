@@ -202,6 +202,8 @@ class VLLMWorkers(Generator):
         self._closed = False
         # Slowest worker's seconds to verify and to reload the last loaded version (metrics).
         self.last_load_timings: dict[str, float] = {}
+        # Slowest worker's seconds inside its engine for the last generate call (metrics).
+        self.last_generate_timings: dict[str, float] = {}
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -517,6 +519,9 @@ class VLLMWorkers(Generator):
             if b > a
         }
         replies = self._call(msgs, self.request_timeout_s)
+        self.last_generate_timings = {
+            "engine_s": max(r.get("engine_s", 0.0) for r in replies.values())
+        }
         out: list[list[Completion]] = []
         for k in sorted(replies):
             reply = replies[k]

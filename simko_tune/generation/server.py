@@ -121,7 +121,9 @@ class Worker:
                         detokenize=False,
                     )
                 )
+        t0 = time.perf_counter()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        engine_s = time.perf_counter() - t0
         flat = []
         for out in outputs:
             o = out.outputs[0]
@@ -134,7 +136,12 @@ class Worker:
             flat.append((o.token_ids, o.logprobs.logprobs, o.finish_reason))
         it = iter(flat)
         completions = [[next(it) for _ in prompt_seeds] for prompt_seeds in seeds]
-        return {"ok": True, "version": self.version, "completions": completions}
+        return {
+            "ok": True,
+            "version": self.version,
+            "completions": completions,
+            "engine_s": engine_s,  # the engine's share of the round trip
+        }
 
     def load(self, msg: dict) -> dict:
         """Verify, then reload in place. A publication that fails verification is refused

@@ -159,3 +159,13 @@ def test_generation_devices_must_not_overlap_the_trainers(monkeypatch):
     assert trainer_cuda_devices() == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4, 6,7")
     assert trainer_cuda_devices() == ["4", "6"]
+
+
+def test_start_local_refuses_the_trainers_gpus(tmp_path):
+    from simko_tune.generation import VLLMWorkers
+
+    with pytest.raises(ValueError, match=r"generation.devices\[0\]='1,2' uses GPU 1"):
+        VLLMWorkers.start_local(
+            tmp_path, num_workers=1, devices=["1,2"], trainer_devices=["0", "1"], log_dir=tmp_path
+        )
+    assert list(tmp_path.iterdir()) == []  # refused before anything was started or created
