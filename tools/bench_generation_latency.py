@@ -129,7 +129,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items() if v}
     print(f"vLLM worker start: {start_s:.1f} s ({'compiled' if args.compiled else 'eager'})")
     print(
-        f"one generate call ({args.prompts} prompts x {args.n} samples x <= {args.max_tokens} "
+        f"one generate call ({args.prompts} prompts x {args.n} samples x {args.max_tokens} "
         f"tokens, {statistics.median(tokens):.0f} tokens): worker round trip seeded "
         f"{med['seeded']:.4f} s, unseeded {med['unseeded']:.4f} s"
     )
