@@ -40,6 +40,7 @@ from simko_tune.data import (
     stop_token_ids,
     tokenize_prompt,
 )
+from simko_tune.generation.types import INITIAL_VERSION, check_versions
 from simko_tune.metrics import passk_report
 from simko_tune.rewards import RewardPool, extract_answer
 
@@ -375,6 +376,8 @@ class PassAtKEvalRecipe:
         template = self._cfg.prompt_template
         prompts = [tokenize_prompt(self._tokenizer, template, p.problem) for p in batch]
         completions = generator.generate(prompts, n, self._sampling(benchmark, batch))
+        # The generators never load other weights: anything else is not this model's samples.
+        check_versions(completions, INITIAL_VERSION)
         for problem, samples in zip(batch, completions, strict=True):
             if len(samples) != n:
                 raise RuntimeError(

@@ -51,6 +51,7 @@ from simko_tune.generation import (
     prune_versions,
     publish_weights,
 )
+from simko_tune.generation.client import trainer_cuda_devices
 from simko_tune.generation.weights import version_dir
 from simko_tune.loss import LossConfig, mode_advantages, policy_loss, token_logprobs
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
@@ -192,7 +193,12 @@ class SimKORecipe:
             )
         if g.addresses:
             return VLLMWorkers.connect(
-                list(g.addresses), self.sync_dir, request_timeout_s=g.request_timeout_s
+                list(g.addresses),
+                self.sync_dir,
+                model_dir=self.cfg.model_dir,
+                request_timeout_s=g.request_timeout_s,
+                curve_server_key=g.curve_server_key,
+                curve_client_key=g.curve_client_key,
             )
         return VLLMWorkers.start_local(
             self.cfg.model_dir,
@@ -204,6 +210,7 @@ class SimKORecipe:
             request_timeout_s=g.request_timeout_s,
             restart_on_failure=g.restart_on_failure,
             log_dir=self.output_dir / "worker_logs",
+            trainer_devices=trainer_cuda_devices() if self.device.type == "cuda" else None,
         )
 
     def _tokenize_all(self, problems) -> list[list[int]]:
@@ -449,6 +456,7 @@ class SimKORecipe:
             for name, (problems, prompts) in self._eval_sets().items():
                 n = cfg.eval.n
                 groups = self.generator.generate(prompts, n=n, sampling=sampling)
+                check_versions(groups, self.weight_version)
                 texts = [
                     self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                     for grp in groups
