@@ -39,7 +39,7 @@ from simko_tune.data import (
     tokenize_prompt,
 )
 from simko_tune.metrics import passk_report
-from simko_tune.rewards import extract_answer
+from simko_tune.rewards import extract_for_mode
 
 log = get_logger("INFO")
 
@@ -362,7 +362,7 @@ class PassAtKEvalRecipe:
                 "problem_id": batch[i // n].id,
                 "sample_index": i % n,
                 "reward": float(score),
-                "answer": extract_answer(response),
+                "answer": extract_for_mode(response, rewards.mode),
                 "response": response,
                 "finish_reason": completion.finish_reason,
                 "num_tokens": len(completion.token_ids),
