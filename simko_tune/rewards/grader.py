@@ -14,6 +14,7 @@ wall-clock limit, memory cap and crash recovery.
 
 Our rules, each decided before Math-Verify is asked:
 
+- Identical answer strings match (no parsing: most golds of a group are restated verbatim).
 - Two plain numbers (after `normalize`: units, ``\\$``, thousands separators, degrees,
   percent words) compare exactly when both are exact, and with relative tolerance 1e-4 when
   either is a decimal; an integer gold must be hit exactly; a percent sign on either side
@@ -33,6 +34,7 @@ import functools
 import logging
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -57,7 +59,7 @@ _CHOICE_GOLD_RE = re.compile(r"^\(?([A-E])\)?$")
 _CHOICE_PRED_RE = re.compile(r"^\(?([A-E])\)?$|^\(([A-E])\)(?![-+*/^=])")
 _SOLUTION_RE = re.compile(r"(?<!\\)\$|\\boxed")
 _LIST_COMMA_RE = re.compile(r",\s")
-_SET_RE = re.compile(r"^\\\{.*\\\}$")
+_SET_RE = re.compile(r"^\\\{.+\\\}$")  # a non-empty set literal
 _NAME_EQ_RE = re.compile(r"^\s*[a-zA-Z](?:_\{?[\w\\ ]+\}?)?\s*=(?!=)")
 _COLUMN_RE = re.compile(r"^\\begin\{[pb]matrix\}(.*)\\end\{[pb]matrix\}$", re.S)
 # Spellings Math-Verify's parser misses: unicode symbols, `\varnothing`, `\sqrt{-1}` for i.
@@ -137,48 +139,53 @@ def _plain_number(raw: str, normalized: str):
     return None if _LIST_COMMA_RE.search(raw) else parse_number(normalized)
 
 
-def _our_verdict(pred: str, gold: str, pred_parsed: tuple, gold_parsed: tuple) -> bool | None:
-    """Our rules (see the module docstring); None leaves the decision to Math-Verify."""
+def _text_verdict(pred: str, gold: str) -> bool | None:
+    """Our rules that need no parsing (see the module docstring); None: undecided."""
     if "\\boxed" in pred:
         return False
-    if m := _CHOICE_GOLD_RE.match(normalize(gold).text):
-        p = _CHOICE_PRED_RE.match(normalize(pred).text)
-        return bool(p) and (p.group(1) or p.group(2)) == m.group(1)
     p, g = normalize(pred), normalize(gold)
+    if m := _CHOICE_GOLD_RE.match(g.text):
+        choice = _CHOICE_PRED_RE.match(p.text)
+        return bool(choice) and (choice.group(1) or choice.group(2)) == m.group(1)
     pred_num, gold_num = _plain_number(pred, p.text), _plain_number(gold, g.text)
     if pred_num and gold_num:
         return numbers_equal(gold_num, pred_num, p.percent or g.percent)
-    if (
-        pred_num
-        and pred_num.approx
-        and _decimal_matches_constant(float(pred_num.value), gold_parsed)
-    ):
-        return True
-    if (
-        gold_num
-        and gold_num.approx
-        and _decimal_matches_constant(float(gold_num.value), pred_parsed)
-    ):
-        return True
     if _SET_RE.match(g.text) and not _SET_RE.match(p.text) and "," not in p.text:
         return False
     return None
 
 
-def _match(pred: str, pred_parsed: tuple, gold: str) -> bool:
+def _decimal_verdict(pred: str, gold: str, pred_parsed: tuple, gold_parsed: tuple) -> bool:
+    """A decimal on one side, a closed-form constant on the other: compared by value."""
+    for decimal, other in ((pred, gold_parsed), (gold, pred_parsed)):
+        number = _plain_number(decimal, normalize(decimal).text)
+        if number and number.approx and _decimal_matches_constant(float(number.value), other):
+            return True
+    return False
+
+
+def _match(pred: str, pred_parsed: Callable[[], tuple], gold: str) -> bool:
+    """`pred_parsed` is called only when our text rules leave the verdict open."""
     if _too_big(pred):
         return False
-    gold_parsed = parse_answer(gold)
+    if pred.strip() == gold.strip():
+        return True
+    gold_parsed = None
     if _SOLUTION_RE.search(gold):  # our rules read the answer Math-Verify found in it
+        gold_parsed = parse_answer(gold)
         gold = next((g for g in gold_parsed if isinstance(g, str)), "")
     if _too_big(gold):
         return False
-    verdict = _our_verdict(pred, gold, pred_parsed, gold_parsed)
+    verdict = _text_verdict(pred, gold)
     if verdict is not None:
         return verdict
+    gold_parsed = gold_parsed or parse_answer(gold)
+    parsed = pred_parsed()
+    if _decimal_verdict(pred, gold, parsed, gold_parsed):
+        return True
     return verify(
         list(gold_parsed),
-        list(pred_parsed),
+        list(parsed),
         allow_set_relation_comp=True,
         timeout_seconds=SOFT_TIMEOUT_S,
     )
@@ -195,7 +202,7 @@ def answers_match(pred: str, gold: str) -> bool:
 
 @functools.lru_cache(maxsize=8192)
 def _cached_match(pred: str, gold: str) -> bool:
-    return _match(pred, parse_answer(pred), gold)
+    return _match(pred, lambda: parse_answer(pred), gold)
 
 
 def math_reward(response: str, gold: str) -> float:
@@ -224,7 +231,7 @@ def math_verify_reward(response: str, gold: str) -> float:
         return 0.0
     # Math-Verify's parse of the response in context (it reads `1000,99` as a decimal) and
     # ours of the answer text alone (with `_latex_for_math_verify`'s rewrites): either counts.
-    return 1.0 if _match(text, parsed + parse_answer(text), gold) else 0.0
+    return 1.0 if _match(text, lambda: parsed + parse_answer(text), gold) else 0.0
 
 
 REWARD_MODES = {"boxed": math_reward, "math_verify": math_verify_reward}
