@@ -31,8 +31,7 @@ from simko_tune.rewards import RewardPool, reward_fn_for_mode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "rewards"))
 from labelled_cases import CASES as LABELLED  # noqa: E402
-from labelled_cases import SUITE_DISAGREEMENTS  # noqa: E402
-from test_answers_match import CASES as PROJECT  # noqa: E402
+from labelled_cases import PROJECT_MODE_CASES, SUITE_DISAGREEMENTS  # noqa: E402
 
 MODES = ("boxed", "math_verify")
 BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k")
@@ -86,7 +85,7 @@ def build_pairs(limit: int | None, mode: str) -> list[tuple[str, str, str]]:
 def table_agreement(pool: RewardPool, mode: str) -> dict[str, float]:
     """Share of labelled cases the mode gets right, per group of cases."""
     column = 2 if mode == "boxed" else 3
-    project = [(g, f"So the final answer is $\\boxed{{{p}}}$.", e) for g, p, e in PROJECT]
+    project = [(c[0], c[1], c[column]) for c in PROJECT_MODE_CASES]
     groups = {
         "public": [(c[0], c[1], c[column]) for c in LABELLED if c[4] not in ("issue11",)],
         "issue11": [(c[0], c[1], c[column]) for c in LABELLED if c[4] == "issue11"],

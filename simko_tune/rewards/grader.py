@@ -14,7 +14,8 @@ wall-clock limit, memory cap and crash recovery.
 
 Our rules, each decided before Math-Verify is asked:
 
-- Identical answer strings match (no parsing: most golds of a group are restated verbatim).
+- Identical answers match, also after `normalize` (spacing, ``\\left``, ``\\dfrac``, units):
+  no parsing, and Math-Verify compares what it cannot parse (``M_{\\odot}``) as raw strings.
 - Two plain numbers (after `normalize`: units, ``\\$``, thousands separators, degrees,
   percent words) compare exactly when both are exact, and with relative tolerance 1e-4 when
   either is a decimal; an integer gold must be hit exactly; a percent sign on either side
@@ -24,8 +25,12 @@ Our rules, each decided before Math-Verify is asked:
   compared by value with the same relative tolerance.
 - A multiple-choice gold (``A``-``E``) is matched by its letter only.
 - A set gold is not matched by a lone element; an answer that contains ``\\boxed`` is refused.
-- Inequalities in one variable are compared with intervals (``x > 5`` is ``(5, \\infty)``);
-  a one-column matrix is a tuple.
+- Inequalities in one variable are compared with intervals (``x > 5`` is ``(5, \\infty)``,
+  Math-Verify's `allow_set_relation_comp`, both ways round).
+- Before Math-Verify parses an answer: a one-column matrix becomes a tuple, a leading
+  ``m_{\\max} =`` is dropped, and a few spellings it misses are rewritten (`_SPELLINGS`).
+
+Each rule is there because a labelled case fails without it (tests/rewards).
 """
 
 from __future__ import annotations
@@ -147,6 +152,8 @@ def _text_verdict(pred: str, gold: str) -> bool | None:
     if m := _CHOICE_GOLD_RE.match(g.text):
         choice = _CHOICE_PRED_RE.match(p.text)
         return bool(choice) and (choice.group(1) or choice.group(2)) == m.group(1)
+    if p.text and p.text == g.text and p.percent == g.percent:  # spacing, \left, \dfrac
+        return True
     pred_num, gold_num = _plain_number(pred, p.text), _plain_number(gold, g.text)
     if pred_num and gold_num:
         return numbers_equal(gold_num, pred_num, p.percent or g.percent)

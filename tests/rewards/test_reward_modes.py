@@ -12,22 +12,8 @@ import pytest
 from simko_tune.rewards import REWARD_MODES, extract_for_mode, reward_fn_for_mode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from labelled_cases import CASES, SUITE_DISAGREEMENTS  # noqa: E402
-from test_answers_match import CASES as PROJECT_CASES  # noqa: E402
+from labelled_cases import CASES, PROJECT_MODE_CASES, SUITE_DISAGREEMENTS  # noqa: E402
 
-
-def project_response(pred: str) -> str:
-    return f"So the final answer is $\\boxed{{{pred}}}$."
-
-
-# The project table's predictions are bare answers; boxed in a response, both modes must
-# give the table's verdict, except where the prediction itself holds a \boxed (the table's
-# "extraction is not the grader's job" case: in a response, the inner box is the answer).
-PROJECT_MODE_CASES = [
-    (gold, project_response(pred), expected, expected, "project")
-    for gold, pred, expected in PROJECT_CASES
-    if "\\boxed" not in pred and len(pred) < 1000
-]
 ALL_CASES = CASES + PROJECT_MODE_CASES
 
 
