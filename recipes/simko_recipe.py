@@ -149,7 +149,8 @@ class SimKORecipe:
             self.reward_pool = RewardPool(
                 num_workers=cfg.rewards.num_workers,
                 timeout_s=cfg.rewards.timeout_s,
-                reward_fn=_get_component_from_path(cfg.rewards.fn),
+                reward_fn=_get_component_from_path(cfg.rewards.fn) if cfg.rewards.fn else None,
+                mode=cfg.rewards.mode,
             )
             self.generator = self._setup_generator()
         if resume_from is not None:

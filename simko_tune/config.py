@@ -103,7 +103,8 @@ class GenerationSection:
 
 @dataclass
 class RewardSection:
-    fn: str = "simko_tune.rewards.math_reward"  # dotted path of reward(response, gold) -> float
+    mode: str = "boxed"  # boxed: the paper's last-box rule | math_verify: Math-Verify's extraction
+    fn: str | None = None  # dotted path of a custom reward(response, gold) -> float; replaces mode
     num_workers: int = 4
     timeout_s: float = 5.0
 
