@@ -40,8 +40,9 @@ from simko_tune.data import (
     stop_token_ids,
     tokenize_prompt,
 )
+from simko_tune.generation.types import INITIAL_VERSION, check_versions
 from simko_tune.metrics import passk_report
-from simko_tune.rewards import RewardPool, extract_answer
+from simko_tune.rewards import RewardPool, extract_for_mode
 
 log = get_logger("INFO")
 
@@ -322,7 +323,8 @@ class PassAtKEvalRecipe:
         return RewardPool(
             num_workers=r.num_workers,
             timeout_s=r.timeout_s,
-            reward_fn=_get_component_from_path(r.fn),
+            reward_fn=_get_component_from_path(r.fn) if r.fn else None,
+            mode=r.mode,
         )
 
     def evaluate(self) -> None:
@@ -375,6 +377,8 @@ class PassAtKEvalRecipe:
         template = self._cfg.prompt_template
         prompts = [tokenize_prompt(self._tokenizer, template, p.problem) for p in batch]
         completions = generator.generate(prompts, n, self._sampling(benchmark, batch))
+        # The generators never load other weights: anything else is not this model's samples.
+        check_versions(completions, INITIAL_VERSION)
         for problem, samples in zip(batch, completions, strict=True):
             if len(samples) != n:
                 raise RuntimeError(
@@ -390,7 +394,7 @@ class PassAtKEvalRecipe:
                 "problem_id": batch[i // n].id,
                 "sample_index": i % n,
                 "reward": float(score),
-                "answer": extract_answer(response),
+                "answer": extract_for_mode(response, rewards.mode),
                 "response": response,
                 "finish_reason": completion.finish_reason,
                 "num_tokens": len(completion.token_ids),

@@ -50,6 +50,7 @@ from simko_tune.generation import (
     prune_versions,
     publish_weights,
 )
+from simko_tune.generation.client import trainer_cuda_devices
 from simko_tune.generation.weights import version_dir
 from simko_tune.loss import LossConfig, mode_advantages, policy_loss, token_logprobs
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
@@ -144,7 +145,8 @@ class SimKORecipe:
             self.reward_pool = RewardPool(
                 num_workers=cfg.rewards.num_workers,
                 timeout_s=cfg.rewards.timeout_s,
-                reward_fn=_get_component_from_path(cfg.rewards.fn),
+                reward_fn=_get_component_from_path(cfg.rewards.fn) if cfg.rewards.fn else None,
+                mode=cfg.rewards.mode,
             )
             self.generator = self._setup_generator()
         if resume_from is not None:
@@ -213,7 +215,12 @@ class SimKORecipe:
             )
         if g.addresses:
             return VLLMWorkers.connect(
-                list(g.addresses), self.sync_dir, request_timeout_s=g.request_timeout_s
+                list(g.addresses),
+                self.sync_dir,
+                model_dir=self.cfg.model_dir,
+                request_timeout_s=g.request_timeout_s,
+                curve_server_key=g.curve_server_key,
+                curve_client_key=g.curve_client_key,
             )
         return VLLMWorkers.start_local(
             self.cfg.model_dir,
@@ -225,6 +232,7 @@ class SimKORecipe:
             request_timeout_s=g.request_timeout_s,
             restart_on_failure=g.restart_on_failure,
             log_dir=self.output_dir / "worker_logs",
+            trainer_devices=trainer_cuda_devices() if self.device.type == "cuda" else None,
         )
 
     def _tokenize_all(self, problems) -> list[list[int]]:
@@ -477,6 +485,7 @@ class SimKORecipe:
             for name, (problems, prompts) in self._eval_sets().items():
                 n = cfg.eval.n
                 groups = self.generator.generate(prompts, n=n, sampling=sampling)
+                check_versions(groups, self.weight_version)
                 texts = [
                     self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                     for grp in groups

@@ -94,11 +94,17 @@ class GenerationSection:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     request_timeout_s: float = 600.0
     restart_on_failure: bool = True
+    # Remote workers (addresses off this machine) require CURVE: the workers' public key
+    # file (NAME.key) and this trainer's secret key file (NAME.key_secret), authorised on
+    # the workers. Make keys with `python -m simko_tune.generation.protocol DIR NAME`.
+    curve_server_key: str | None = None
+    curve_client_key: str | None = None
 
 
 @dataclass
 class RewardSection:
-    fn: str = "simko_tune.rewards.math_reward"  # dotted path of reward(response, gold) -> float
+    mode: str = "boxed"  # boxed: the paper's last-box rule | math_verify: Math-Verify's extraction
+    fn: str | None = None  # dotted path of a custom reward(response, gold) -> float; replaces mode
     num_workers: int = 4
     timeout_s: float = 5.0
 

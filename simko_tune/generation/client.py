@@ -22,6 +22,15 @@ from pathlib import Path
 
 import zmq
 
+from simko_tune.generation.protocol import (
+    ProtocolError,
+    address_host,
+    connect_client_socket,
+    decode_reply,
+    encode_request,
+    is_loopback,
+    model_fingerprint,
+)
 from simko_tune.generation.types import (
     INITIAL_VERSION,
     Completion,
@@ -80,20 +89,59 @@ class _Worker:
         return f"--- tail of {self.launch.log_path} ---\n{tail}"
 
 
-def _default_devices(num_workers: int, tensor_parallel_size: int) -> list[str]:
-    """GPUs: ``tensor_parallel_size`` consecutive devices per worker. CPU: the cores this
-    process may use, split evenly (each worker's OpenMP threads bind to its own cores)."""
+def visible_cuda_devices() -> list[str]:
+    """This process's GPUs as ``CUDA_VISIBLE_DEVICES`` entries (what a worker's own
+    ``CUDA_VISIBLE_DEVICES`` is written in)."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def trainer_cuda_devices() -> list[str]:
+    """The GPUs the trainer ranks of this node use (rank ``r`` takes visible device ``r``),
+    as ``CUDA_VISIBLE_DEVICES`` entries; needs no GPU, so a dry run can check a config."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(i) for i in range(local)]
+    return [d.strip() for d in visible.split(",") if d.strip()][:local]
+
+
+def check_device_overlap(worker_devices: list[str], trainer_devices: list[str]) -> None:
+    """Refuse generation workers on the trainer's GPUs: both would claim the memory, and the
+    trainer would run out of it mid-step."""
+    trainer = set(trainer_devices)
+    for k, entry in enumerate(worker_devices):
+        shared = [d for d in entry.split(",") if d.strip() in trainer]
+        if shared:
+            raise ValueError(
+                f"generation.devices[{k}]={entry!r} uses GPU {', '.join(shared)}, which the "
+                f"trainer's ranks use ({', '.join(trainer_devices)}): give the workers other GPUs"
+            )
+
+
+def _default_devices(
+    num_workers: int, tensor_parallel_size: int, trainer_devices: list[str]
+) -> list[str]:
+    """GPUs: ``tensor_parallel_size`` consecutive free devices per worker, after the
+    trainer's. CPU: the cores this process may use, split evenly (each worker's OpenMP
+    threads bind to its own cores)."""
     import torch
 
     if torch.cuda.is_available():
-        n = torch.cuda.device_count()
+        free = [d for d in visible_cuda_devices() if d not in set(trainer_devices)]
         need = num_workers * tensor_parallel_size
-        if need > n:
+        if need > len(free):
             raise ValueError(
-                f"{num_workers} workers x TP {tensor_parallel_size} need {need} GPUs, {n} visible"
+                f"{num_workers} workers x TP {tensor_parallel_size} need {need} GPUs, "
+                f"{len(free)} visible besides the trainer's {trainer_devices}: set "
+                "generation.devices"
             )
         return [
-            ",".join(str(k * tensor_parallel_size + d) for d in range(tensor_parallel_size))
+            ",".join(free[k * tensor_parallel_size : (k + 1) * tensor_parallel_size])
             for k in range(num_workers)
         ]
     cores = sorted(os.sched_getaffinity(0))
@@ -139,6 +187,8 @@ class VLLMWorkers(Generator):
         restart_on_failure: bool,
         startup_timeout_s: float = 600.0,
         owns_sync_dir: bool = False,
+        curve_server_key: str | Path | None = None,
+        curve_client_key: str | Path | None = None,
     ) -> None:
         self.sync_dir = Path(sync_dir)
         self.request_timeout_s = request_timeout_s
@@ -147,10 +197,13 @@ class VLLMWorkers(Generator):
         self._workers = workers
         self._ctx = zmq.Context()
         self._owns_sync_dir = owns_sync_dir
+        self._curve = {"server_key": curve_server_key, "client_key": curve_client_key}
         self._acked = INITIAL_VERSION
         self._closed = False
         # Slowest worker's seconds to verify and to reload the last loaded version (metrics).
         self.last_load_timings: dict[str, float] = {}
+        # Slowest worker's seconds inside its engine for the last generate call (metrics).
+        self.last_generate_timings: dict[str, float] = {}
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -167,6 +220,7 @@ class VLLMWorkers(Generator):
         restart_on_failure: bool = True,
         log_dir: str | Path | None = None,
         startup_timeout_s: float = 600.0,
+        trainer_devices: list[str] | None = None,
     ) -> VLLMWorkers:
         """Start ``num_workers`` worker processes on this node and wait until all answer.
 
@@ -174,10 +228,15 @@ class VLLMWorkers(Generator):
         ``VLLM_CPU_OMP_THREADS_BIND`` core list on CPU (default: an even split).
         ``sync_dir`` defaults to a fresh folder under /dev/shm, removed on :meth:`close`.
         Worker logs go to ``log_dir`` (default: a fresh folder under the project cache).
+        ``trainer_devices``: the GPUs this node's trainer ranks use (see
+        :func:`trainer_cuda_devices`); workers placed on any of them are refused.
+        Local workers bind 127.0.0.1.
         """
-        devices = devices or _default_devices(num_workers, tensor_parallel_size)
+        trainer_devices = list(trainer_devices or [])
+        devices = devices or _default_devices(num_workers, tensor_parallel_size, trainer_devices)
         if len(devices) != num_workers:
             raise ValueError(f"{len(devices)} device entries for {num_workers} workers")
+        check_device_overlap(devices, trainer_devices)
         owns = sync_dir is None
         sync_dir = Path(sync_dir) if sync_dir is not None else default_sync_dir()
         sync_dir.mkdir(parents=True, exist_ok=True)
@@ -224,22 +283,61 @@ class VLLMWorkers(Generator):
 
     @classmethod
     def connect(
-        cls, addresses: list[str], sync_dir: str | Path, *, request_timeout_s: float = 600.0
+        cls,
+        addresses: list[str],
+        sync_dir: str | Path,
+        *,
+        model_dir: str | Path | None = None,
+        expected_version: int = INITIAL_VERSION,
+        request_timeout_s: float = 600.0,
+        curve_server_key: str | Path | None = None,
+        curve_client_key: str | Path | None = None,
     ) -> VLLMWorkers:
         """Join workers already running elsewhere (``tcp://host:port``, one per worker).
         They must read the same ``sync_dir`` (a shared filesystem). They are not restarted
-        on failure, and :meth:`close` leaves them running."""
+        on failure, and :meth:`close` leaves them running.
+
+        Each worker must serve ``expected_version``, and, when ``model_dir`` is given, the
+        same model (config and tensor shapes, see :func:`model_fingerprint`): a worker left
+        over from another run is refused rather than adopted. Workers off this machine are
+        reached with CURVE: ``curve_server_key`` is the workers' public key file,
+        ``curve_client_key`` this trainer's secret key file (authorised on the workers)."""
+        if curve_server_key is None:
+            remote = [a for a in addresses if not is_loopback(address_host(a))]
+            if remote:
+                raise ValueError(
+                    f"workers {remote} are on other machines, where they require CURVE: set "
+                    "generation.curve_server_key and generation.curve_client_key"
+                )
         workers = [_Worker(address=a) for a in addresses]
-        self = cls(workers, sync_dir, request_timeout_s=request_timeout_s, restart_on_failure=False)
+        self = cls(
+            workers,
+            sync_dir,
+            request_timeout_s=request_timeout_s,
+            restart_on_failure=False,
+            curve_server_key=curve_server_key,
+            curve_client_key=curve_client_key,
+        )
+        expected_model = model_fingerprint(model_dir) if model_dir is not None else None
         try:
             for k, w in enumerate(workers):
                 self._reset_socket(w)
                 self._await_ready(k, timeout_s=request_timeout_s)
+                served = w.info.get("model_fingerprint")
+                if expected_model is not None and served != expected_model:
+                    raise GenerationError(
+                        f"worker {w.address} serves {w.info.get('model')} (fingerprint "
+                        f"{served}), not the trainer's {model_dir} ({expected_model})"
+                    )
+                if w.version != expected_version:
+                    raise GenerationError(
+                        f"worker {w.address} serves weight version {w.version}, the trainer "
+                        f"expects {expected_version} (left over from another run? restart it)"
+                    )
         except BaseException:
             self.close()
             raise
-        if len({w.version for w in workers}) == 1:
-            self._acked = workers[0].version
+        self._acked = expected_version
         return self
 
     def _spawn(self, w: _Worker) -> None:
@@ -268,9 +366,7 @@ class VLLMWorkers(Generator):
         """A REQ socket that missed a reply cannot be reused: replace it."""
         if w.sock is not None:
             w.sock.close(linger=0)
-        w.sock = self._ctx.socket(zmq.REQ)
-        w.sock.setsockopt(zmq.LINGER, 0)
-        w.sock.connect(w.address)
+        w.sock = connect_client_socket(self._ctx, w.address, **self._curve)
 
     def _await_ready(self, k: int, timeout_s: float | None = None) -> None:
         w = self._workers[k]
@@ -327,7 +423,14 @@ class VLLMWorkers(Generator):
 
         def send(k: int) -> None:
             w = self._workers[k]
-            w.sock.send_json(msgs[k])
+            data = encode_request(msgs[k])
+            limit = w.info.get("max_message_bytes")
+            if limit is not None and len(data) > limit:
+                raise GenerationError(
+                    f"{w.name(k)}: a {msgs[k]['op']} request of {len(data)} bytes exceeds the "
+                    f"worker's limit of {limit} (--max-message-bytes): send fewer prompts"
+                )
+            w.sock.send(data)
             poller.register(w.sock, zmq.POLLIN)
             deadline[k] = time.monotonic() + timeout_s
             pending.add(k)
@@ -342,7 +445,10 @@ class VLLMWorkers(Generator):
                 for k in sorted(pending):
                     w = self._workers[k]
                     if w.sock in ready:
-                        reply = w.sock.recv_json()
+                        try:
+                            reply = decode_reply(w.sock.recv_multipart())
+                        except ProtocolError as e:
+                            reply = {"fatal": True, "error": f"malformed reply: {e}"}
                         if not reply.get("fatal"):
                             replies[k] = reply
                             w.version = reply["version"]
@@ -413,6 +519,9 @@ class VLLMWorkers(Generator):
             if b > a
         }
         replies = self._call(msgs, self.request_timeout_s)
+        self.last_generate_timings = {
+            "engine_s": max(r.get("engine_s", 0.0) for r in replies.values())
+        }
         out: list[list[Completion]] = []
         for k in sorted(replies):
             reply = replies[k]
@@ -466,7 +575,7 @@ class VLLMWorkers(Generator):
         local = [w for w in self._workers if w.proc is not None and not w.dead()]
         for w in local:
             try:
-                w.sock.send_json({"op": "shutdown"}, flags=zmq.NOBLOCK)
+                w.sock.send(encode_request({"op": "shutdown"}), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         deadline = time.monotonic() + _SHUTDOWN_GRACE_S

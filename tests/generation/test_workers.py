@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+import zmq
 
 from simko_tune.generation import (
     GenerationError,
@@ -13,6 +14,11 @@ from simko_tune.generation import (
     StaleWeightsError,
     check_versions,
     publish_weights,
+)
+from simko_tune.generation.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    decode_reply,
+    model_fingerprint,
 )
 from simko_tune.generation.weights import published_versions, version_dir
 from simko_tune.models import read_hf_config
@@ -31,6 +37,37 @@ def test_health_check(vllm_worker, gen_model_dir):
     (info,) = vllm_worker.ping()
     assert info["ok"] and info["model"] == str(gen_model_dir) and info["pid"] > 0
     assert info["max_model_len"] == vllm_worker.max_model_len == 256
+    assert info["model_fingerprint"] == model_fingerprint(gen_model_dir)
+    assert info["max_message_bytes"] == DEFAULT_MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"\xff\x00 garbage"],
+        [b'{"op": "load", "version": 0}', b"a second frame"],
+        [b'{"op": "load", "version": "0; rm -rf /"}'],
+        [b'{"op": "generate", "prompts": [[1]], "seeds": [[1]], "sampling": {"max_tokens": -1}}'],
+        [b'{"op": "generate", "prompts": [[999999]], "seeds": [[1]], "sampling": {}}'],
+    ],
+)
+def test_malformed_requests_do_not_stop_a_real_worker(vllm_worker, frames):
+    """Each gets an error reply; the engine keeps its weights and serves the same greedy
+    tokens afterwards."""
+    version = vllm_worker.weight_version
+    before = _tokens(vllm_worker.generate(PROMPTS, 1, GREEDY))
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(vllm_worker.addresses[0])
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(120_000), "no reply"
+        reply = decode_reply(sock.recv_multipart())
+    finally:
+        sock.close()
+    assert reply["ok"] is False and reply["error"] and not reply.get("fatal")
+    assert vllm_worker.ping()[0]["version"] == version
+    assert _tokens(vllm_worker.generate(PROMPTS, 1, GREEDY)) == before
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
