@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -39,6 +37,7 @@ from simko_tune.data import (
     tokenize_prompt,
 )
 from simko_tune.metrics import passk_report
+from simko_tune.paths import STEP_DIR, atomic_write
 from simko_tune.rewards import extract_answer
 
 log = get_logger("INFO")
@@ -46,7 +45,6 @@ log = get_logger("INFO")
 SAMPLES_FILE = "samples.jsonl"
 SETTINGS_FILE = "eval_settings.json"
 GENERATION_BACKENDS = ("vllm", "native")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 _ROW_KEYS = ("benchmark", "problem_id", "sample_index", "reward")
 
 ProblemKey = tuple[str, str]  # (benchmark, problem_id)
@@ -73,14 +71,14 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, int | None]:
     if not path.is_dir():
         raise FileNotFoundError(f"model_dir={str(path)!r}: no such directory")
     if _is_hf_dir(path):
-        match = _STEP_DIR.match(path.parent.name) if path.name == "hf" else None
+        match = STEP_DIR.match(path.parent.name) if path.name == "hf" else None
         return path.resolve(), int(match.group(1)) if match else None
-    if _STEP_DIR.match(path.name) and _is_hf_dir(path / "hf"):
-        return (path / "hf").resolve(), int(_STEP_DIR.match(path.name).group(1))
+    if STEP_DIR.match(path.name) and _is_hf_dir(path / "hf"):
+        return (path / "hf").resolve(), int(STEP_DIR.match(path.name).group(1))
     steps = sorted(
         (int(m.group(1)), child)
         for child in path.iterdir()
-        if (m := _STEP_DIR.match(child.name)) and _is_hf_dir(child / "hf")
+        if (m := STEP_DIR.match(child.name)) and _is_hf_dir(child / "hf")
     )
     if steps:
         step, child = steps[-1]
@@ -120,12 +118,7 @@ def read_samples(path: Path) -> tuple[list[dict[str, Any]], bool]:
 
 
 def write_samples_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def completed_problems(
@@ -170,10 +163,7 @@ def check_settings(output_dir: Path, settings: dict[str, Any], has_samples: bool
                     f"this run has {key}={value!r}; use another output_dir or the same settings"
                 )
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{SETTINGS_FILE}.", dir=output_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(settings, indent=2))
 
 
 # ---------------------------------------------------------------------------------------

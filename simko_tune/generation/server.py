@@ -29,7 +29,8 @@ from simko_tune.generation.weights import (
     PublicationError,
     checkpoint_shapes,
     compare_shapes,
-    verify_publication,
+    read_manifest,
+    verified_tensors,
 )
 
 FINISH_REASONS = {"stop", "length"}
@@ -46,20 +47,33 @@ class ReloadExtension:
     embeddings with the old output projection: silently stale weights.
     """
 
-    def simko_reload(self, weights_path: str) -> None:
+    def simko_reload(self, weights_path: str, files: list[dict] | None = None) -> str | None:
+        """Reload from ``weights_path``. With ``files`` (a publication's manifest entries)
+        the shards are checksummed here, in the process that loads them, and the loader
+        reads the very bytes that were hashed (one pass over the page cache, where
+        verifying first and letting vLLM open the files again cost a second one). Returns
+        an error, before any weight changes, if a checksum does not match."""
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-        self.reload_weights(weights_path=weights_path)
+        if files is None:
+            self.reload_weights(weights_path=weights_path)
+        else:
+            try:
+                with verified_tensors(Path(weights_path), files) as tensors:
+                    self.reload_weights(weights_iterator=tensors)
+            except PublicationError as e:
+                return str(e)
         if getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False):
             for module in self.model_runner.get_model().modules():
                 if isinstance(module, ParallelLMHead):
                     module.quant_method.process_weights_after_loading(module)
+        return None
 
 
 class Worker:
     """Request handlers around one engine. Kept free of sockets so the logic reads plainly."""
 
-    def __init__(self, llm: Any, model_dir: str, sync_dir: str) -> None:
+    def __init__(self, llm: Any, model_dir: str, sync_dir: str | None) -> None:
         self.llm = llm
         self.model_dir = model_dir
         self.sync_dir = sync_dir
@@ -128,17 +142,25 @@ class Worker:
         the engine half-updated, so the worker reports it and exits (``fatal``)."""
         version = int(msg["version"])
         t0 = time.perf_counter()
+        files = None
         if version == INITIAL_VERSION:
             folder = Path(self.model_dir)
         else:
             try:
-                folder, shapes = verify_publication(self.sync_dir, version)
+                if self.sync_dir is None:
+                    raise PublicationError("this worker was started without --sync-dir")
+                folder, files = read_manifest(self.sync_dir, version)
+                shapes = checkpoint_shapes([folder / f["name"] for f in files])
                 compare_shapes(self.expected_shapes, shapes, str(folder))
             except PublicationError as e:
                 return {"ok": False, "version": self.version, "error": str(e)}
         t1 = time.perf_counter()
         try:
-            self.llm.collective_rpc("simko_reload", kwargs={"weights_path": str(folder)})
+            errors = self.llm.collective_rpc(
+                "simko_reload", kwargs={"weights_path": str(folder), "files": files}
+            )
+            if any(errors):  # refused before any weight changed: keep serving
+                return {"ok": False, "version": self.version, "error": next(filter(None, errors))}
             self.llm.reset_prefix_cache()
         except Exception:
             return {
@@ -149,6 +171,7 @@ class Worker:
             }
         self.version = version
         t2 = time.perf_counter()
+        # checksums are verified inside the reload (same bytes): "verify_s" is the manifest's
         return {"ok": True, "version": version, "verify_s": t1 - t0, "reload_s": t2 - t1}
 
 
@@ -234,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept remote clients")
-    parser.add_argument("--sync-dir", required=True, help="where the trainer publishes weights")
+    parser.add_argument("--sync-dir", help="where the trainer publishes weights (none: only v0)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--engine-kwargs", default="{}", help="JSON: extra vllm.LLM arguments")
     parser.add_argument(

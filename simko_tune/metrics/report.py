@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from simko_tune.data.problems import DataError
 from simko_tune.metrics.passk import maj_at_n, mean_at_n, pass_at_k, powers_of_two_up_to
+from simko_tune.paths import atomic_write
 
 AVERAGE = "average"
 
@@ -84,9 +84,9 @@ def passk_report(
         csv=out_dir / "passk.csv",
         plot=out_dir / "passk.png",
     )
-    _write_atomic(report.markdown, render_markdown(scores).encode())
-    _write_atomic(report.csv, render_csv(scores).encode())
-    _write_atomic(report.plot, render_plot(scores))
+    atomic_write(report.markdown, render_markdown(scores).encode())
+    atomic_write(report.csv, render_csv(scores).encode())
+    atomic_write(report.plot, render_plot(scores))
     return report
 
 
@@ -272,10 +272,3 @@ def _all_ks(scores: list[BenchmarkScores]) -> list[int]:
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return math.fsum(values) / len(values)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers never see a half-written report: write a temp file, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
