@@ -30,13 +30,12 @@ import simko_tune.config
 from simko_tune.data import (
     BENCHMARKS,
     PROMPT_TEMPLATES,
-    DataError,
     MathProblem,
     load_benchmark,
     stop_token_ids,
     tokenize_prompt,
 )
-from simko_tune.metrics import passk_report
+from simko_tune.metrics import passk_report, read_samples
 from simko_tune.paths import STEP_DIR, atomic_write
 from simko_tune.rewards import extract_answer
 
@@ -45,7 +44,6 @@ log = get_logger("INFO")
 SAMPLES_FILE = "samples.jsonl"
 SETTINGS_FILE = "eval_settings.json"
 GENERATION_BACKENDS = ("vllm", "native")
-_ROW_KEYS = ("benchmark", "problem_id", "sample_index", "reward")
 
 ProblemKey = tuple[str, str]  # (benchmark, problem_id)
 
@@ -92,29 +90,6 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, int | None]:
 
 # ---------------------------------------------------------------------------------------
 # The samples file
-
-
-def read_samples(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """Rows of a samples JSONL and whether the file needs a rewrite (its last line was torn
-    by a kill). A bad line anywhere else is corruption, not a kill: ``DataError``."""
-    if not path.is_file():
-        return [], False
-    lines = path.read_bytes().split(b"\n")
-    # A complete file ends with "\n", so the last piece is empty; anything else was torn.
-    torn = lines.pop() != b""
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        missing = [key for key in _ROW_KEYS if not isinstance(row, dict) or key not in row]
-        if missing:
-            raise DataError(f"{path}:{number}: missing key {missing[0]!r}")
-        rows.append(row)
-    return rows, torn
 
 
 def write_samples_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -239,7 +214,8 @@ class PassAtKEvalRecipe:
             f"Model: {self.model_dir}" + (f" (step {self.step})" if self.step is not None else "")
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        rows, torn = read_samples(self.samples_path)
+        found = read_samples(self.samples_path)
+        rows, torn = found.rows, found.torn
         # Samples of one output_dir must share these, or the table would average over two
         # models or sampling setups.
         check_settings(

@@ -35,6 +35,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -499,6 +500,9 @@ class WeightSync:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.consumer: WeightConsumer | None = None
         self.acknowledged: int | None = None
+        # seconds of the last publish: "write" (gather, convert, write, rename) and "ack"
+        # (until every worker serves it); logged as metrics, read by the benchmark
+        self.last_timings: dict[str, float] = {}
         self._pruner: threading.Thread | None = None
         error = None
         if self.rank == 0:
@@ -520,6 +524,7 @@ class WeightSync:
         """Write ``model`` as ``version`` (collective), then on rank 0 deliver it to the
         consumer, wait for its acknowledgement and prune what came before. Returns the
         publication's path on rank 0, None elsewhere."""
+        t0 = time.perf_counter()
         error = None
         if self.rank == 0:
             self._join_pruner()
@@ -542,9 +547,12 @@ class WeightSync:
             max_shard_bytes=self.max_shard_bytes,
             writers=self._writers,
         )
+        t1 = time.perf_counter()
+        self.last_timings = {"write_s": t1 - t0}
         if self.rank == 0 and self.consumer is not None:
             self.consumer.load_weights(version, timeout_s)
             self.acknowledged = version
+            self.last_timings["ack_s"] = time.perf_counter() - t1
             self._pruner = threading.Thread(
                 target=prune_versions, args=(self.sync_dir, version), daemon=True
             )
