@@ -179,14 +179,16 @@ def _publication_writers() -> list[int]:
 
 
 def _assign(sizes: list[int], num_writers: int) -> list[int]:
-    """Writer index of each tensor: the largest tensors first, each to the least-loaded
-    writer, so every writer gathers and writes about the same number of bytes."""
-    load = [0] * num_writers
-    owner = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        w = min(range(num_writers), key=lambda k: (load[k], k))
-        owner[i] = w
-        load[w] += sizes[i]
+    """Writer index of each tensor: contiguous runs of the state dict's order with about
+    equal bytes each, so every writer gathers and writes its share and the shards, read in
+    name order, hold the weights in the model's order (layer by layer, as vLLM's reload
+    wants them)."""
+    total = sum(sizes)
+    owner, done = [], 0
+    for size in sizes:
+        # the writer whose equal share of [0, total) holds this tensor's midpoint
+        owner.append(min(num_writers - 1, int((done + size / 2) * num_writers / max(total, 1))))
+        done += size
     return owner
 
 
@@ -254,7 +256,7 @@ def write_shards(
             shard[hf_name] = t
             shard_bytes += t.nbytes
         del full
-    if shard or (rank == 0 and not files):
+    if shard:
         flush()
     if distributed:  # every shard is written before rank 0 lists them
         gathered: list[Any] = [None] * dist.get_world_size()
