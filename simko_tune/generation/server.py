@@ -30,6 +30,7 @@ from simko_tune.generation.weights import (
     checkpoint_shapes,
     compare_shapes,
     read_manifest,
+    streamed_tensors,
     verified_tensors,
 )
 
@@ -47,22 +48,38 @@ class ReloadExtension:
     embeddings with the old output projection: silently stale weights.
     """
 
-    def simko_reload(self, weights_path: str, files: list[dict] | None = None) -> str | None:
-        """Reload from ``weights_path``. With ``files`` (a publication's manifest entries)
-        the shards are checksummed here, in the process that loads them, and the loader
-        reads the very bytes that were hashed (one pass over the page cache, where
-        verifying first and letting vLLM open the files again cost a second one). Returns
-        an error, before any weight changes, if a checksum does not match."""
+    def simko_reload(
+        self, weights_path: str, files: list[dict] | None = None, previous: dict | None = None
+    ) -> str | None:
+        """Reload from ``weights_path``; return an error if its checksums do not match.
+
+        With ``files`` (a publication's manifest entries) the shards are checksummed here,
+        in the process that loads them, on the very bytes the loader copies. With a
+        ``previous`` publication to go back to (``simko_reload``'s own arguments), they are
+        hashed as they are loaded, one pass over the page cache, and a damaged file puts
+        the previous weights back; without one, all are verified before any weight moves.
+        """
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
         if files is None:
             self.reload_weights(weights_path=weights_path)
-        else:
+        elif previous is None:
             try:
                 with verified_tensors(Path(weights_path), files) as tensors:
                     self.reload_weights(weights_iterator=tensors)
             except PublicationError as e:
                 return str(e)
+        else:
+            errors: list[str] = []
+            with streamed_tensors(Path(weights_path), files, errors) as tensors:
+                self.reload_weights(weights_iterator=tensors)
+            if errors:
+                failed_again = self.simko_reload(**previous)
+                if failed_again:  # the engine holds a partial load: it must not serve
+                    raise RuntimeError(
+                        f"{errors[0]}; restoring the previous weights: {failed_again}"
+                    )
+                return errors[0]
         if getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False):
             for module in self.model_runner.get_model().modules():
                 if isinstance(module, ParallelLMHead):
@@ -136,6 +153,18 @@ class Worker:
         completions = [[next(it) for _ in prompt_seeds] for prompt_seeds in seeds]
         return {"ok": True, "version": self.version, "completions": completions}
 
+    def _current(self) -> dict | None:
+        """How to reload the weights served now (a damaged publication's rollback), or None
+        when their publication is gone or damaged too (then the next one is fully verified
+        before it loads)."""
+        if self.version == INITIAL_VERSION:
+            return {"weights_path": self.model_dir}
+        try:
+            folder, files = read_manifest(self.sync_dir, self.version)
+        except PublicationError:
+            return None
+        return {"weights_path": str(folder), "files": files}
+
     def load(self, msg: dict) -> dict:
         """Verify, then reload in place. A publication that fails verification is refused
         and the previous weights keep serving; a failure during the reload itself leaves
@@ -157,7 +186,8 @@ class Worker:
         t1 = time.perf_counter()
         try:
             errors = self.llm.collective_rpc(
-                "simko_reload", kwargs={"weights_path": str(folder), "files": files}
+                "simko_reload",
+                kwargs={"weights_path": str(folder), "files": files, "previous": self._current()},
             )
             if any(errors):  # refused before any weight changed: keep serving
                 return {"ok": False, "version": self.version, "error": next(filter(None, errors))}

@@ -388,35 +388,96 @@ def verified_tensors(
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-def _iter_tensors(maps: list[tuple[Path, mmap.mmap]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of all shards, layer by layer: vLLM processes a layer once all of its weights
-    arrived, so this order (not file order: several ranks' shards split a layer) keeps
-    only one layer in flight."""
+def _header(m: mmap.mmap) -> tuple[dict, int]:
+    """A safetensors file's header (tensor entries only) and where its data starts."""
+    head_len = int.from_bytes(m[:8], "little")
+    header = json.loads(m[8 : 8 + head_len])
+    header.pop("__metadata__", None)
+    return header, 8 + head_len
+
+
+def _view(data: torch.Tensor, base: int, info: dict) -> torch.Tensor:
+    """The tensor ``info`` describes, as a view of the file's bytes (a copy if misaligned)."""
+    start, end = info["data_offsets"]
+    dtype = _TORCH_DTYPES[info["dtype"]]
+    raw = data[base + start : base + end]
+    if (base + start) % dtype.itemsize:  # a view needs aligned storage
+        raw = raw.clone()
+    return raw.view(dtype).view(info["shape"])
+
+
+def _as_tensor(m: mmap.mmap) -> torch.Tensor:
     import warnings
 
+    with warnings.catch_warnings():  # read-only map: the loader only copies from it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(m, dtype=torch.uint8)
+
+
+def _iter_tensors(maps: list[tuple[Path, mmap.mmap]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of all shards, layer by layer: vLLM processes a layer once all of its weights
+    arrived, so this order keeps only one layer in flight whatever the file order."""
     entries = []
     for _, m in maps:
-        head_len = int.from_bytes(m[:8], "little")
-        header = json.loads(m[8 : 8 + head_len])
-        header.pop("__metadata__", None)
-        with warnings.catch_warnings():  # read-only map: the loader only copies from it
-            warnings.simplefilter("ignore", UserWarning)
-            data = torch.frombuffer(m, dtype=torch.uint8)
+        header, base = _header(m)
+        data = _as_tensor(m)
         for name, info in header.items():
             if not IGNORED_NAMES.search(name):
-                entries.append((name, info, data, 8 + head_len))
+                entries.append((name, info, data, base))
 
     def order(entry: tuple) -> tuple[int, str]:
         layer = _LAYER.search(entry[0])
         return (int(layer.group(1)) if layer else -1, entry[0])
 
     for name, info, data, base in sorted(entries, key=order):
-        start, end = info["data_offsets"]
-        dtype = _TORCH_DTYPES[info["dtype"]]
-        raw = data[base + start : base + end]
-        if (base + start) % dtype.itemsize:  # a view needs aligned storage
-            raw = raw.clone()
-        yield name, raw.view(dtype).view(info["shape"])
+        yield name, _view(data, base, info)
+
+
+@contextmanager
+def streamed_tensors(
+    folder: Path, files: list[dict], errors: list[str]
+) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+    """The shards' tensors in file order (the model's order, as :func:`write_shards` splits
+    it), each file's bytes hashed as its tensors are handed out: one pass over the page
+    cache where verifying first and loading after take two. A file whose checksum differs
+    ends the iteration and its error is appended to ``errors``: the loader has by then taken
+    part of a damaged publication, and the caller must put the previous weights back."""
+    maps: list[mmap.mmap] = []
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for f in files:
+            path = folder / f["name"]
+            with open(path, "rb") as fh:
+                m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            maps.append(m)
+            header, base = _header(m)
+            data, view = _as_tensor(m), memoryview(m)
+            h = xxhash.xxh3_64(view[:base])
+            done = base
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                if base + start != done:  # a gap or an overlap: not a file our writer made
+                    errors.append(f"{path}: tensor data of {name} is not contiguous")
+                    return
+                h.update(view[base + start : base + end])
+                done = base + end
+                if not IGNORED_NAMES.search(name):
+                    yield name, _view(data, base, info)
+            h.update(view[done:])
+            try:
+                _check_digest(path, h.hexdigest(), f[CHECKSUM])
+            except PublicationError as e:
+                errors.append(str(e))
+                return
+
+    try:
+        yield tensors()
+    finally:
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:  # a view still alive: the map closes when it is collected
+                pass
 
 
 def checkpoint_shapes(files: list[Path]) -> dict[str, list[int]]:

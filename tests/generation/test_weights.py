@@ -25,6 +25,7 @@ from simko_tune.generation.weights import (
     parse_weight_dtype,
     published_versions,
     read_manifest,
+    streamed_tensors,
     verified_tensors,
     version_dir,
 )
@@ -358,3 +359,35 @@ def test_free_space_is_checked_before_writing(gen_model_dir, ref, tmp_path, monk
     with pytest.raises(PublicationError, match=r"GiB free, publishing version 1 needs"):
         sync.publish(ref.trainer_model(gen_model_dir), 1)
     assert not any((tmp_path / "sync").iterdir())  # nothing half-written
+
+
+def test_streamed_tensors_hash_what_they_hand_out(gen_model_dir, ref, tmp_path):
+    """Streaming: the same tensors as safetensors reads, in the model's order; a damaged
+    file is reported at its end (its tensors were handed out: the caller rolls back)."""
+    folder = publish_weights(
+        ref.trainer_model(gen_model_dir),
+        1,
+        tmp_path,
+        read_hf_config(gen_model_dir),
+        max_shard_bytes=20_000,
+    )
+    _, files = read_manifest(tmp_path, 1)
+    expected = _published_state(folder)
+    errors: list[str] = []
+    with streamed_tensors(folder, files, errors) as tensors:
+        got = [(name, t.clone()) for name, t in tensors]
+    assert errors == [] and sorted(n for n, _ in got) == sorted(expected)
+    for name, t in got:
+        assert torch.equal(t, expected[name]), name
+    layers = [int(n.split(".")[2]) for n, _ in got if ".layers." in n]
+    assert layers == sorted(layers)
+
+    last = folder / files[-1]["name"]
+    data = bytearray(last.read_bytes())
+    data[-3] ^= 0x01
+    last.write_bytes(bytes(data))
+    with streamed_tensors(folder, files, errors) as tensors:
+        names = [name for name, _ in tensors]
+    first_files = {n for f in files[:-1] for n in f["tensors"]}
+    assert set(names) == first_files | set(files[-1]["tensors"])  # handed out, then refused
+    assert len(errors) == 1 and "corrupt" in errors[0] and last.name in errors[0]
