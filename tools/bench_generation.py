@@ -6,7 +6,7 @@
     directory, in the same run. Target: within 1.5x the floor.
 (a') Publication at 2 trainer ranks (FSDP2 over gloo, each rank gathering and writing its
     share) against 1 rank, and against 2 ranks with rank 0 writing everything (how it was).
-(b) Generation: tokens/s through one vLLM worker against :class:`NativeGenerator`
+(b) Generation (after the syncs, on their weights): tokens/s through one vLLM worker against :class:`NativeGenerator`
     (torchtune's model with its KV cache, in process) on the same requests (fixed length:
     ``ignore_eos``). Target: workers at least 1.5x native.
 
@@ -88,7 +88,8 @@ def bench_sync(workers, model, sync, repeats: int) -> dict:
         floors.append(raw_floor(sync_dir, nbytes))
         print(
             f"  v{v}: publish {publish_s[-1]:.2f}s, load+ack {load_s[-1]:.2f}s "
-            f"{workers.last_load_timings}; raw floor {floors[-1]:.2f}s"
+            f"{workers.last_load_timings}; raw floor {floors[-1]:.2f}s",
+            flush=True,
         )
     floor = statistics.median(floors)
     sync_s = statistics.median(p + q for p, q in zip(publish_s, load_s))
@@ -218,6 +219,15 @@ def main() -> None:
     ]
     sampling = SamplingConfig(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
 
+    ranks = bench_publish_ranks(model_dir, root)
+    rank_ratio = ranks["publish_2ranks_s"] / ranks["publish_1rank_s"]
+    print(
+        f"publication: 1 rank {ranks['publish_1rank_s']:.2f}s, 2 ranks (each writes its share) "
+        f"{ranks['publish_2ranks_s']:.2f}s = {rank_ratio:.2f}x, 2 ranks with rank 0 writing "
+        f"all {ranks['publish_2ranks_rank0_writes_s']:.2f}s",
+        flush=True,
+    )
+
     weight_sync = WeightSync(
         default_sync_dir(f"bench_{os.getpid()}"),
         hf_config,
@@ -232,25 +242,19 @@ def main() -> None:
     )
     print(f"worker started in {time.perf_counter() - t0:.1f}s (sync dir {workers.sync_dir})")
     try:
-        vllm_tps, tokens = bench_generate(workers, prompts, args.n, sampling)
-        print(f"generation: vLLM worker {vllm_tps:.0f} tokens/s ({tokens} tokens)")
         sync = bench_sync(workers, trainer, weight_sync, args.repeats)
         print(
             f"weight sync: {sync['bytes'] / 2**20:.0f} MiB, publish {sync['publish_s']:.2f}s + "
             f"reload/ack {sync['reload_ack_s']:.2f}s = {sync['sync_s']:.2f}s; raw write+read "
             f"floor {sync['raw_floor_s']:.2f}s -> {sync['sync_over_floor']:.2f}x "
-            "(target <= 1.5x)"
+            "(target <= 1.5x)",
+            flush=True,
         )
+        vllm_tps, tokens = bench_generate(workers, prompts, args.n, sampling)
+        print(f"generation: vLLM worker {vllm_tps:.0f} tokens/s ({tokens} tokens)")
     finally:
         workers.close()
         weight_sync.close()
-    ranks = bench_publish_ranks(model_dir, root)
-    rank_ratio = ranks["publish_2ranks_s"] / ranks["publish_1rank_s"]
-    print(
-        f"publication: 1 rank {ranks['publish_1rank_s']:.2f}s, 2 ranks (each writes its share) "
-        f"{ranks['publish_2ranks_s']:.2f}s = {rank_ratio:.2f}x, 2 ranks with rank 0 writing "
-        f"all {ranks['publish_2ranks_rank0_writes_s']:.2f}s"
-    )
 
     native = NativeGenerator(model_dir, max_batch_size=args.prompts * args.n)
     native_tps, _ = bench_generate(native, prompts, args.n, sampling)
