@@ -155,6 +155,8 @@ class RecipeConfig:
     resume: Any = "auto"  # "auto" | path | false
     dry_run: bool = False
     device: str = "cpu"
+    # Memory of one trainer device for dry_run's memory plan; None: the CUDA device's own.
+    device_memory_gib: float | None = None
     model_dir: str = MISSING  # Hugging Face directory: config.json, safetensors, tokenizer
     prepare_model: Any = None  # optional _component_ that builds model_dir if it is missing
     model: Any = MISSING
