@@ -90,7 +90,9 @@ class GenerationSection:
     devices: list[str] | None = None  # one entry per worker, e.g. ["4", "5,6"] (CUDA ids)
     addresses: list[str] | None = None  # remote workers (tcp://host:port); overrides local start
     tensor_parallel_size: int = 1
-    sync_dir: str | None = None  # default: /dev/shm/simko_tune/<run name>
+    sync_dir: str | None = None  # default: /dev/shm/simko_tune-<uid>/<run name> (0700)
+    # dtype of the published weights; default: the engine's dtype (native backend: float32)
+    weight_dtype: str | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     request_timeout_s: float = 600.0
     restart_on_failure: bool = True
