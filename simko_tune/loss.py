@@ -18,6 +18,7 @@ The math follows DESIGN.md §1 (SimKO, arXiv 2510.14807, and its official verl c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,43 +66,45 @@ class LossConfig:
     psr_nsr_norm: str = "kept"  # see PSR_NSR_NORMS
 
     def __post_init__(self) -> None:
-        problems = self.problems()
+        problems = loss_config_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
 
-    def problems(self) -> list[str]:
-        """Every invalid field, one message each (all of them, not just the first)."""
-        out = []
-        for field, value, allowed in (
-            ("mode", self.mode, MODES),
-            ("agg", self.agg, AGGREGATIONS),
-            ("kl_type", self.kl_type, KL_TYPES),
-            ("psr_nsr_norm", self.psr_nsr_norm, PSR_NSR_NORMS),
-        ):
-            if value not in allowed:
-                out.append(f"LossConfig.{field}={value!r}: expected one of {allowed}")
-        for field, ok in (
-            ("top_k", self.top_k >= 1),
-            ("alpha", 0.0 <= self.alpha <= 1.0),
-            ("lam", self.lam > 0.0),
-            ("tau", 0.0 <= self.tau <= 1.0),
-            ("clip_low", 0.0 <= self.clip_low < 1.0),
-            ("clip_high", self.clip_high >= 0.0),
-            ("kl_coef", self.kl_coef >= 0.0),
-            ("entropy_coef", self.entropy_coef >= 0.0),
-            ("temperature", self.temperature > 0.0),
-            ("chunk_size", self.chunk_size >= 1),
-            ("max_response_len", self.max_response_len is None or self.max_response_len >= 1),
-            ("positive_weight", self.positive_weight >= 0.0),
-        ):
-            if not ok:
-                out.append(f"LossConfig.{field}={getattr(self, field)!r} is out of range")
-        if self.mode == "dr_grpo" and self.agg != "seq_mean_token_sum_norm":
-            out.append(
-                f"LossConfig.agg={self.agg!r}: mode 'dr_grpo' normalises by a constant length, "
-                "agg must be 'seq_mean_token_sum_norm'"
-            )
-        return out
+
+def loss_config_problems(c: Any) -> list[str]:
+    """Every invalid field of ``c`` (a LossConfig, or the config section with its fields),
+    one message each: all of them, not just the first."""
+    out = []
+    for field, value, allowed in (
+        ("mode", c.mode, MODES),
+        ("agg", c.agg, AGGREGATIONS),
+        ("kl_type", c.kl_type, KL_TYPES),
+        ("psr_nsr_norm", c.psr_nsr_norm, PSR_NSR_NORMS),
+    ):
+        if value not in allowed:
+            out.append(f"LossConfig.{field}={value!r}: expected one of {allowed}")
+    for field, ok in (
+        ("top_k", c.top_k >= 1),
+        ("alpha", 0.0 <= c.alpha <= 1.0),
+        ("lam", c.lam > 0.0),
+        ("tau", 0.0 <= c.tau <= 1.0),
+        ("clip_low", 0.0 <= c.clip_low < 1.0),
+        ("clip_high", c.clip_high >= 0.0),
+        ("kl_coef", c.kl_coef >= 0.0),
+        ("entropy_coef", c.entropy_coef >= 0.0),
+        ("temperature", c.temperature > 0.0),
+        ("chunk_size", c.chunk_size >= 1),
+        ("max_response_len", c.max_response_len is None or c.max_response_len >= 1),
+        ("positive_weight", c.positive_weight >= 0.0),
+    ):
+        if not ok:
+            out.append(f"LossConfig.{field}={getattr(c, field)!r} is out of range")
+    if c.mode == "dr_grpo" and c.agg != "seq_mean_token_sum_norm":
+        out.append(
+            f"LossConfig.agg={c.agg!r}: mode 'dr_grpo' normalises by a constant length, "
+            "agg must be 'seq_mean_token_sum_norm'"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- advantages

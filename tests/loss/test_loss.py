@@ -15,6 +15,7 @@ from simko_tune.loss import (
     _segment_quantile,
     group_advantages,
     kept_responses,
+    loss_config_problems,
     mode_advantages,
     policy_loss,
     token_logprobs,
@@ -431,7 +432,7 @@ def test_config_validation_reports_every_bad_field():
         assert any(f"LossConfig.{field}=" in line for line in lines), (field, lines)
     with pytest.raises(ValueError, match="dr_grpo.*seq_mean_token_sum_norm"):
         LossConfig(mode="dr_grpo")
-    assert LossConfig(mode="dr_grpo", agg="seq_mean_token_sum_norm").problems() == []
+    assert loss_config_problems(LossConfig(mode="dr_grpo", agg="seq_mean_token_sum_norm")) == []
 
 
 def test_dr_grpo_normaliser_is_a_constant_not_the_batch_width(batch_factory):
