@@ -242,8 +242,11 @@ def _kl(logp: Tensor, ref_logp: Tensor, kind: str) -> tuple[Tensor, Tensor]:
         return diff, torch.ones_like(diff)
     if kind == "k2":
         return 0.5 * diff * diff, diff
-    inv = torch.exp(-diff)  # k3: exp(ref - logp) - (ref - logp) - 1
-    return inv + diff - 1.0, 1.0 - inv
+    # k3: exp(ref - logp) - (ref - logp) - 1 cancels to second order near the reference:
+    # in fp32 it rounds to zero or below there. expm1 in fp64 (a [C] vector) keeps it exact.
+    wide = diff.double()
+    inv_minus_1 = torch.expm1(-wide)
+    return (inv_minus_1 + wide).to(diff.dtype), (-inv_minus_1).to(diff.dtype)
 
 
 # --------------------------------------------------------------------------- the loss

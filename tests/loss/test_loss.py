@@ -577,3 +577,21 @@ def test_psr_nsr_token_mean_over_the_kept_responses(batch_factory, mode):
     everyone = dict(b, advantages=mode_advantages(rewards, 4, mode))
     all_loss = fast_loss(everyone, dataclasses.replace(cfg, psr_nsr_norm="all"))[0]
     close(all_loss, expected.detach() * tokens / int(b["mask"].sum()), atol=1e-7)
+
+
+def test_kl_estimators_near_the_reference_in_fp32():
+    """Close to the reference (the first steps of a run), k3 must stay non-negative and
+    accurate in fp32: exp(-d) + d - 1 computed naively rounds to 0 or below."""
+    from simko_tune.loss import _kl
+
+    diff = torch.tensor([1e-4, -3e-4, 2e-3, -1e-5, 0.5]).double()  # fp32 values, exactly
+    ref = torch.zeros_like(diff)
+    for kind, exact, grad in (
+        ("k1", diff, torch.ones_like(diff)),
+        ("k2", 0.5 * diff**2, diff),
+        ("k3", torch.exp(-diff) + diff - 1, 1 - torch.exp(-diff)),
+    ):
+        value, d_value = _kl(diff.float(), ref.float(), kind)
+        assert (value >= 0).all() or kind == "k1"
+        torch.testing.assert_close(value.double(), exact, rtol=1e-4, atol=0.0)
+        torch.testing.assert_close(d_value.double(), grad, rtol=1e-4, atol=0.0)
