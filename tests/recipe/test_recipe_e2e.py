@@ -261,8 +261,9 @@ def test_two_node_launch_matches_one_process(tmp_path, policy_dir):
 
 def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path):
     """The shipped llama3_2_3b config, shrunk to a tiny Llama 3.2 with Meta's real tokenizer:
-    Llama 3 chat prompts, the LLAMA3_2 checkpointer, FSDP2 on two ranks, publication and
-    reload (the generator's log-probs equal the trainer's after an update), HF export."""
+    the official runs' ChatML prompt as Llama text, the LLAMA3_2 checkpointer, FSDP2 on two
+    ranks, publication and reload (the generator's log-probs equal the trainer's after an
+    update), HF export."""
     from transformers import AutoModelForCausalLM
 
     from simko_tune.paths import data_dir
