@@ -42,7 +42,8 @@ PSR_NSR: dict[str, tuple[str, ...]] = {"psr": ("loss.mode=psr",), "nsr": ("loss.
 SWEEP_ALPHAS = (0.01, 0.05, 0.1)
 SWEEP_LAMBDAS = (1.1, 1.5)
 EVAL_SET = "countdown_test"
-LAMBDA_TAGS = ("lambda_1", "lambda_2", "lambda_3")
+# Λ(1), Λ(2), Λ(3) of the paper, as the recipe logs them
+LAMBDA_TAGS = ("logprob_top1_mean", "logprob_top2_mean", "logprob_top3_mean")
 
 
 def methods(psr_nsr: bool, sweep: bool) -> dict[str, tuple[str, ...]]:
@@ -302,12 +303,10 @@ def lambda_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = []
     for method, runs in results.items():
         parts = []
-        for tag in LAMBDA_TAGS:
+        for n, tag in enumerate(LAMBDA_TAGS, start=1):
             first = [run["curves"][tag][min(run["curves"][tag], key=int)] for run in runs]
             last = [run["curves"][tag][max(run["curves"][tag], key=int)] for run in runs]
-            parts.append(
-                f"{tag.replace('lambda_', 'Λ(')}) {_stats(first)[0]:.2f} → {_stats(last)[0]:.2f}"
-            )
+            parts.append(f"Λ({n}) {_stats(first)[0]:.2f} → {_stats(last)[0]:.2f}")
         lines.append(f"- {method}: " + ", ".join(parts))
     return lines
 

@@ -84,7 +84,7 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path):
     for method in ("grpo", "simko"):
         result = json.loads((out / method / "seed0" / "result.json").read_text())
         assert set(result["final_passk"]) == {"1", "2", "4"}
-        assert set(result["curves"]["lambda_1"]) == {"1", "2"}
+        assert set(result["curves"]["logprob_top1_mean"]) == {"1", "2"}
         assert (result["base_passk"] is not None) == (method == "grpo")
     text = docs.read_text()
     for needle in ("| base | 1 |", "| grpo | 1 |", "| simko | 1 |", "simko vs GRPO", "Λ(1)"):
