@@ -51,7 +51,13 @@ from simko_tune.generation import (
 )
 from simko_tune.generation.client import trainer_cuda_devices
 from simko_tune.generation.weights import default_sync_dir, parse_weight_dtype
-from simko_tune.loss import LossConfig, mode_advantages, policy_loss, token_logprobs
+from simko_tune.loss import (
+    LossConfig,
+    kept_responses,
+    mode_advantages,
+    policy_loss,
+    token_logprobs,
+)
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.models import read_hf_config
 from simko_tune.parallel import (
@@ -75,7 +81,8 @@ class SimKORecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.loss_cfg = LossConfig(**{**cfg.loss, "temperature": cfg.rollout.temperature})
+        # validate() has checked that loss.temperature is the rollout's: nothing is overwritten
+        self.loss_cfg = LossConfig(**cfg.loss)
         self.step = 0
         self.weight_version = 0  # 0 = the checkpoint in model_dir, as the workers load it
         self.generator = None
@@ -106,6 +113,7 @@ class SimKORecipe:
         self.hf_config = read_hf_config(cfg.model_dir)
 
         self.model = self._setup_model()
+        self.ref_model = self._setup_reference_model()
         self.tokenizer = tt_config.instantiate(cfg.tokenizer)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.problems = tt_config.instantiate(cfg.dataset)
@@ -191,6 +199,13 @@ class SimKORecipe:
         engine_kwargs = OmegaConf.to_container(g.engine_kwargs, resolve=True)
         return parse_weight_dtype(g.weight_dtype, engine_kwargs, self.hf_config)
 
+    def _setup_reference_model(self) -> torch.nn.Module | None:
+        """The frozen reference policy of the KL penalty (only when ``loss.kl_coef > 0``):
+        the initial checkpoint, also after a resume, built and sharded like the policy."""
+        if self.loss_cfg.kl_coef <= 0:
+            return None
+        return self._setup_model().requires_grad_(False).eval()
+
     def _setup_generator(self):
         g = self.cfg.generation
         engine_kwargs = OmegaConf.to_container(g.engine_kwargs, resolve=True)
@@ -250,9 +265,9 @@ class SimKORecipe:
 
             rollout, texts = self._rollout(indices, timings)  # times "generate" and "score"
             with _timed(timings, "old_logprobs"):
-                old_logprobs = self._old_logprobs(rollout)
+                old_logprobs, ref_logprobs = self._old_logprobs(rollout)
             with _timed(timings, "update"):
-                stats = self._update(rollout, old_logprobs)
+                stats = self._update(rollout, old_logprobs, ref_logprobs)
             with _timed(timings, "publish"):
                 self._publish(self.weight_version + 1)
             self.step += 1
@@ -327,33 +342,50 @@ class SimKORecipe:
         return _broadcast_object(batch), texts
 
     @torch.no_grad()
-    def _old_logprobs(self, rollout: RolloutBatch) -> torch.Tensor:
-        """Log-probs of the sampled tokens under the policy before this step's update."""
-        if self.cfg.rollout.old_logprobs == "workers":
-            return rollout.worker_logprobs
-        out = torch.zeros_like(rollout.worker_logprobs)
+    def _old_logprobs(self, rollout: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs of the sampled tokens under the policy before this step's update, and
+        under the reference policy when the KL penalty needs them (None otherwise)."""
+        from_workers = self.cfg.rollout.old_logprobs == "workers"
+        if from_workers and self.ref_model is None:
+            return rollout.worker_logprobs, None
+        models = {"ref": self.ref_model} if self.ref_model is not None else {}
+        if not from_workers:
+            models["old"] = self.model
+        out = {name: torch.zeros_like(rollout.worker_logprobs) for name in models}
         for rows in self._my_micro_batches(range(len(rollout))):
             mb = rollout.select(rows)
-            hidden = hidden_states(self.model, mb.tokens.to(self.device))
-            lp = (
-                token_logprobs(
-                    hidden,
-                    full_output_weight(self.model),
-                    mb.targets.to(self.device),
-                    temperature=self.loss_cfg.temperature,
-                    chunk_size=self.loss_cfg.chunk_size,
+            for name, model in models.items():
+                hidden = hidden_states(model, mb.tokens.to(self.device))
+                lp = (
+                    token_logprobs(
+                        hidden,
+                        full_output_weight(model),
+                        mb.targets.to(self.device),
+                        temperature=self.loss_cfg.temperature,
+                        chunk_size=self.loss_cfg.chunk_size,
+                    )
+                    .float()
+                    .cpu()
                 )
-                .float()
-                .cpu()
-            )
-            out[rows, : lp.shape[1]] = lp * mb.mask
+                out[name][rows, : lp.shape[1]] = lp * mb.mask
         # every rank computed its own rows; sum to share them (rows are disjoint)
-        return _all_reduce_sum(out, self.device, group=self._dp_group())
+        out = {k: _all_reduce_sum(v, self.device, group=self._dp_group()) for k, v in out.items()}
+        return out.get("old", rollout.worker_logprobs), out.get("ref")
 
-    def _update(self, rollout: RolloutBatch, old_logprobs: torch.Tensor) -> dict[str, float]:
+    def _update(
+        self,
+        rollout: RolloutBatch,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         cfg = self.cfg
         g = cfg.rollout.samples_per_prompt
-        advantages = mode_advantages(rollout.rewards, g, self.loss_cfg.mode)
+        advantages = mode_advantages(
+            rollout.rewards, g, self.loss_cfg.mode, self.loss_cfg.positive_weight
+        )
+        rollout, kept = self._kept_rows(rollout)
+        old_logprobs, advantages = old_logprobs[kept], advantages[kept]
+        ref_logprobs = None if ref_logprobs is None else ref_logprobs[kept]
         correct = rollout.rewards >= 1.0
         rows_per_update = cfg.ppo.mini_batch_prompts * g
         sums: dict[str, float] = defaultdict(float)
@@ -377,6 +409,9 @@ class SimKORecipe:
                         mb.mask.to(self.device),
                         correct[rows].to(self.device),
                         self.loss_cfg,
+                        ref_logprobs=None
+                        if ref_logprobs is None
+                        else ref_logprobs[rows, :width].to(self.device),
                         normalizer=normalizer,
                     )
                     loss.backward()
@@ -420,7 +455,19 @@ class SimKORecipe:
             _all_reduce_max(torch.tensor([ratio_max]), self.device, group=self._dp_group())
         )
         out["updates_skipped_nonfinite"] = float(skipped)
+        out["kept_responses"] = float(len(kept))
         return out
+
+    def _kept_rows(self, rollout: RolloutBatch) -> tuple[RolloutBatch, torch.Tensor]:
+        """The rows this mode trains on and their indices. PSR / NSR drop the other
+        responses, as the official code does, so mini-batches and normalisers count the kept
+        ones only; trimmed to a multiple of the data-parallel size. When none is kept (PSR
+        on a batch with no correct response) every row stays, all with advantage 0."""
+        kept = kept_responses(rollout.rewards, self.loss_cfg).nonzero().squeeze(1)
+        kept = kept[: len(kept) - len(kept) % self.dp_size]
+        if len(kept) == len(rollout) or len(kept) == 0:
+            return rollout, torch.arange(len(rollout))
+        return rollout.select(kept), kept
 
     def _normalizer(self, rollout: RolloutBatch, rows: range) -> float:
         """The loss denominator over the whole mini-batch (all micro-batches, all ranks):
