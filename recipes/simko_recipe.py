@@ -23,7 +23,6 @@ import contextlib
 import logging
 import os
 import resource
-import shutil
 import sys
 import time
 import traceback
@@ -38,21 +37,26 @@ from torchtune import training
 from torchtune.config._utils import _get_component_from_path
 from tqdm import tqdm
 
-from simko_tune.checkpoint import CheckpointManager, resolve_resume
+from simko_tune.checkpoint import CheckpointManager
 from simko_tune.config import ConfigError, check_schema, parse
 from simko_tune.data import PromptBatches, stop_token_ids, tokenize_prompt
-from simko_tune.export import export_hf_dir
+from simko_tune.export import export_hf
 from simko_tune.generation import (
     NativeGenerator,
     SamplingConfig,
     VLLMWorkers,
+    WeightSync,
     check_versions,
-    prune_versions,
-    publish_weights,
 )
 from simko_tune.generation.client import trainer_cuda_devices
-from simko_tune.generation.weights import version_dir
-from simko_tune.loss import LossConfig, mode_advantages, policy_loss, token_logprobs
+from simko_tune.generation.weights import default_sync_dir, parse_weight_dtype
+from simko_tune.loss import (
+    LossConfig,
+    kept_responses,
+    mode_advantages,
+    policy_loss,
+    token_logprobs,
+)
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.models import read_hf_config
 from simko_tune.parallel import (
@@ -86,10 +90,12 @@ class SimKORecipe:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
-        self.loss_cfg = LossConfig(**{**cfg.loss, "temperature": cfg.rollout.temperature})
+        # validate() has checked that loss.temperature is the rollout's: nothing is overwritten
+        self.loss_cfg = LossConfig(**cfg.loss)
         self.step = 0
         self.weight_version = 0  # 0 = the checkpoint in model_dir, as the workers load it
         self.generator = None
+        self.weight_sync = None
         self.reward_pool = None
         self.metric_logger = None
         self._eval_cache = None
@@ -108,6 +114,7 @@ class SimKORecipe:
         self.hf_config = read_hf_config(cfg.model_dir)
 
         self.model = self._setup_model()
+        self.ref_model = self._setup_reference_model()
         self.tokenizer = tt_config.instantiate(cfg.tokenizer)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.problems = tt_config.instantiate(cfg.dataset)
@@ -120,20 +127,17 @@ class SimKORecipe:
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last
         )
-        self.sync_dir = Path(
-            cfg.generation.sync_dir or f"/dev/shm/simko_tune/{_run_name(self.output_dir)}"
+        self.weight_sync = WeightSync(
+            cfg.generation.sync_dir or default_sync_dir(_run_name(self.output_dir)),
+            self.hf_config,
+            dtype=self._weight_dtype(),
+            remove_on_close=not cfg.generation.sync_dir,
         )
-        if self.is_rank_zero:  # a previous run's publications must never be loaded
-            for old in self.sync_dir.glob("v[0-9]*"):
-                shutil.rmtree(old, ignore_errors=True)
-        resume_from = resolve_resume(cfg.resume, self.output_dir / "checkpoints")
-        if resume_from is not None:
-            extra = self.checkpoints.load(
-                resume_from,
-                model=self.model,
-                optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler,
-            )
+        resumed = self.checkpoints.resume(
+            cfg.resume, model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
+        )
+        if resumed is not None:
+            resume_from, extra = resumed
             self.step = extra["step"]
             self.weight_version = extra["weight_version"]
             self.batches.load_state_dict(extra["data"])
@@ -149,7 +153,8 @@ class SimKORecipe:
                 mode=cfg.rewards.mode,
             )
             self.generator = self._setup_generator()
-        if resume_from is not None:
+            self.weight_sync.attach(self.generator)
+        if resumed is not None:
             # the workers start from model_dir: give them the resumed weights
             self._publish(self.weight_version)
 
@@ -206,17 +211,32 @@ class SimKORecipe:
             else None
         )
 
+    def _weight_dtype(self) -> torch.dtype:
+        """Publications are written in the generation engine's dtype (bf16 on GPU: half the
+        bytes of the fp32 master weights); the native generator computes in fp32."""
+        g = self.cfg.generation
+        if g.backend == "native":
+            return parse_weight_dtype(g.weight_dtype or "float32", {}, self.hf_config)
+        engine_kwargs = OmegaConf.to_container(g.engine_kwargs, resolve=True)
+        return parse_weight_dtype(g.weight_dtype, engine_kwargs, self.hf_config)
+
+    def _setup_reference_model(self) -> torch.nn.Module | None:
+        """The frozen reference policy of the KL penalty (only when ``loss.kl_coef > 0``):
+        the initial checkpoint, also after a resume, built and sharded like the policy."""
+        if self.loss_cfg.kl_coef <= 0:
+            return None
+        return self._setup_model().requires_grad_(False).eval()
+
     def _setup_generator(self):
         g = self.cfg.generation
         engine_kwargs = OmegaConf.to_container(g.engine_kwargs, resolve=True)
+        sync_dir = self.weight_sync.sync_dir
         if g.backend == "native":
-            return NativeGenerator(
-                self.cfg.model_dir, sync_dir=self.sync_dir, device=str(self.device)
-            )
+            return NativeGenerator(self.cfg.model_dir, sync_dir=sync_dir, device=str(self.device))
         if g.addresses:
             return VLLMWorkers.connect(
                 list(g.addresses),
-                self.sync_dir,
+                sync_dir,
                 model_dir=self.cfg.model_dir,
                 request_timeout_s=g.request_timeout_s,
                 curve_server_key=g.curve_server_key,
@@ -225,7 +245,7 @@ class SimKORecipe:
         return VLLMWorkers.start_local(
             self.cfg.model_dir,
             num_workers=g.num_workers,
-            sync_dir=self.sync_dir,
+            sync_dir=sync_dir,
             engine_kwargs=engine_kwargs,
             devices=list(g.devices) if g.devices else None,
             tensor_parallel_size=g.tensor_parallel_size,
@@ -266,9 +286,9 @@ class SimKORecipe:
 
             rollout, texts = self._rollout(indices, timings)  # times "generate" and "score"
             with _timed(timings, "old_logprobs"):
-                old_logprobs = self._old_logprobs(rollout)
+                old_logprobs, ref_logprobs = self._old_logprobs(rollout)
             with _timed(timings, "update"):
-                stats = self._update(rollout, old_logprobs)
+                stats = self._update(rollout, old_logprobs, ref_logprobs)
             with _timed(timings, "publish"):
                 self._publish(self.weight_version + 1)
             self.step += 1
@@ -343,28 +363,44 @@ class SimKORecipe:
         return broadcast_object(batch), texts
 
     @torch.no_grad()
-    def _old_logprobs(self, rollout: RolloutBatch) -> torch.Tensor:
-        """Log-probs of the sampled tokens under the policy before this step's update."""
-        if self.cfg.rollout.old_logprobs == "workers":
-            return rollout.worker_logprobs
+    def _old_logprobs(self, rollout: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs of the sampled tokens under the policy before this step's update, and
+        under the reference policy when the KL penalty needs them (None otherwise).
+        Forward only: micro-batches of ``ppo.logprob_max_tokens_per_micro_batch`` tokens."""
+        from_workers = self.cfg.rollout.old_logprobs == "workers"
+        if from_workers and self.ref_model is None:
+            return rollout.worker_logprobs, None
+        models = {"ref": self.ref_model} if self.ref_model is not None else {}
+        if not from_workers:
+            models["old"] = self.model
         ppo = self.cfg.ppo
         budget = ppo.logprob_max_tokens_per_micro_batch or ppo.max_tokens_per_micro_batch
-        out = torch.zeros(rollout.worker_logprobs.shape, device=self.device)
+        shape = rollout.worker_logprobs.shape
+        out = {name: torch.zeros(shape, device=self.device) for name in models}
         for rows in self._micro_batches(rollout, range(len(rollout)), budget):
             mb = rollout.select(rows)
-            hidden = hidden_states(self.model, mb.tokens.to(self.device))
-            lp = token_logprobs(
-                hidden,
-                full_output_weight(self.model),
-                mb.targets.to(self.device),
-                temperature=self.loss_cfg.temperature,
-                chunk_size=self.loss_cfg.chunk_size,
-            )
-            out[rows.to(self.device), : lp.shape[1]] = lp.float() * mb.mask.to(self.device)
+            for name, model in models.items():
+                hidden = hidden_states(model, mb.tokens.to(self.device))
+                lp = token_logprobs(
+                    hidden,
+                    full_output_weight(model),
+                    mb.targets.to(self.device),
+                    temperature=self.loss_cfg.temperature,
+                    chunk_size=self.loss_cfg.chunk_size,
+                )
+                out[name][rows.to(self.device), : lp.shape[1]] = lp.float() * mb.mask.to(
+                    self.device
+                )
         # every rank computed its own rows; sum to share them (rows are disjoint)
-        return all_reduce_sum(out, group=self.dp_group).cpu()
+        out = {k: all_reduce_sum(v, group=self.dp_group).cpu() for k, v in out.items()}
+        return out.get("old", rollout.worker_logprobs), out.get("ref")
 
-    def _update(self, rollout: RolloutBatch, old_logprobs: torch.Tensor) -> dict[str, float]:
+    def _update(
+        self,
+        rollout: RolloutBatch,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """PPO epochs over mini-batches; one optimizer step per mini-batch.
 
         Per mini-batch: micro-batches (token budget) forward + backward, gradients reduced
@@ -374,7 +410,12 @@ class SimKORecipe:
         """
         cfg = self.cfg
         g = cfg.rollout.samples_per_prompt
-        advantages = mode_advantages(rollout.rewards, g, self.loss_cfg.mode)
+        advantages = mode_advantages(
+            rollout.rewards, g, self.loss_cfg.mode, self.loss_cfg.positive_weight
+        )
+        rollout, kept = self._kept_rows(rollout)
+        old_logprobs, advantages = old_logprobs[kept], advantages[kept]
+        ref_logprobs = None if ref_logprobs is None else ref_logprobs[kept]
         correct = rollout.rewards >= 1.0
         rows_per_update = cfg.ppo.mini_batch_prompts * g
         sums: dict[str, torch.Tensor] = {}  # token-weighted metric sums of this rank's rows
@@ -402,6 +443,9 @@ class SimKORecipe:
                         mb.mask.to(self.device),
                         correct[rows].to(self.device),
                         self.loss_cfg,
+                        ref_logprobs=None
+                        if ref_logprobs is None
+                        else ref_logprobs[rows, :width].to(self.device),
                         normalizer=normalizer,
                     )
                     loss.backward()
@@ -437,7 +481,19 @@ class SimKORecipe:
         # a maximum over every micro-batch of every rank, not a mean of maxima
         out["ratio_max"] = float(all_reduce_max(ratio_max, group=self.dp_group))
         out["updates_skipped_nonfinite"] = float(skipped)
+        out["kept_responses"] = float(len(kept))
         return out
+
+    def _kept_rows(self, rollout: RolloutBatch) -> tuple[RolloutBatch, torch.Tensor]:
+        """The rows this mode trains on and their indices. PSR / NSR drop the other
+        responses, as the official code does, so mini-batches and normalisers count the kept
+        ones only; trimmed to a multiple of the data-parallel size. When none is kept (PSR
+        on a batch with no correct response) every row stays, all with advantage 0."""
+        kept = kept_responses(rollout.rewards, self.loss_cfg).nonzero().squeeze(1)
+        kept = kept[: len(kept) - len(kept) % self.dp_size]
+        if len(kept) == len(rollout) or len(kept) == 0:
+            return rollout, torch.arange(len(rollout))
+        return rollout.select(kept), kept
 
     def _normalizer(self, rollout: RolloutBatch, rows: range) -> float:
         """The loss denominator over the whole mini-batch (all micro-batches, all ranks):
@@ -462,11 +518,8 @@ class SimKORecipe:
         )
 
     def _publish(self, version: int) -> None:
-        """Weights → safetensors + manifest (all ranks gather, rank 0 writes) → workers ack."""
-        publish_weights(self.model, version, self.sync_dir, self.hf_config)
-        if self.is_rank_zero:
-            self.generator.load_weights(version)
-            prune_versions(self.sync_dir, keep_version=version)
+        """Weights → safetensors + manifest (ranks share the writing) → workers ack → prune."""
+        self.weight_sync.publish(self.model, version)
         self.weight_version = version
         barrier()
 
@@ -527,7 +580,10 @@ class SimKORecipe:
         self.metric_logger.log_text("samples", "\n".join(lines), step=self.step)
 
     def save_checkpoint(self) -> None:
-        path = self.checkpoints.save(
+        # The policy in Hugging Face form (the base checkpoint's dtype), inside the
+        # checkpoint's atomic publication: what the eval recipe and vLLM load.
+        hf_dtype = parse_weight_dtype(None, {}, self.hf_config)
+        self.checkpoints.save(
             self.step,
             model=self.model,
             optimizer=self.optimizer,
@@ -537,14 +593,10 @@ class SimKORecipe:
                 "weight_version": self.weight_version,
                 "data": self.batches.state_dict(),
             },
+            write_more=lambda folder: export_hf(
+                self.model, folder / "hf", self.hf_config, self.cfg.model_dir, dtype=hf_dtype
+            ),
         )
-        if (
-            self.is_rank_zero
-        ):  # the published weights are the model: export them with the checkpoint
-            export_hf_dir(
-                version_dir(self.sync_dir, self.weight_version), self.cfg.model_dir, path / "hf"
-            )
-        barrier()
 
     def cleanup(self) -> None:
         """After a normal end: release this rank's resources, then leave the process group
@@ -556,6 +608,8 @@ class SimKORecipe:
         """Release what this rank started (workers, verifier pool, logger); no collectives."""
         if self.generator is not None:
             self.generator.close()
+        if self.weight_sync is not None:
+            self.weight_sync.close()
         if self.reward_pool is not None:
             self.reward_pool.close()
         if self.metric_logger is not None:

@@ -19,6 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torchtune import config as tt_config
 
+from simko_tune.loss import LossConfig
+
 
 def packaged_configs() -> list[str]:
     """Names of the YAML configs shipped with the package."""
@@ -90,7 +92,9 @@ class GenerationSection:
     devices: list[str] | None = None  # one entry per worker, e.g. ["4", "5,6"] (CUDA ids)
     addresses: list[str] | None = None  # remote workers (tcp://host:port); overrides local start
     tensor_parallel_size: int = 1
-    sync_dir: str | None = None  # default: /dev/shm/simko_tune/<run name>
+    sync_dir: str | None = None  # default: /dev/shm/simko_tune-<uid>/<run name> (0700)
+    # dtype of the published weights; default: the engine's dtype (native backend: float32)
+    weight_dtype: str | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     request_timeout_s: float = 600.0
     restart_on_failure: bool = True
@@ -183,7 +187,7 @@ class RecipeConfig:
     rollout: RolloutSection = field(default_factory=RolloutSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
     rewards: RewardSection = field(default_factory=RewardSection)
-    loss: Any = field(default_factory=dict)  # LossConfig fields
+    loss: LossConfig = field(default_factory=LossConfig)  # range checks in plan.validate
     ppo: PPOSection = field(default_factory=PPOSection)
     optimizer: Any = MISSING
     lr_scheduler: Any = None
@@ -234,8 +238,16 @@ class ConfigError(ValueError):
 
 def check_schema(cfg: DictConfig, schema_class: type = RecipeConfig) -> DictConfig:
     """Merge ``cfg`` onto the typed schema (the training recipe's unless another is given):
-    unknown keys, wrong types and missing required keys raise ConfigError naming the full key."""
+    unknown keys, wrong types and missing required keys raise ConfigError naming the full key.
+
+    In the training schema two loss fields follow the rollout unless given:
+    ``loss.temperature`` (the sampling temperature the old log-probs were drawn at) and
+    ``loss.max_response_len`` (Dr. GRPO's constant). A given ``loss.temperature`` that
+    differs is an error in ``plan.validate``, never overwritten.
+    """
     schema = OmegaConf.structured(schema_class)
+    if schema_class is RecipeConfig:
+        cfg = _fill_loss_from_rollout(cfg)
     try:
         merged = OmegaConf.merge(schema, cfg)
         missing = sorted(OmegaConf.missing_keys(merged))
@@ -245,3 +257,22 @@ def check_schema(cfg: DictConfig, schema_class: type = RecipeConfig) -> DictConf
     if missing:
         raise ConfigError(f"config keys required but missing: {', '.join(missing)}")
     return merged
+
+
+def _fill_loss_from_rollout(cfg: DictConfig) -> DictConfig:
+    loss = cfg.get("loss")
+    if loss is not None and not isinstance(loss, DictConfig):
+        return cfg  # the schema merge reports the wrong type
+    rollout = cfg.get("rollout") or {}
+    defaults = {
+        "temperature": rollout.get("temperature", RolloutSection.temperature),
+        "max_response_len": rollout.get("max_response_tokens", RolloutSection.max_response_tokens),
+    }
+    missing = {k: v for k, v in defaults.items() if loss is None or loss.get(k) is None}
+    if not missing:
+        return cfg
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    for key, value in missing.items():
+        OmegaConf.update(cfg, f"loss.{key}", value, force_add=True)
+    return cfg

@@ -18,20 +18,31 @@ The math follows DESIGN.md §1 (SimKO, arXiv 2510.14807, and its official verl c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-MODES = ("simko", "grpo", "psr", "nsr", "w_reinforce", "forking_only")
+MODES = ("simko", "grpo", "dr_grpo", "psr", "nsr", "w_reinforce", "forking_only")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_TYPES = ("k1", "k2", "k3")
+# PSR / NSR: "kept" trains on the kept responses only (correct ones for PSR, incorrect ones
+# for NSR), so the token mean is over them, as the official code does by dropping the rest
+# of the batch; "all" keeps every response, the others with advantage 0, in the normaliser.
+PSR_NSR_NORMS = ("kept", "all")
 # Λ(1), Λ(2), Λ(3) are logged whatever top_k is.
 _NUM_LOGGED_RANKS = 3
 
 
 @dataclass
 class LossConfig:
-    """Policy-loss settings. Defaults are the SimKO paper's (K=3, α=0.01, λ=1.1, τ=0.8)."""
+    """Policy-loss settings. Defaults are the SimKO paper's (K=3, α=0.01, λ=1.1, τ=0.8).
+
+    Modes: ``simko``; ``grpo``; ``dr_grpo`` (advantages not divided by the group std, with
+    ``agg=seq_mean_token_sum_norm`` over a constant length); ``psr`` / ``nsr`` (correct /
+    incorrect responses only, A = +1 / -1); ``w_reinforce`` (A = ``positive_weight`` for
+    correct, -1 for incorrect); ``forking_only`` (GRPO on the entropy-gated tokens alone).
+    """
 
     mode: str = "simko"
     top_k: int = 3
@@ -44,36 +55,56 @@ class LossConfig:
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
+    # The sampling temperature of the rollout (the recipe requires rollout.temperature).
     temperature: float = 1.0
     chunk_size: int = 1024
     compile: bool = True
-    # Divisor of each response's token sum for seq_mean_token_sum_norm (Dr. GRPO uses the
-    # maximum response length); None means the padded response length T of the batch.
+    # Constant divisor of each response's token sum for seq_mean_token_sum_norm (Dr. GRPO:
+    # the maximum response length; the recipe fills in rollout.max_response_tokens).
     max_response_len: int | None = None
+    positive_weight: float = 0.1  # w_reinforce: the advantage of a correct response
+    psr_nsr_norm: str = "kept"  # see PSR_NSR_NORMS
 
     def __post_init__(self) -> None:
-        for field, value, allowed in (
-            ("mode", self.mode, MODES),
-            ("agg", self.agg, AGGREGATIONS),
-            ("kl_type", self.kl_type, KL_TYPES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"LossConfig.{field}={value!r}: expected one of {allowed}")
-        for field, ok in (
-            ("top_k", self.top_k >= 1),
-            ("alpha", 0.0 <= self.alpha <= 1.0),
-            ("lam", self.lam > 0.0),
-            ("tau", 0.0 <= self.tau <= 1.0),
-            ("clip_low", 0.0 <= self.clip_low < 1.0),
-            ("clip_high", self.clip_high >= 0.0),
-            ("kl_coef", self.kl_coef >= 0.0),
-            ("entropy_coef", self.entropy_coef >= 0.0),
-            ("temperature", self.temperature > 0.0),
-            ("chunk_size", self.chunk_size >= 1),
-            ("max_response_len", self.max_response_len is None or self.max_response_len >= 1),
-        ):
-            if not ok:
-                raise ValueError(f"LossConfig.{field}={getattr(self, field)!r} is out of range")
+        problems = loss_config_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+
+
+def loss_config_problems(c: Any) -> list[str]:
+    """Every invalid field of ``c`` (a LossConfig, or the config section with its fields),
+    one message each: all of them, not just the first."""
+    out = []
+    for field, value, allowed in (
+        ("mode", c.mode, MODES),
+        ("agg", c.agg, AGGREGATIONS),
+        ("kl_type", c.kl_type, KL_TYPES),
+        ("psr_nsr_norm", c.psr_nsr_norm, PSR_NSR_NORMS),
+    ):
+        if value not in allowed:
+            out.append(f"LossConfig.{field}={value!r}: expected one of {allowed}")
+    for field, ok in (
+        ("top_k", c.top_k >= 1),
+        ("alpha", 0.0 <= c.alpha <= 1.0),
+        ("lam", c.lam > 0.0),
+        ("tau", 0.0 <= c.tau <= 1.0),
+        ("clip_low", 0.0 <= c.clip_low < 1.0),
+        ("clip_high", c.clip_high >= 0.0),
+        ("kl_coef", c.kl_coef >= 0.0),
+        ("entropy_coef", c.entropy_coef >= 0.0),
+        ("temperature", c.temperature > 0.0),
+        ("chunk_size", c.chunk_size >= 1),
+        ("max_response_len", c.max_response_len is None or c.max_response_len >= 1),
+        ("positive_weight", c.positive_weight >= 0.0),
+    ):
+        if not ok:
+            out.append(f"LossConfig.{field}={getattr(c, field)!r} is out of range")
+    if c.mode == "dr_grpo" and c.agg != "seq_mean_token_sum_norm":
+        out.append(
+            f"LossConfig.agg={c.agg!r}: mode 'dr_grpo' normalises by a constant length, "
+            "agg must be 'seq_mean_token_sum_norm'"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- advantages
@@ -89,10 +120,7 @@ def group_advantages(
     rewards are all equal carries no signal and gets exact zeros (never NaN, also for
     ``group_size == 1``).
     """
-    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(
-            f"rewards of shape {tuple(rewards.shape)} cannot be split into groups of {group_size}"
-        )
+    _check_groups(rewards, group_size)
     grouped = rewards.float().view(-1, group_size)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_by_std and group_size > 1:
@@ -101,24 +129,20 @@ def group_advantages(
     return torch.where(identical, torch.zeros_like(centered), centered).view(-1)
 
 
-def mode_advantages(rewards: Tensor, group_size: int, mode: str, **kw) -> Tensor:
+def mode_advantages(
+    rewards: Tensor, group_size: int, mode: str, positive_weight: float = 0.1
+) -> Tensor:
     """Advantages each mode trains with (a response is correct when its reward is 1).
 
-    simko / grpo / forking_only: :func:`group_advantages` (``kw`` passed on);
-    psr: +1 correct, 0 else; nsr: -1 incorrect, 0 else;
-    w_reinforce: ``positive_weight`` (0.1) correct, -1 incorrect.
+    simko / grpo / forking_only: :func:`group_advantages`; dr_grpo: the same without the
+    std scaling; psr: +1 correct, 0 else; nsr: -1 incorrect, 0 else; w_reinforce:
+    ``positive_weight`` correct, -1 incorrect (the official code's ``weighted`` advantage).
     """
-    if mode in ("simko", "grpo", "forking_only"):
-        return group_advantages(rewards, group_size, **kw)
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-    positive_weight = kw.pop("positive_weight", 0.1) if mode == "w_reinforce" else None
-    if kw:
-        raise TypeError(f"mode {mode!r} takes no options {sorted(kw)}")
-    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(
-            f"rewards of shape {tuple(rewards.shape)} cannot be split into groups of {group_size}"
-        )
+    if mode in ("simko", "grpo", "forking_only", "dr_grpo"):
+        return group_advantages(rewards, group_size, scale_by_std=mode != "dr_grpo")
+    _check_groups(rewards, group_size)
     correct = rewards == 1
     zeros = torch.zeros_like(rewards, dtype=torch.float32)
     if mode == "psr":
@@ -126,6 +150,25 @@ def mode_advantages(rewards: Tensor, group_size: int, mode: str, **kw) -> Tensor
     if mode == "nsr":
         return torch.where(correct, zeros, -1.0)
     return torch.where(correct, positive_weight, -torch.ones_like(zeros))
+
+
+def kept_responses(rewards: Tensor, cfg: LossConfig) -> Tensor:
+    """[B] bool: the responses a mode trains on. PSR keeps the correct ones and NSR the
+    incorrect ones (with ``psr_nsr_norm="kept"``); every other mode keeps all. The caller
+    drops the rest before the update, so normalisers and mini-batches count kept rows only."""
+    correct = rewards == 1
+    if cfg.mode == "psr" and cfg.psr_nsr_norm == "kept":
+        return correct
+    if cfg.mode == "nsr" and cfg.psr_nsr_norm == "kept":
+        return ~correct
+    return torch.ones_like(correct)
+
+
+def _check_groups(rewards: Tensor, group_size: int) -> None:
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} cannot be split into groups of {group_size}"
+        )
 
 
 # --------------------------------------------------------------------------- chunk math
@@ -199,8 +242,11 @@ def _kl(logp: Tensor, ref_logp: Tensor, kind: str) -> tuple[Tensor, Tensor]:
         return diff, torch.ones_like(diff)
     if kind == "k2":
         return 0.5 * diff * diff, diff
-    inv = torch.exp(-diff)  # k3: exp(ref - logp) - (ref - logp) - 1
-    return inv + diff - 1.0, 1.0 - inv
+    # k3: exp(ref - logp) - (ref - logp) - 1 cancels to second order near the reference:
+    # in fp32 it rounds to zero or below there. expm1 in fp64 (a [C] vector) keeps it exact.
+    wide = diff.double()
+    inv_minus_1 = torch.expm1(-wide)
+    return (inv_minus_1 + wide).to(diff.dtype), (-inv_minus_1).to(diff.dtype)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -343,7 +389,7 @@ def policy_loss(
 
     Aggregation: ``token_mean`` = Σ_tokens ℓ / normalizer; ``seq_mean_token_mean`` =
     Σ_rows mean_tokens(ℓ) / normalizer; ``seq_mean_token_sum_norm`` (Dr. GRPO) =
-    Σ_rows (Σ_tokens ℓ / L) / normalizer with L = ``cfg.max_response_len`` or T.
+    Σ_rows (Σ_tokens ℓ / L) / normalizer with the constant L = ``cfg.max_response_len``.
     In forking_only mode non-gated tokens contribute zero but still count in the normaliser.
     λ (simko) scales the advantage where the token is gated, A < 0 and the sampled token is
     the argmax of the current logits; the top-K boost applies to gated tokens of ``correct``
@@ -393,7 +439,15 @@ def policy_loss(
         local_count, per_row = valid.numel(), torch.ones_like(counts, dtype=torch.float32)
     else:
         local_count = int((counts > 0).sum())
-        divisor = counts if cfg.agg == "seq_mean_token_mean" else cfg.max_response_len or seq_len
+        if cfg.agg == "seq_mean_token_mean":
+            divisor = counts
+        elif cfg.max_response_len is None:
+            raise ValueError(
+                "LossConfig.max_response_len is needed by agg='seq_mean_token_sum_norm': a "
+                "constant (the recipe uses rollout.max_response_tokens), not the batch's width"
+            )
+        else:
+            divisor = cfg.max_response_len
         divisor = torch.as_tensor(divisor, dtype=torch.float32, device=hidden.device)
         per_row = (1.0 / divisor.clamp_min(1.0)).expand(batch)
     if normalizer is None:

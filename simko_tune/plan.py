@@ -10,7 +10,6 @@ without its weights.
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +18,28 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config as tt_config
 
 from simko_tune.config import ConfigError
-from simko_tune.loss import LossConfig
+from simko_tune.loss import loss_config_problems
 from simko_tune.memory_plan import MemoryPlan, ModelShape, estimate_memory
 
 _FILE_KEYS = ("path", "merges_file", "special_tokens_path", "checkpoint_dir")
 
 
 def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
-    """Return (problems that make the config unusable, the plan). Schema errors were
-    already raised by ``check_schema``."""
+    """Return (every problem that makes the config unusable, all of them, and the plan).
+    Schema errors (unknown keys, types) were already raised by ``check_schema``."""
     errors: list[str] = []
     plan: dict[str, Any] = {}
 
-    known = {f.name for f in fields(LossConfig)}
-    unknown = sorted(set(cfg.loss) - known)
-    if unknown:
-        errors.append(f"loss.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    else:
-        try:
-            LossConfig(**cfg.loss)
-        except (ValueError, TypeError) as e:
-            errors.append(f"loss: {e}")
-
+    errors += [
+        "loss." + line.removeprefix("LossConfig.") for line in loss_config_problems(cfg.loss)
+    ]
     r, u, g, p = cfg.rollout, cfg.ppo, cfg.generation, cfg.parallel
+    if cfg.loss.temperature != r.temperature:
+        errors.append(
+            f"loss.temperature={cfg.loss.temperature} differs from rollout.temperature="
+            f"{r.temperature}: the loss must use the temperature the rollout sampled at "
+            "(leave loss.temperature out to follow the rollout)"
+        )
     if r.old_logprobs not in ("trainer", "workers"):
         errors.append(f"rollout.old_logprobs: {r.old_logprobs!r} is not 'trainer' or 'workers'")
     if g.backend not in ("vllm", "native"):
@@ -50,14 +48,42 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
         ("max_steps", cfg.max_steps),
         ("rollout.prompts_per_step", r.prompts_per_step),
         ("rollout.samples_per_prompt", r.samples_per_prompt),
+        ("rollout.max_prompt_tokens", r.max_prompt_tokens),
+        ("rollout.max_response_tokens", r.max_response_tokens),
         ("ppo.mini_batch_prompts", u.mini_batch_prompts),
         ("ppo.micro_batch_size", u.micro_batch_size),
+        ("ppo.epochs", u.epochs),
         ("parallel.tp", p.tp),
+        ("generation.num_workers", g.num_workers),
+        ("generation.tensor_parallel_size", g.tensor_parallel_size),
+        ("rewards.num_workers", cfg.rewards.num_workers),
     ):
         if value < 1:
             errors.append(f"{key}: must be >= 1, got {value}")
-    if errors:
-        return errors, plan
+    for key, value in (
+        ("rollout.temperature", r.temperature),
+        ("rewards.timeout_s", cfg.rewards.timeout_s),
+        ("generation.request_timeout_s", g.request_timeout_s),
+    ):
+        if not value > 0:
+            errors.append(f"{key}: must be > 0, got {value}")
+    if not 0 < r.top_p <= 1:
+        errors.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+    max_model_len = g.engine_kwargs.get("max_model_len")
+    if max_model_len is not None:
+        lengths = [("rollout.max_response_tokens", r.max_response_tokens)]
+        if cfg.eval.sets and (cfg.eval.every_n_steps or cfg.eval.before_training):
+            lengths.append(("eval.max_tokens", cfg.eval.max_tokens))
+        for key, response in lengths:
+            if r.max_prompt_tokens + response > max_model_len:
+                errors.append(
+                    f"rollout.max_prompt_tokens + {key} = {r.max_prompt_tokens} + {response} "
+                    f"exceeds generation.engine_kwargs.max_model_len={max_model_len}"
+                )
+    if (p.dp_shard < 1 and p.dp_shard != -1) or p.tp < 1 or u.mini_batch_prompts < 1:
+        if p.dp_shard < 1 and p.dp_shard != -1:
+            errors.append(f"parallel.dp_shard: must be >= 1 or -1, got {p.dp_shard}")
+        return errors, plan  # the arithmetic below needs these
 
     world = int(os.environ.get("WORLD_SIZE", "0")) or (p.dp_shard if p.dp_shard > 0 else 1) * p.tp
     dp = p.dp_shard if p.dp_shard > 0 else world // p.tp

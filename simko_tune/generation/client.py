@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,6 @@ from simko_tune.generation.types import (
     check_prompt_lengths,
     sample_seed,
 )
-from simko_tune.generation.weights import default_sync_dir, prune_versions
 from simko_tune.paths import free_port
 
 _POLL_MS = 200
@@ -53,7 +51,7 @@ class _Launch:
     """How to (re)start a local worker."""
 
     model_dir: str
-    sync_dir: str
+    sync_dir: str | None
     engine_kwargs: dict
     env: dict[str, str]
     tensor_parallel_size: int
@@ -181,22 +179,20 @@ class VLLMWorkers(Generator):
     def __init__(
         self,
         workers: list[_Worker],
-        sync_dir: str | Path,
+        sync_dir: str | Path | None,
         *,
         request_timeout_s: float,
         restart_on_failure: bool,
         startup_timeout_s: float = 600.0,
-        owns_sync_dir: bool = False,
         curve_server_key: str | Path | None = None,
         curve_client_key: str | Path | None = None,
     ) -> None:
-        self.sync_dir = Path(sync_dir)
+        self.sync_dir = Path(sync_dir) if sync_dir is not None else None
         self.request_timeout_s = request_timeout_s
         self.restart_on_failure = restart_on_failure
         self.startup_timeout_s = startup_timeout_s
         self._workers = workers
         self._ctx = zmq.Context()
-        self._owns_sync_dir = owns_sync_dir
         self._curve = {"server_key": curve_server_key, "client_key": curve_client_key}
         self._acked = INITIAL_VERSION
         self._closed = False
@@ -226,7 +222,8 @@ class VLLMWorkers(Generator):
 
         ``devices[k]`` is worker ``k``'s ``CUDA_VISIBLE_DEVICES`` on GPU, or its
         ``VLLM_CPU_OMP_THREADS_BIND`` core list on CPU (default: an even split).
-        ``sync_dir`` defaults to a fresh folder under /dev/shm, removed on :meth:`close`.
+        ``sync_dir`` is where a :class:`~simko_tune.generation.weights.WeightSync` publishes
+        (workers only read it); without one, only the initial weights (version 0) load.
         Worker logs go to ``log_dir`` (default: a fresh folder under the project cache).
         ``trainer_devices``: the GPUs this node's trainer ranks use (see
         :func:`trainer_cuda_devices`); workers placed on any of them are refused.
@@ -237,9 +234,6 @@ class VLLMWorkers(Generator):
         if len(devices) != num_workers:
             raise ValueError(f"{len(devices)} device entries for {num_workers} workers")
         check_device_overlap(devices, trainer_devices)
-        owns = sync_dir is None
-        sync_dir = Path(sync_dir) if sync_dir is not None else default_sync_dir()
-        sync_dir.mkdir(parents=True, exist_ok=True)
         if log_dir is None:
             from simko_tune.paths import cache_dir
 
@@ -254,7 +248,7 @@ class VLLMWorkers(Generator):
                 address="",
                 launch=_Launch(
                     model_dir=str(model_dir),
-                    sync_dir=str(sync_dir),
+                    sync_dir=None if sync_dir is None else str(sync_dir),
                     engine_kwargs=dict(engine_kwargs or {}),
                     env=_worker_env(devices[k]),
                     tensor_parallel_size=tensor_parallel_size,
@@ -269,7 +263,6 @@ class VLLMWorkers(Generator):
             request_timeout_s=request_timeout_s,
             restart_on_failure=restart_on_failure,
             startup_timeout_s=startup_timeout_s,
-            owns_sync_dir=owns,
         )
         try:
             for w in workers:  # start all first: engines initialise in parallel
@@ -349,7 +342,7 @@ class VLLMWorkers(Generator):
             sys.executable, "-m", "simko_tune.generation.server",
             "--model", launch.model_dir,
             "--port", str(port),
-            "--sync-dir", launch.sync_dir,
+            *(["--sync-dir", launch.sync_dir] if launch.sync_dir else []),
             "--tensor-parallel-size", str(launch.tensor_parallel_size),
             "--engine-kwargs", json.dumps(launch.engine_kwargs),
             "--parent-pid", str(os.getpid()),
@@ -535,8 +528,8 @@ class VLLMWorkers(Generator):
         return out
 
     def load_weights(self, version: int, timeout_s: float = 300.0) -> None:
-        """All workers load ``version``; then older publications are pruned. If any worker
-        refuses (a bad publication), the others go back to the previous version and
+        """All workers load ``version`` and acknowledge it. If any worker refuses (a bad
+        publication), the others go back to the previous version and
         :class:`GenerationError` says why: the pool never serves mixed weights."""
         previous = self._acked
         replies = self._call(
@@ -559,8 +552,6 @@ class VLLMWorkers(Generator):
         self.last_load_timings = {
             key: max(r.get(key, 0.0) for r in replies.values()) for key in ("verify_s", "reload_s")
         }
-        # Freeing a GB-scale publication takes a while and nobody waits on it.
-        threading.Thread(target=prune_versions, args=(self.sync_dir, version), daemon=True).start()
 
     def ping(self) -> list[dict]:
         """Health check: each worker's version, model, pid and ``max_model_len``."""
@@ -589,10 +580,6 @@ class VLLMWorkers(Generator):
             if w.sock is not None:
                 w.sock.close(linger=0)
         self._ctx.term()
-        if self._owns_sync_dir:
-            import shutil
-
-            shutil.rmtree(self.sync_dir, ignore_errors=True)
 
     def __enter__(self) -> VLLMWorkers:
         return self

@@ -42,7 +42,9 @@ from simko_tune.generation.weights import (
     PublicationError,
     checkpoint_shapes,
     compare_shapes,
-    verify_publication,
+    read_manifest,
+    streamed_tensors,
+    verified_tensors,
 )
 
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -58,20 +60,49 @@ class ReloadExtension:
     embeddings with the old output projection: silently stale weights.
     """
 
-    def simko_reload(self, weights_path: str) -> None:
+    def simko_reload(
+        self, weights_path: str, files: list[dict] | None = None, previous: dict | None = None
+    ) -> str | None:
+        """Reload from ``weights_path``; return an error if its checksums do not match.
+
+        With ``files`` (a publication's manifest entries) the shards are checksummed here,
+        in the process that loads them, on the very bytes the loader copies. With a
+        ``previous`` publication to go back to (``simko_reload``'s own arguments), they are
+        hashed as they are loaded, one pass over the page cache, and a damaged file puts
+        the previous weights back; without one, all are verified before any weight moves.
+        """
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-        self.reload_weights(weights_path=weights_path)
+        if files is None:
+            self.reload_weights(weights_path=weights_path)
+        elif previous is None:
+            try:
+                with verified_tensors(Path(weights_path), files) as tensors:
+                    self.reload_weights(weights_iterator=tensors)
+            except PublicationError as e:
+                return str(e)
+        else:
+            errors: list[str] = []
+            with streamed_tensors(Path(weights_path), files, errors) as tensors:
+                self.reload_weights(weights_iterator=tensors)
+            if errors:
+                failed_again = self.simko_reload(**previous)
+                if failed_again:  # the engine holds a partial load: it must not serve
+                    raise RuntimeError(
+                        f"{errors[0]}; restoring the previous weights: {failed_again}"
+                    )
+                return errors[0]
         if getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False):
             for module in self.model_runner.get_model().modules():
                 if isinstance(module, ParallelLMHead):
                     module.quant_method.process_weights_after_loading(module)
+        return None
 
 
 class Worker:
     """Request handlers around one engine. Kept free of sockets so the logic reads plainly."""
 
-    def __init__(self, llm: Any, model_dir: str, sync_dir: str) -> None:
+    def __init__(self, llm: Any, model_dir: str, sync_dir: str | None) -> None:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self.llm = llm
@@ -143,6 +174,18 @@ class Worker:
             "engine_s": engine_s,  # the engine's share of the round trip
         }
 
+    def _current(self) -> dict | None:
+        """How to reload the weights served now (a damaged publication's rollback), or None
+        when their publication is gone or damaged too (then the next one is fully verified
+        before it loads)."""
+        if self.version == INITIAL_VERSION:
+            return {"weights_path": self.model_dir}
+        try:
+            folder, files = read_manifest(self.sync_dir, self.version)
+        except PublicationError:
+            return None
+        return {"weights_path": str(folder), "files": files}
+
     def load(self, msg: dict) -> dict:
         """Verify, then reload in place. A publication that fails verification is refused
         and the previous weights keep serving; a failure during the reload itself leaves
@@ -151,17 +194,26 @@ class Worker:
         if not _is_int(version) or version < 0:
             raise ProtocolError(f"load: 'version' must be a non-negative integer, got {version!r}")
         t0 = time.perf_counter()
+        files = None
         if version == INITIAL_VERSION:
             folder = Path(self.model_dir)
         else:
             try:
-                folder, shapes = verify_publication(self.sync_dir, version)
+                if self.sync_dir is None:
+                    raise PublicationError("this worker was started without --sync-dir")
+                folder, files = read_manifest(self.sync_dir, version)
+                shapes = checkpoint_shapes([folder / f["name"] for f in files])
                 compare_shapes(self.expected_shapes, shapes, str(folder))
             except PublicationError as e:
                 return {"ok": False, "version": self.version, "error": str(e)}
         t1 = time.perf_counter()
         try:
-            self.llm.collective_rpc("simko_reload", kwargs={"weights_path": str(folder)})
+            errors = self.llm.collective_rpc(
+                "simko_reload",
+                kwargs={"weights_path": str(folder), "files": files, "previous": self._current()},
+            )
+            if any(errors):  # refused before any weight changed: keep serving
+                return {"ok": False, "version": self.version, "error": next(filter(None, errors))}
             self.llm.reset_prefix_cache()
         except Exception:
             return {
@@ -172,6 +224,7 @@ class Worker:
             }
         self.version = version
         t2 = time.perf_counter()
+        # checksums are verified inside the reload (same bytes): "verify_s" is the manifest's
         return {"ok": True, "version": version, "verify_s": t1 - t0, "reload_s": t2 - t1}
 
 
@@ -334,7 +387,7 @@ def serving_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
-    parser.add_argument("--sync-dir", required=True, help="where the trainer publishes weights")
+    parser.add_argument("--sync-dir", help="where the trainer publishes weights (none: only v0)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--engine-kwargs", default="{}", help="JSON: extra vllm.LLM arguments")
     add_serving_args(parser)

@@ -67,7 +67,9 @@ def main() -> None:
     rows = slice(0, 2) if rank == 0 else slice(2, 8)
     errors = {}
     for agg in AGGREGATIONS:
-        cfg = LossConfig(mode="simko", agg=agg, chunk_size=7, compile=False, alpha=0.2)
+        cfg = LossConfig(
+            mode="simko", agg=agg, chunk_size=7, compile=False, alpha=0.2, max_response_len=13
+        )
         full_loss, full_gh, full_gw = grads(b, b["weight"].clone().requires_grad_(), cfg)
 
         local = {k: v[rows] for k, v in b.items() if k != "weight"}

@@ -10,9 +10,12 @@ import torch
 from simko_tune.loss import (
     AGGREGATIONS,
     MODES,
+    PSR_NSR_NORMS,
     LossConfig,
     _segment_quantile,
     group_advantages,
+    kept_responses,
+    loss_config_problems,
     mode_advantages,
     policy_loss,
     token_logprobs,
@@ -80,7 +83,7 @@ def reference_loss(b, cfg, normalizer=None, old_topk_logprobs=None, use_ref=Fals
         if cfg.agg == "seq_mean_token_mean":
             rows = (per_token * m).sum(1) / m.sum(1).clamp_min(1)
         else:
-            rows = (per_token * m).sum(1) / (cfg.max_response_len or T)
+            rows = (per_token * m).sum(1) / cfg.max_response_len  # a constant
         denom = normalizer if normalizer is not None else max((m.sum(1) > 0).sum().item(), 1)
         loss = rows.sum() / denom
     gh, gw = torch.autograd.grad(loss, (hidden, weight))
@@ -122,12 +125,22 @@ def check(b, cfg, rtol=1e-5, normalizer=None):
 # --------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("agg", AGGREGATIONS)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("mode", "agg"),
+    [
+        (mode, agg)
+        for mode in MODES
+        for agg in AGGREGATIONS
+        # dr_grpo is defined with the constant-length aggregation only
+        if mode != "dr_grpo" or agg == "seq_mean_token_sum_norm"
+    ],
+)
 def test_matches_reference_every_mode_and_agg(batch_factory, mode, agg):
     b = batch_factory(seed=hash((mode, agg)) % 1000)
     for chunk_size in (1, 7, 23, 4096):
-        cfg = LossConfig(mode=mode, agg=agg, chunk_size=chunk_size, compile=False)
+        cfg = LossConfig(
+            mode=mode, agg=agg, chunk_size=chunk_size, compile=False, max_response_len=13
+        )
         check(b, cfg)
 
 
@@ -179,7 +192,7 @@ def test_all_masked_batch_gives_zero(batch_factory):
     b = batch_factory(seed=4)
     b["mask"] = torch.zeros_like(b["mask"])
     for agg in AGGREGATIONS:
-        cfg = LossConfig(agg=agg, kl_coef=0.1, entropy_coef=0.1, compile=False)
+        cfg = LossConfig(agg=agg, kl_coef=0.1, entropy_coef=0.1, compile=False, max_response_len=11)
         loss, gh, gw, metrics = fast_loss(b, cfg)
         assert loss.item() == 0.0
         assert not gh.any() and not gw.any()
@@ -381,7 +394,7 @@ def test_metrics_match_reference_statistics(batch_factory):
 @pytest.mark.parametrize("agg", AGGREGATIONS)
 def test_micro_batches_with_global_normalizer_sum_to_one_batch(batch_factory, agg):
     b = batch_factory(seed=15, batch=9, group_size=3)
-    cfg = LossConfig(agg=agg, chunk_size=10, kl_coef=0.05, compile=False)
+    cfg = LossConfig(agg=agg, chunk_size=10, kl_coef=0.05, compile=False, max_response_len=20)
     full_loss, full_gh, full_gw, _ = fast_loss(b, cfg)
     counts = b["mask"].sum(1)
     norm = counts.sum() if agg == "token_mean" else (counts > 0).sum()
@@ -414,6 +427,49 @@ def test_config_validation_names_the_field():
             LossConfig(**{field: value})
     with pytest.raises(ValueError, match="tau"):
         LossConfig(tau=1.5)
+
+
+def test_config_validation_reports_every_bad_field():
+    with pytest.raises(ValueError) as info:
+        LossConfig(mode="ppo", tau=1.5, alpha=-1.0, chunk_size=0, positive_weight=-0.1)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 5
+    for field in ("mode", "tau", "alpha", "chunk_size", "positive_weight"):
+        assert any(f"LossConfig.{field}=" in line for line in lines), (field, lines)
+    with pytest.raises(ValueError, match="dr_grpo.*seq_mean_token_sum_norm"):
+        LossConfig(mode="dr_grpo")
+    assert loss_config_problems(LossConfig(mode="dr_grpo", agg="seq_mean_token_sum_norm")) == []
+
+
+def test_dr_grpo_normaliser_is_a_constant_not_the_batch_width(batch_factory):
+    """The same responses padded wider give the same loss and gradients (today's bug was
+    dividing by the micro-batch width), and without the constant the loss refuses to run."""
+    b = batch_factory(seed=21)
+    cfg = LossConfig(
+        mode="dr_grpo", agg="seq_mean_token_sum_norm", max_response_len=16, compile=False
+    )
+    loss, _, gw, _ = fast_loss(b, cfg)
+    wide = {k: v.detach() for k, v in b.items()}
+    pad = 5
+    wide["hidden"] = torch.cat([wide["hidden"], torch.randn(8, pad, 16)], 1).requires_grad_()
+    wide["weight"] = b["weight"].detach().clone().requires_grad_()
+    for key in ("targets", "old_logprobs", "ref_logprobs"):
+        wide[key] = torch.cat([wide[key], torch.zeros(8, pad, dtype=wide[key].dtype)], 1)
+    wide["mask"] = torch.cat([wide["mask"], torch.zeros(8, pad, dtype=torch.bool)], 1)
+    wide_loss, _, wide_gw, _ = fast_loss(wide, cfg)
+    close(wide_loss, loss)
+    close(wide_gw, gw)
+    # the plain arithmetic: Σ_rows Σ_tokens ℓ / 16 / rows, with ℓ the clipped PPO term
+    with torch.no_grad():
+        logp = torch.log_softmax(b["hidden"] @ b["weight"].T, -1)
+        logp = logp.gather(-1, b["targets"][..., None]).squeeze(-1)
+        ratio = torch.exp(logp - b["old_logprobs"])
+        A = b["advantages"][:, None]
+        per_token = torch.max(-A * ratio, -A * ratio.clamp(0.8, 1.2)) * b["mask"]
+        rows = int((b["mask"].sum(1) > 0).sum())
+        close(loss, per_token.sum() / 16 / rows, atol=1e-7)
+    with pytest.raises(ValueError, match="max_response_len"):
+        fast_loss(b, dataclasses.replace(cfg, max_response_len=None))
 
 
 def test_bad_shapes_and_missing_reference_are_reported(batch_factory):
@@ -456,9 +512,11 @@ def test_mode_advantages():
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
     for mode in ("simko", "grpo", "forking_only"):
         assert torch.equal(mode_advantages(rewards, 3, mode), group_advantages(rewards, 3))
-    assert torch.equal(
-        mode_advantages(rewards, 3, "grpo", scale_by_std=False),
-        group_advantages(rewards, 3, scale_by_std=False),
+    # Dr. GRPO: r - mean of the group, no std; the all-correct group gets zeros
+    close(
+        mode_advantages(rewards, 3, "dr_grpo"),
+        torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0]),
+        rtol=1e-6,
     )
     expected = {
         "psr": [1.0 if r == 1 else 0.0 for r in rewards],
@@ -467,7 +525,79 @@ def test_mode_advantages():
     }
     for mode, values in expected.items():
         assert torch.equal(mode_advantages(rewards, 3, mode), torch.tensor(values))
+    got = mode_advantages(rewards, 3, "w_reinforce", positive_weight=0.25)
+    assert torch.equal(got, torch.tensor([0.25 if r == 1 else -1.0 for r in rewards]))
     with pytest.raises(ValueError, match="mode"):
         mode_advantages(rewards, 3, "ppo")
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(rewards, 4)
+
+
+def test_kept_responses():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0])
+    keep = {
+        ("psr", "kept"): [True, False, False, True],
+        ("nsr", "kept"): [False, True, True, False],
+    }
+    for mode in MODES:
+        for norm in PSR_NSR_NORMS:
+            cfg = LossConfig(mode=mode, psr_nsr_norm=norm, agg="seq_mean_token_sum_norm")
+            expected = keep.get((mode, norm), [True] * 4)
+            assert kept_responses(rewards, cfg).tolist() == expected, (mode, norm)
+
+
+@pytest.mark.parametrize("mode", ["psr", "nsr"])
+def test_psr_nsr_token_mean_over_the_kept_responses(batch_factory, mode):
+    """The official code drops the other responses from the batch, so the token mean runs
+    over the kept responses' tokens only. Reference written plainly: A = ±1 on kept rows,
+    the clipped PPO term, summed over their tokens, divided by their token count."""
+    b = batch_factory(seed=23)
+    rewards = b["correct"].float()
+    cfg = LossConfig(mode=mode, compile=False, chunk_size=5)
+    keep = kept_responses(rewards, cfg)
+    rows = keep.nonzero().squeeze(1)
+    part = {k: v.detach()[rows] for k, v in b.items() if k != "weight"}
+    part["hidden"].requires_grad_()
+    part["weight"] = b["weight"]
+    part["advantages"] = mode_advantages(rewards, 4, mode)[rows]
+    loss, _, gw, _ = fast_loss(part, cfg)
+
+    sign = 1.0 if mode == "psr" else -1.0
+    weight = b["weight"].detach().clone().requires_grad_()
+    total, tokens = 0.0, 0
+    for i in range(len(rewards)):
+        if bool(b["correct"][i]) != (mode == "psr"):
+            continue
+        for t in range(b["mask"].shape[1]):
+            if not b["mask"][i, t]:
+                continue
+            logp = torch.log_softmax(b["hidden"][i, t].detach() @ weight.T, -1)[b["targets"][i, t]]
+            ratio = torch.exp(logp - b["old_logprobs"][i, t])
+            total = total + torch.max(-sign * ratio, -sign * ratio.clamp(0.8, 1.2))
+            tokens += 1
+    expected = total / tokens
+    (expected_gw,) = torch.autograd.grad(expected, weight)
+    close(loss, expected.detach(), atol=1e-7)
+    close(gw, expected_gw)
+    # "all": the other responses stay with A = 0, so the same sum over all tokens
+    everyone = dict(b, advantages=mode_advantages(rewards, 4, mode))
+    all_loss = fast_loss(everyone, dataclasses.replace(cfg, psr_nsr_norm="all"))[0]
+    close(all_loss, expected.detach() * tokens / int(b["mask"].sum()), atol=1e-7)
+
+
+def test_kl_estimators_near_the_reference_in_fp32():
+    """Close to the reference (the first steps of a run), k3 must stay non-negative and
+    accurate in fp32: exp(-d) + d - 1 computed naively rounds to 0 or below."""
+    from simko_tune.loss import _kl
+
+    diff = torch.tensor([1e-4, -3e-4, 2e-3, -1e-5, 0.5]).double()  # fp32 values, exactly
+    ref = torch.zeros_like(diff)
+    for kind, exact, grad in (
+        ("k1", diff, torch.ones_like(diff)),
+        ("k2", 0.5 * diff**2, diff),
+        ("k3", torch.exp(-diff) + diff - 1, 1 - torch.exp(-diff)),
+    ):
+        value, d_value = _kl(diff.float(), ref.float(), kind)
+        assert (value >= 0).all() or kind == "k1"
+        torch.testing.assert_close(value.double(), exact, rtol=1e-4, atol=0.0)
+        torch.testing.assert_close(d_value.double(), grad, rtol=1e-4, atol=0.0)

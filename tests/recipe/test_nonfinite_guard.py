@@ -37,7 +37,7 @@ def recipe(tmp_path, tiny_model_dir):
 
 def test_nonfinite_loss_skips_the_update(recipe):
     rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
-    old = recipe._old_logprobs(rollout)
+    old, _ = recipe._old_logprobs(rollout)  # (old, reference): no KL here
     rollout.rewards[:] = torch.tensor([1.0, 0.0] * (len(rollout) // 2))  # non-zero advantages
     before = {k: v.detach().clone() for k, v in recipe.model.state_dict().items()}
 

@@ -1,0 +1,433 @@
+"""pass@K study on the CPU default task: base policy vs GRPO vs SimKO, several seeds.
+
+    python tools/passk_study.py                                  # the full study (~90 min, 2 cores)
+    python tools/passk_study.py --psr-nsr --sweep                # also PSR, NSR and an α/λ sweep
+    python tools/passk_study.py --steps 2 --seeds 1 --n 4 --out /tmp/study --docs /tmp/study.md
+
+Every run is ``tune run simko_recipe --config tiny_cpu`` with the method's loss overrides,
+its own ``output_dir`` and ``seed``. The recipe evaluates the held-out Countdown split
+(``eval.sets.countdown_test``, 165 problems) with ``n`` samples per problem, unbiased
+pass@K for K = 1, 2, 4 … n: before training in the first method's run of each seed (the
+base policy, no RL) and after the last step in every run. The recipe's own evaluation is
+used rather than ``simko_eval``, whose benchmarks are the math sets (it has no Countdown
+split); the numbers come from the same generator, verifier and pass@K code.
+
+A finished run leaves ``result.json`` (its pass@K and Λ(1..3) curves, read from its
+TensorBoard files) and is skipped by a rerun; a killed run resumes from its last checkpoint
+(``resume=auto``). At the end the tool writes the report (``--docs``) with two PNG plots
+beside it: pass@K curves (mean, min–max band over seeds) and Λ(1..3) training curves.
+The last line printed is one JSON object with the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BASE = "base"
+# method name -> the loss overrides of its runs
+METHODS: dict[str, tuple[str, ...]] = {
+    "grpo": ("loss.mode=grpo",),
+    "simko": ("loss.mode=simko",),
+}
+PSR_NSR: dict[str, tuple[str, ...]] = {"psr": ("loss.mode=psr",), "nsr": ("loss.mode=nsr",)}
+SWEEP_ALPHAS = (0.01, 0.05, 0.1)
+SWEEP_LAMBDAS = (1.1, 1.5)
+EVAL_SET = "countdown_test"
+# Λ(1), Λ(2), Λ(3) of the paper, as the recipe logs them
+LAMBDA_TAGS = ("logprob_top1_mean", "logprob_top2_mean", "logprob_top3_mean")
+
+
+def methods(psr_nsr: bool, sweep: bool) -> dict[str, tuple[str, ...]]:
+    """The trained methods of this study, in run order."""
+    out = dict(METHODS)
+    if psr_nsr:
+        out.update(PSR_NSR)
+    if sweep:
+        for alpha in SWEEP_ALPHAS:
+            for lam in SWEEP_LAMBDAS:
+                if (alpha, lam) != (0.01, 1.1):  # the paper's setting is "simko" itself
+                    out[f"simko_a{alpha}_l{lam}"] = (
+                        "loss.mode=simko",
+                        f"loss.alpha={alpha}",
+                        f"loss.lam={lam}",
+                    )
+    return out
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / method / f"seed{seed}"
+
+
+def run_overrides(
+    directory: Path,
+    method_overrides: tuple[str, ...],
+    seed: int,
+    args: argparse.Namespace,
+    first: bool,
+) -> list[str]:
+    """``key=value`` overrides of one run: its own output and seed, evaluation with ``n``
+    samples after the last step (and before the first one when ``first``)."""
+    return [
+        f"output_dir={directory}",
+        f"seed={seed}",
+        f"max_steps={args.steps}",
+        f"checkpoint.every_n_steps={args.steps}",
+        f"eval.every_n_steps={args.steps}",
+        f"eval.before_training={str(first).lower()}",
+        f"eval.n={args.n}",
+        f"generation.sync_dir={directory}/sync",
+        *method_overrides,
+        *args.override,
+    ]
+
+
+def train(directory: Path, overrides: list[str], timeout_s: float) -> None:
+    """One ``tune run`` (resumes by itself from the run's checkpoints); its log goes to
+    ``train.log`` in the run directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    command = ["tune", "run", "simko_recipe", "--config", "tiny_cpu", *overrides]
+    with open(directory / "train.log", "ab") as log:
+        log.write(f"\n$ {' '.join(command)}\n".encode())
+        log.flush()
+        proc = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{directory}: tune run failed ({proc.returncode}); see train.log")
+
+
+def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a TensorBoard folder: tag -> {step: value} (torch's writer stores
+    scalars as v2 tensor summaries; old-style scalars are read too)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    out: dict[str, dict[int, float]] = {}
+    runs = sorted({p.parent for p in tb_dir.rglob("events.out.tfevents.*")})
+    for run in runs:
+        acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            for event in acc.Tensors(tag):
+                value = tensor_util.make_ndarray(event.tensor_proto)
+                if value.dtype.kind in "fiu" and value.size == 1:
+                    out.setdefault(tag, {})[event.step] = float(value)
+        for tag in acc.Tags()["scalars"]:
+            for event in acc.Scalars(tag):
+                out.setdefault(tag, {})[event.step] = event.value
+    return out
+
+
+def summarise_run(directory: Path, steps: int) -> dict[str, Any]:
+    """pass@K before (if evaluated) and after training, and the Λ / reward curves."""
+    scalars = read_scalars(directory / "tb")
+    prefix = f"eval/{EVAL_SET}/pass@"
+    passk: dict[int, dict[int, float]] = {}
+    for tag, values in scalars.items():
+        if tag.startswith(prefix):
+            for step, value in values.items():
+                passk.setdefault(step, {})[int(tag[len(prefix) :])] = value
+    if steps not in passk:
+        raise RuntimeError(f"{directory}: no {prefix}K at step {steps} in its TensorBoard files")
+    curves = {tag: scalars.get(tag, {}) for tag in (*LAMBDA_TAGS, "reward/mean")}
+    return {
+        "steps": steps,
+        "base_passk": passk.get(0),
+        "final_passk": passk[steps],
+        "curves": {tag: {str(k): v for k, v in sorted(c.items())} for tag, c in curves.items()},
+    }
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def ensure_run(
+    directory: Path, overrides: list[str], steps: int, timeout_s: float
+) -> dict[str, Any]:
+    """The run's result, training it first unless ``result.json`` says it is done."""
+    result_path = directory / "result.json"
+    if result_path.is_file():
+        result = json.loads(result_path.read_text())
+        if result.get("steps") == steps and result.get("overrides") == overrides:
+            print(f"[skip] {directory}: finished", flush=True)
+            return result
+        raise RuntimeError(
+            f"{result_path} was made with other settings; remove {directory} to redo it"
+        )
+    t0 = time.perf_counter()
+    print(f"[run ] {directory}", flush=True)
+    train(directory, overrides, timeout_s)
+    result = summarise_run(directory, steps)
+    result.update(overrides=overrides, seconds=time.perf_counter() - t0)
+    write_json_atomically(result_path, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _stats(values: list[float]) -> tuple[float, float, float, float]:
+    """mean, sample std (0 for one value), min, max."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), std, min(values), max(values)
+
+
+def collect(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[int, list[float]]]:
+    """method -> K -> pass@K of each seed; the base rows come from the pre-training
+    evaluations."""
+    table: dict[str, dict[int, list[float]]] = {}
+    for method, runs in results.items():
+        for run in runs:
+            if run.get("base_passk"):
+                for k, v in run["base_passk"].items():
+                    table.setdefault(BASE, {}).setdefault(int(k), []).append(v)
+            for k, v in run["final_passk"].items():
+                table.setdefault(method, {}).setdefault(int(k), []).append(v)
+    return table
+
+
+def plot_passk(table: dict[str, dict[int, list[float]]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    for method, per_k in table.items():
+        ks = sorted(per_k)
+        stats = [_stats(per_k[k]) for k in ks]
+        axes.plot(ks, [100 * s[0] for s in stats], marker="o", markersize=3, label=method)
+        axes.fill_between(ks, [100 * s[2] for s in stats], [100 * s[3] for s in stats], alpha=0.2)
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("K")
+    axes.set_ylabel(f"pass@K on {EVAL_SET} (%)")
+    axes.set_title("mean over seeds, band: min–max")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=80)
+
+
+def plot_lambdas(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.2))
+    FigureCanvasAgg(figure)
+    for i, tag in enumerate(LAMBDA_TAGS):
+        axes = figure.add_subplot(1, len(LAMBDA_TAGS), i + 1)
+        for method, runs in results.items():
+            steps = sorted({int(s) for run in runs for s in run["curves"][tag]})
+            means = [
+                statistics.fmean(
+                    run["curves"][tag][str(s)] for run in runs if str(s) in run["curves"][tag]
+                )
+                for s in steps
+            ]
+            axes.plot(steps, means, label=method)
+        axes.set_title(f"Λ({i + 1}): mean log-prob of the rank-{i + 1} token")
+        axes.set_xlabel("step")
+        axes.grid(True, alpha=0.3)
+        axes.title.set_fontsize("small")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=80)
+
+
+def verdict(table: dict[str, dict[int, list[float]]], n: int) -> list[str]:
+    """Plain sentences on what came out, from the numbers (mean ± std over seeds)."""
+    lines = []
+    k_max, k_min = max(table.get("grpo", {1: []})), 1
+
+    def pm(method: str, k: int) -> str:
+        mean, std, _, _ = _stats(table[method][k])
+        return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+    for method in [m for m in table if m != BASE]:
+        if "grpo" not in table or method == "grpo":
+            continue
+        diff_top = [a - b for a, b in zip(table[method][k_max], table["grpo"][k_max])]
+        diff_one = [a - b for a, b in zip(table[method][k_min], table["grpo"][k_min])]
+        mean_top, std_top, _, _ = _stats(diff_top)
+        mean_one, std_one, _, _ = _stats(diff_one)
+        seeds = len(diff_top)
+        # "within noise": the seed-paired difference is within two standard errors of 0
+        se_one = std_one / math.sqrt(seeds) if seeds > 1 else float("inf")
+        se_top = std_top / math.sqrt(seeds) if seeds > 1 else float("inf")
+        above = mean_top > 2 * se_top
+        lines.append(
+            f"- **{method} vs GRPO** ({seeds} seed-paired runs): pass@{k_max} {pm(method, k_max)} "
+            f"vs {pm('grpo', k_max)} (difference {100 * mean_top:+.1f} ± {100 * std_top:.1f}); "
+            f"pass@1 {pm(method, 1)} vs {pm('grpo', 1)} (difference {100 * mean_one:+.1f} ± "
+            f"{100 * std_one:.1f}). "
+            + (
+                f"{method} keeps pass@{k_max} above GRPO's beyond two standard errors"
+                if above
+                else f"{method} does not keep pass@{k_max} above GRPO's beyond two standard errors"
+            )
+            + (
+                "; pass@1 is within noise."
+                if abs(mean_one) <= 2 * se_one
+                else "; pass@1 differs beyond noise."
+            )
+        )
+    if BASE in table and "grpo" in table:
+        lines.append(
+            f"- **GRPO vs base**: pass@1 {pm('grpo', 1)} vs {pm(BASE, 1)}, pass@{k_max} "
+            f"{pm('grpo', k_max)} vs {pm(BASE, k_max)}."
+        )
+    if n < 256:
+        lines.append(
+            f"- n = {n} samples per problem: K stops at {k_max}, below the paper's 256; "
+            "this is a smoke-test setting, not a result."
+        )
+    return lines
+
+
+def lambda_lines(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = []
+    for method, runs in results.items():
+        parts = []
+        for n, tag in enumerate(LAMBDA_TAGS, start=1):
+            first = [run["curves"][tag][min(run["curves"][tag], key=int)] for run in runs]
+            last = [run["curves"][tag][max(run["curves"][tag], key=int)] for run in runs]
+            parts.append(f"Λ({n}) {_stats(first)[0]:.2f} → {_stats(last)[0]:.2f}")
+        lines.append(f"- {method}: " + ", ".join(parts))
+    return lines
+
+
+def write_report(
+    results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, docs: Path
+) -> dict[str, Any]:
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    table = collect(results)
+    passk_png = docs.with_name(docs.stem + "_passk.png")
+    lambda_png = docs.with_name(docs.stem + "_lambda.png")
+    plot_passk(table, passk_png)
+    plot_lambdas(results, lambda_png)
+    ks = sorted(next(iter(table.values())))
+    shown = [k for k in ks if k in (1, 4, 16, 64, 256) or k == ks[-1]]
+    rows = ["| method | seeds | " + " | ".join(f"pass@{k}" for k in shown) + " |"]
+    rows.append("|---|---|" + "---|" * len(shown))
+    for method, per_k in table.items():
+        cells = []
+        for k in shown:
+            mean, std, _, _ = _stats(per_k[k])
+            cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}")
+        rows.append(f"| {method} | {len(per_k[ks[0]])} | " + " | ".join(cells) + " |")
+    command = " ".join(["python tools/passk_study.py", *sys.argv[1:]])
+    text = "\n".join(
+        [
+            "# pass@K study on the CPU default task (Countdown, tiny Qwen2 policy)",
+            "",
+            f"Generated by `{command}`: {args.seeds} seed(s) per method, {args.steps} RL steps "
+            f"from the warm-started policy (`tune run simko_recipe --config tiny_cpu`), held-out "
+            f"split `{EVAL_SET}` (165 problems), n = {args.n} samples per problem, unbiased "
+            "pass@K. `base` is the policy before RL (each seed's evaluation before step 1). "
+            "Values are percentages, mean ± sample std over seeds.",
+            "",
+            *rows,
+            "",
+            "## What came out",
+            "",
+            *verdict(table, args.n),
+            "",
+            f"![pass@K curves]({passk_png.name})",
+            "",
+            "## Λ(n): mean log-prob of the rank-n candidate during training (first → last step)",
+            "",
+            "Under GRPO the paper sees Λ(1) climb towards 0 while Λ(2) and Λ(3) fall: the "
+            "policy concentrates on its top-1 token.",
+            "",
+            *lambda_lines(results),
+            "",
+            f"![Λ curves]({lambda_png.name})",
+            "",
+        ]
+    )
+    tmp = docs.with_name(docs.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, docs)
+    return {
+        method: {f"pass@{k}": _stats(per_k[k])[0] for k in (1, ks[-1])}
+        for method, per_k in table.items()
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("outputs/passk_study"))
+    parser.add_argument("--docs", type=Path, default=Path("docs/passk_study.md"))
+    parser.add_argument("--steps", type=int, default=120, help="RL steps per run")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per method (0, 1, ...)")
+    parser.add_argument("--n", type=int, default=256, help="samples per problem in evaluation")
+    parser.add_argument("--psr-nsr", action="store_true", help="also PSR and NSR")
+    parser.add_argument("--sweep", action="store_true", help="also SimKO at α x λ settings")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to every run (e.g. model_dir=..., generation.backend=native)",
+    )
+    parser.add_argument("--run-timeout-s", type=float, default=3600.0)
+    args = parser.parse_args(argv)
+    for name in ("steps", "seeds", "n"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    plan = methods(args.psr_nsr, args.sweep)
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in plan}
+    for seed in range(args.seeds):
+        for i, (method, overrides) in enumerate(plan.items()):
+            directory = run_dir(args.out, method, seed)
+            results[method].append(
+                ensure_run(
+                    directory,
+                    run_overrides(directory, overrides, seed, args, first=i == 0),
+                    args.steps,
+                    args.run_timeout_s,
+                )
+            )
+    summary = write_report(results, args, args.docs)
+    line = {
+        "tool": "passk_study",
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "n": args.n,
+        "methods": [BASE, *plan],
+        "mean": summary,
+        "report": str(args.docs),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(line))
+    return line
+
+
+if __name__ == "__main__":
+    main()
