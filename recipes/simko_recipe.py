@@ -95,6 +95,7 @@ class SimKORecipe:
         self.step = 0
         self.weight_version = 0  # 0 = the checkpoint in model_dir, as the workers load it
         self.generator = None
+        self.ref_model = None  # the KL penalty's frozen reference policy, if any
         self.weight_sync = None
         self.reward_pool = None
         self.metric_logger = None

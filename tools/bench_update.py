@@ -155,7 +155,7 @@ def worker(args) -> None:
             recipe.cfg.ppo[k] = v
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        old = recipe._old_logprobs(rollout)
+        old, _ = recipe._old_logprobs(rollout)
         t1 = time.perf_counter()
         stats = recipe._update(rollout, old)
         t2 = time.perf_counter()

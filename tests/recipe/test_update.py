@@ -88,7 +88,7 @@ def test_efficient_update_matches_the_plain_update(tmp_path, tiny_model_dir):
             micro = recipe._micro_batches(
                 rollout, range(4), recipe.cfg.ppo.max_tokens_per_micro_batch
             )
-            old = recipe._old_logprobs(rollout)
+            old, _ = recipe._old_logprobs(rollout)  # (old, reference): no KL here
             stats = recipe._update(rollout, old)
             weights = {k: v.detach().clone() for k, v in recipe.model.state_dict().items()}
             return old, stats, weights, len(micro)
