@@ -317,6 +317,9 @@ def main() -> None:
     parser.add_argument("--steps-tiny", type=int, default=12)
     parser.add_argument("--steps-0-5b", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--tiny-model-dir", default=None, help="another tiny policy (default: tiny_cpu's)"
+    )
     parser.add_argument("--work-dir", default=None, help="default: a temp dir")
     parser.add_argument("--trl-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -335,7 +338,8 @@ def main() -> None:
     results = {}
     for name in models:
         if name == "tiny":
-            results[name] = bench_model(name, tiny_policy(), args.steps_tiny, args.rounds, work)
+            model_dir = Path(args.tiny_model_dir) if args.tiny_model_dir else tiny_policy()
+            results[name] = bench_model(name, model_dir, args.steps_tiny, args.rounds, work)
         else:
             model_dir = qwen2_5_0_5b_shape(work)
             results[name] = bench_model(name, model_dir, args.steps_0_5b, args.rounds, work)
