@@ -25,10 +25,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config
+from torchtune.config._utils import _get_component_from_path
 from torchtune.utils import get_logger
 from tqdm import tqdm
 
 import simko_tune.config
+from simko_tune.config import ConfigError, EvalRecipeConfig, check_schema
 from simko_tune.data import (
     BENCHMARKS,
     PROMPT_TEMPLATES,
@@ -39,7 +41,7 @@ from simko_tune.data import (
     tokenize_prompt,
 )
 from simko_tune.metrics import passk_report
-from simko_tune.rewards import extract_answer
+from simko_tune.rewards import RewardPool, extract_answer
 
 log = get_logger("INFO")
 
@@ -188,26 +190,29 @@ class PassAtKEvalRecipe:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        cfg = self._check_config(cfg)
         self._cfg = cfg
-        self._check_config(cfg)
         self.output_dir = Path(cfg.output_dir)
         self.samples_path = self.output_dir / SAMPLES_FILE
         self.num_samples = {
-            name: int((cfg.get("num_samples_per_benchmark") or {}).get(name, cfg.num_samples))
-            for name in cfg.benchmarks
+            name: int(cfg.eval.n_per_benchmark.get(name, cfg.eval.n)) for name in cfg.benchmarks
         }
         self.num_generated_problems = 0
 
     @staticmethod
-    def _check_config(cfg: DictConfig) -> None:
+    def _check_config(cfg: DictConfig) -> DictConfig:
+        """The config merged onto :class:`EvalRecipeConfig` (types, unknown and missing keys),
+        then the checks a type cannot express; every error names the key."""
+        try:
+            cfg = check_schema(cfg, EvalRecipeConfig)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         for key in ("model_dir", "output_dir"):
-            if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
+            if cfg.get(key) in (None, ""):
                 raise ValueError(f"config key {key!r} is required (pass {key}=...)")
-        benchmarks = cfg.get("benchmarks")
-        if not benchmarks or isinstance(benchmarks, str):
-            raise ValueError(
-                f"config key 'benchmarks' must be a non-empty list, got {benchmarks!r}"
-            )
+        benchmarks = cfg.benchmarks
+        if not benchmarks:
+            raise ValueError("config key 'benchmarks' must be a non-empty list")
         for i, name in enumerate(benchmarks):
             if name not in BENCHMARKS:
                 raise ValueError(
@@ -216,29 +221,34 @@ class PassAtKEvalRecipe:
                 )
         if len(set(benchmarks)) != len(benchmarks):
             raise ValueError(f"config key 'benchmarks' lists a benchmark twice: {list(benchmarks)}")
-        overrides = cfg.get("num_samples_per_benchmark") or {}
-        for name, n in [("num_samples", cfg.get("num_samples")), *overrides.items()]:
-            key = name if name == "num_samples" else f"num_samples_per_benchmark.{name}"
-            if name != "num_samples" and name not in BENCHMARKS:
+        section = cfg.eval
+        for name, n in [("n", section.n), *section.n_per_benchmark.items()]:
+            key = "eval.n" if name == "n" else f"eval.n_per_benchmark.{name}"
+            if name != "n" and name not in BENCHMARKS:
                 raise ValueError(f"config key {key!r}: unknown benchmark {name!r}")
-            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            if n < 1:
                 raise ValueError(f"config key {key!r} must be a positive integer, got {n!r}")
-        if cfg.get("prompt_template") not in PROMPT_TEMPLATES:
+        if section.problems_per_call < 1:
+            raise ValueError("config key 'eval.problems_per_call' must be a positive integer")
+        for k in section.ks or []:
+            if k < 1:
+                raise ValueError(f"config key 'eval.ks' must hold positive integers, got {k!r}")
+        if cfg.prompt_template not in PROMPT_TEMPLATES:
             raise ValueError(
-                f"config key 'prompt_template': unknown template {cfg.get('prompt_template')!r}; "
+                f"config key 'prompt_template': unknown template {cfg.prompt_template!r}; "
                 f"known: {', '.join(sorted(PROMPT_TEMPLATES))}"
             )
-        backend = cfg.generation.get("backend")
-        if backend not in GENERATION_BACKENDS:
+        if cfg.generation.backend not in GENERATION_BACKENDS:
             raise ValueError(
                 f"config key 'generation.backend' must be one of {GENERATION_BACKENDS}, "
-                f"got {backend!r}"
+                f"got {cfg.generation.backend!r}"
             )
-        if int(cfg.generation.get("problems_per_call", 1)) < 1:
-            raise ValueError("config key 'generation.problems_per_call' must be positive")
-        for k in cfg.get("ks") or []:
-            if not isinstance(k, int) or k < 1:
-                raise ValueError(f"config key 'ks' must hold positive integers, got {k!r}")
+        if cfg.generation.addresses:
+            raise ValueError(
+                "config key 'generation.addresses': simko_eval starts its own workers on "
+                "model_dir; remote workers serve whatever model they were given"
+            )
+        return cfg
 
     def setup(self) -> None:
         cfg = self._cfg
@@ -257,9 +267,9 @@ class PassAtKEvalRecipe:
             {
                 "model_dir": str(self.model_dir),
                 "prompt_template": cfg.prompt_template,
-                "temperature": float(cfg.sampling.temperature),
-                "top_p": float(cfg.sampling.top_p),
-                "max_tokens": int(cfg.sampling.max_tokens),
+                "temperature": cfg.eval.temperature,
+                "top_p": cfg.eval.top_p,
+                "max_tokens": cfg.eval.max_tokens,
             },
             has_samples=bool(rows),
         )
@@ -267,9 +277,9 @@ class PassAtKEvalRecipe:
         self._metric_logger = config.instantiate(cfg.metric_logger)
         self._metric_logger.log_config(cfg)
 
-        data_dir = Path(cfg.data_dir) if cfg.get("data_dir") else None
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else None
         self._problems = {
-            name: load_benchmark(name, data_dir=data_dir, limit=cfg.get("limit"))
+            name: load_benchmark(name, data_dir=data_dir, limit=cfg.limit)
             for name in cfg.benchmarks
         }
         done, keep = completed_problems(rows, self.num_samples, self.samples_path)
@@ -288,14 +298,32 @@ class PassAtKEvalRecipe:
             )
 
     def _start_generator(self) -> Any:
+        """The generation workers, built from the ``generation`` section as in training."""
         from simko_tune import generation
 
-        gen_cfg = self._cfg.generation
-        section = gen_cfg.get(gen_cfg.backend)
-        kwargs = OmegaConf.to_container(section, resolve=True) if section is not None else {}
-        if gen_cfg.backend == "vllm":
-            return generation.VLLMWorkers.start_local(str(self.model_dir), **kwargs)
-        return generation.NativeGenerator(str(self.model_dir), **kwargs)
+        g = self._cfg.generation
+        if g.backend == "native":
+            return generation.NativeGenerator(str(self.model_dir), device=self._cfg.device)
+        return generation.VLLMWorkers.start_local(
+            str(self.model_dir),
+            num_workers=g.num_workers,
+            sync_dir=g.sync_dir,
+            engine_kwargs=OmegaConf.to_container(g.engine_kwargs, resolve=True),
+            devices=list(g.devices) if g.devices else None,
+            tensor_parallel_size=g.tensor_parallel_size,
+            request_timeout_s=g.request_timeout_s,
+            restart_on_failure=g.restart_on_failure,
+            log_dir=self.output_dir / "worker_logs",
+        )
+
+    def _reward_pool(self) -> RewardPool:
+        """The verifier pool, built from the ``rewards`` section as in training."""
+        r = self._cfg.rewards
+        return RewardPool(
+            num_workers=r.num_workers,
+            timeout_s=r.timeout_s,
+            reward_fn=_get_component_from_path(r.fn),
+        )
 
     def evaluate(self) -> None:
         """Generate and score every problem not yet in the samples file, appending each
@@ -305,10 +333,10 @@ class PassAtKEvalRecipe:
         if total == 0:
             log.info("Every problem is already scored; nothing to generate.")
             return
-        per_call = int(self._cfg.generation.get("problems_per_call", 1))
+        per_call = self._cfg.eval.problems_per_call
         with (
             self._start_generator() as generator,
-            config.instantiate(self._cfg.rewards) as rewards,
+            self._reward_pool() as rewards,
             self.samples_path.open("a", encoding="utf-8") as out,
             tqdm(total=total, unit="problem", desc="pass@K eval", dynamic_ncols=True) as bar,
         ):
@@ -326,15 +354,15 @@ class PassAtKEvalRecipe:
     def _sampling(self, benchmark: str, batch: list[MathProblem]) -> Any:
         from simko_tune.generation import SamplingConfig
 
-        sampling = self._cfg.sampling
-        seed = sampling.get("seed")
+        sampling = self._cfg.eval
+        seed = sampling.seed
         if seed is not None:
             # Per batch, from its first problem: batches must not share one random stream.
             seed = (int(seed) + zlib.crc32(f"{benchmark}/{batch[0].id}".encode())) % 2**31
         return SamplingConfig(
-            temperature=float(sampling.temperature),
-            top_p=float(sampling.top_p),
-            max_tokens=int(sampling.max_tokens),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
             stop_token_ids=stop_token_ids(self._tokenizer),
             seed=seed,
         )
@@ -377,7 +405,7 @@ class PassAtKEvalRecipe:
         """Write the pass@K table and plot over every sample in the output_dir, and log them
         as TensorBoard scalars at the checkpoint's training step (0 for a plain model), so
         evaluations of one run's checkpoints line up over training."""
-        ks = list(self._cfg.ks) if self._cfg.get("ks") else None
+        ks = list(self._cfg.eval.ks) if self._cfg.eval.ks else None
         run = f"step_{self.step:08d}" if self.step is not None else self.model_dir.name
         report = passk_report({run: self.samples_path}, self.output_dir, ks=ks)
         scalars: dict[str, float] = {}

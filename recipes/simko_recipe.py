@@ -292,11 +292,11 @@ class SimKORecipe:
                 stats.update({f"time/{k}": v for k, v in timings.items()})
                 elapsed = time.perf_counter() - t_step
                 stats["time/step"] = elapsed
-                stats["throughput/tokens_per_s"] = float(rollout.mask.sum()) / elapsed
+                stats["throughput/response_tokens_per_s"] = float(rollout.mask.sum()) / elapsed
                 stats["weight_version"] = self.weight_version
                 stats["lr"] = self.optimizer.param_groups[0]["lr"]
                 stats["memory/peak_gib"] = _peak_memory_gib(self.device)
-                stats["reward/pool_timeouts"] = self.reward_pool.stats.timeouts
+                stats["reward/timeouts_total"] = self.reward_pool.stats.timeouts  # since start
                 if self.step % cfg.log.every_n_steps == 0:
                     self.metric_logger.log_dict(stats, step=self.step)
                 if cfg.log.samples_every_n_steps and self.step % cfg.log.samples_every_n_steps == 0:
@@ -306,13 +306,13 @@ class SimKORecipe:
                     reward=f"{stats['reward/mean']:.3f}",
                     loss=f"{stats['loss']:.4f}",
                     ent=f"{stats['entropy_mean']:.2f}",
-                    top1=f"{stats['top1_frac']:.2f}",
+                    top1=f"{stats['sampled_top1_frac']:.2f}",
                     refresh=False,
                 )
                 tqdm.write(
                     f"step {self.step:>5} reward {stats['reward/mean']:.3f} "
-                    f"loss {stats['loss']:+.4f} Λ1 {stats['lambda_1']:.3f} "
-                    f"Λ2 {stats['lambda_2']:.2f} entropy {stats['entropy_mean']:.3f} "
+                    f"loss {stats['loss']:+.4f} Λ1 {stats['logprob_top1_mean']:.3f} "
+                    f"Λ2 {stats['logprob_top2_mean']:.2f} entropy {stats['entropy_mean']:.3f} "
                     f"len {stats['response/len_mean']:.1f} {elapsed:.1f}s"
                 )
 
@@ -431,6 +431,7 @@ class SimKORecipe:
         correct = rollout.rewards >= 1.0
         rows_per_update = cfg.ppo.mini_batch_prompts * g
         sums: dict[str, float] = defaultdict(float)
+        ratio_max = 0.0
         num_updates = skipped = 0
         for _ in range(cfg.ppo.epochs):
             for start in range(0, len(rollout), rows_per_update):
@@ -458,6 +459,7 @@ class SimKORecipe:
                     finite &= math.isfinite(value)
                     sums["loss"] += value
                     n_tok = float(mb.mask.sum())
+                    ratio_max = max(ratio_max, float(metrics.pop("ratio_max")))
                     for k, v in metrics.items():
                         if k != "num_tokens":
                             sums[k] += float(v) * n_tok
@@ -474,11 +476,11 @@ class SimKORecipe:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()
-                sums["grad_norm"] += float(grad_norm)
+                sums["grad_norm_mean"] += float(grad_norm)  # before clipping
                 num_updates += 1
         # loss and metrics as token-weighted means over this rank's rows, then over ranks
         tokens = max(sums.pop("_tokens"), 1.0)
-        stats = {k: v / tokens for k, v in sums.items() if k not in ("loss", "grad_norm")}
+        stats = {k: v / tokens for k, v in sums.items() if k not in ("loss", "grad_norm_mean")}
         reduced = _all_reduce_sum(
             torch.tensor([sums["loss"]] + [stats[k] * tokens for k in sorted(stats)] + [tokens]),
             self.device,
@@ -487,7 +489,11 @@ class SimKORecipe:
         total_tokens = float(reduced[-1])
         out = {k: float(reduced[1 + i]) / total_tokens for i, k in enumerate(sorted(stats))}
         out["loss"] = float(reduced[0]) / max(num_updates, 1)
-        out["grad_norm"] = sums["grad_norm"] / max(num_updates, 1)
+        out["grad_norm_mean"] = sums["grad_norm_mean"] / max(num_updates, 1)
+        # a maximum over every micro-batch of every rank, not a mean of maxima
+        out["ratio_max"] = float(
+            _all_reduce_max(torch.tensor([ratio_max]), self.device, group=self._dp_group())
+        )
         out["updates_skipped_nonfinite"] = float(skipped)
         return out
 
@@ -642,6 +648,14 @@ def _all_reduce_sum(t: torch.Tensor, device: torch.device, group=None) -> torch.
         return t
     t = t.to(device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t.cpu()
+
+
+def _all_reduce_max(t: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
+    if not dist.is_initialized() or (group is not None and dist.get_world_size(group) == 1):
+        return t
+    t = t.to(device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t.cpu()
 
 

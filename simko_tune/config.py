@@ -158,6 +158,8 @@ class RecipeConfig:
     resume: Any = "auto"  # "auto" | path | false
     dry_run: bool = False
     device: str = "cpu"
+    # Memory of one trainer device for dry_run's memory plan; None: the CUDA device's own.
+    device_memory_gib: float | None = None
     model_dir: str = MISSING  # Hugging Face directory: config.json, safetensors, tokenizer
     prepare_model: Any = None  # optional _component_ that builds model_dir if it is missing
     model: Any = MISSING
@@ -179,14 +181,48 @@ class RecipeConfig:
     log: LogSection = field(default_factory=LogSection)
 
 
+@dataclass
+class EvalRecipeSection:
+    """The eval recipe's sampling: the keys of the training recipe's ``eval`` section (``n``,
+    ``temperature``, ``top_p``, ``max_tokens``), plus what only a pass@K run needs."""
+
+    n: int = 256  # samples per problem
+    n_per_benchmark: dict[str, int] = field(default_factory=dict)  # n where it differs
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 4096
+    seed: int | None = None  # None: fresh randomness; an int makes each batch reproducible
+    ks: list[int] | None = None  # None: K = 1, 2, 4, ... up to each benchmark's n
+    problems_per_call: int = 8  # problems per generate() call (x n sequences each)
+
+
+@dataclass
+class EvalRecipeConfig:
+    """The eval recipe's schema (``recipes/simko_eval.py``). ``generation`` and ``rewards``
+    are the training recipe's sections, so one block of YAML configures both recipes."""
+
+    model_dir: str = MISSING
+    output_dir: str = MISSING
+    data_dir: str | None = None  # None: $SIMKO_DATA_DIR or ../shared/data, else the hub
+    device: str = "cpu"  # the native generator's device
+    benchmarks: list[str] = MISSING
+    limit: int | None = None  # only the first `limit` problems of each benchmark
+    prompt_template: str = "qwen_boxed"
+    tokenizer: Any = MISSING
+    eval: EvalRecipeSection = field(default_factory=EvalRecipeSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    rewards: RewardSection = field(default_factory=RewardSection)
+    metric_logger: Any = MISSING
+
+
 class ConfigError(ValueError):
     """A config problem, naming the key."""
 
 
-def check_schema(cfg: DictConfig) -> DictConfig:
-    """Merge ``cfg`` onto the typed schema: unknown keys, wrong types and missing required
-    keys raise ConfigError naming the full key."""
-    schema = OmegaConf.structured(RecipeConfig)
+def check_schema(cfg: DictConfig, schema_class: type = RecipeConfig) -> DictConfig:
+    """Merge ``cfg`` onto the typed schema (the training recipe's unless another is given):
+    unknown keys, wrong types and missing required keys raise ConfigError naming the full key."""
+    schema = OmegaConf.structured(schema_class)
     try:
         merged = OmegaConf.merge(schema, cfg)
         missing = sorted(OmegaConf.missing_keys(merged))

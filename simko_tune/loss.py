@@ -209,11 +209,11 @@ def _kl(logp: Tensor, ref_logp: Tensor, kind: str) -> tuple[Tensor, Tensor]:
 _METRIC_SUMS = (
     "entropy_mean",
     "gated_frac",
-    "top1_frac",
-    "lambda_1",
-    "lambda_2",
-    "lambda_3",
-    "lambda_sample",
+    "sampled_top1_frac",  # sampled tokens that are the argmax of the current logits
+    "logprob_top1_mean",  # Λ(n) of the paper: mean log-prob of the rank-n candidate
+    "logprob_top2_mean",
+    "logprob_top3_mean",
+    "logprob_sampled_mean",  # Λ_sample: mean log-prob of the sampled token
     "clip_frac_low",
     "clip_frac_high",
     "ratio_mean",
@@ -495,10 +495,11 @@ def _fused_forward(
         clip_active = terms["clip_active"]
         sums["entropy_mean"] = sums["entropy_mean"] + entropy.sum()
         sums["gated_frac"] = sums["gated_frac"] + gated.sum()
-        sums["top1_frac"] = sums["top1_frac"] + is_top1.sum()
+        sums["sampled_top1_frac"] = sums["sampled_top1_frac"] + is_top1.sum()
         for n in range(_NUM_LOGGED_RANKS):
-            sums[f"lambda_{n + 1}"] = sums[f"lambda_{n + 1}"] + top_logp[:, n].sum()
-        sums["lambda_sample"] = sums["lambda_sample"] + logp.sum()
+            key = f"logprob_top{n + 1}_mean"
+            sums[key] = sums[key] + top_logp[:, n].sum()
+        sums["logprob_sampled_mean"] = sums["logprob_sampled_mean"] + logp.sum()
         sums["clip_frac_low"] = sums["clip_frac_low"] + (clip_active & (ratio < 1.0)).sum()
         sums["clip_frac_high"] = sums["clip_frac_high"] + (clip_active & (ratio > 1.0)).sum()
         sums["ratio_mean"] = sums["ratio_mean"] + ratio.sum()

@@ -13,18 +13,36 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def data_dir() -> Path:
-    """The shared data folder: ``$SIMKO_DATA_DIR`` if set, else ``<repo root>/../shared/data``.
+def local_data_dir() -> Path | None:
+    """The local data folder, if one is configured: ``$SIMKO_DATA_DIR`` when set (taken as
+    given, so that a mistyped path is an error rather than a silent download), else
+    ``<repo root>/../shared/data`` when that folder exists; None otherwise.
 
-    The benchmark files, SimKO's training parquets and the real tokenizers live there and
-    are never copied into the repository.
+    The folder holds the benchmark files, SimKO's training parquets and the real tokenizers;
+    none of it is copied into the repository. Without it the benchmark loaders take their
+    Hugging Face hub copies (``simko_tune.data.benchmarks``).
     """
     env = os.environ.get("SIMKO_DATA_DIR")
-    path = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
-    if not path.is_dir():
+    if env:
+        return Path(env)
+    sibling = REPO_ROOT.parent / "shared" / "data"
+    return sibling if sibling.is_dir() else None
+
+
+def data_dir() -> Path:
+    """The local data folder (see :func:`local_data_dir`); ``FileNotFoundError`` saying how
+    to configure it when there is none. For files that exist only there (tokenizers)."""
+    path = local_data_dir()
+    if path is None or not path.is_dir():
+        where = (
+            f"SIMKO_DATA_DIR={path} is not a folder"
+            if path is not None
+            else f"SIMKO_DATA_DIR is not set and {REPO_ROOT.parent / 'shared' / 'data'} "
+            "does not exist"
+        )
         raise FileNotFoundError(
-            f"shared data folder not found at {path}; set SIMKO_DATA_DIR to the folder that "
-            "holds eval/, train/ and tokenizers/"
+            f"no local data folder: {where}; set SIMKO_DATA_DIR to the folder that holds "
+            "eval/, train/ and tokenizers/"
         )
     return path
 

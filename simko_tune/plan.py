@@ -20,6 +20,7 @@ from torchtune import config as tt_config
 
 from simko_tune.config import ConfigError
 from simko_tune.loss import LossConfig
+from simko_tune.memory_plan import MemoryPlan, ModelShape, estimate_memory
 
 _FILE_KEYS = ("path", "merges_file", "special_tokens_path", "checkpoint_dir")
 
@@ -135,7 +136,25 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {key}: {value}")
     if plan["missing_files"]:
         print("  note: the files above are missing here; a real run needs them")
+    memory = _memory_plan(cfg, plan)
+    if memory is not None:
+        plan["memory"] = memory.to_dict()
+        print("  memory per trainer rank (estimate; simko_tune/memory_plan.py):")
+        for line in memory.report():
+            print(f"    {line}")
+        for warning in memory.warnings():
+            print(f"  WARNING: {warning}")
     return plan
+
+
+def _memory_plan(cfg: DictConfig, plan: dict[str, Any]) -> MemoryPlan | None:
+    """The memory estimate for the mesh the plan resolved; None without the model's shape."""
+    model = _meta_model(cfg.model)
+    if model is None:
+        print("  memory: unknown (the model's config.json is missing)")
+        return None
+    mesh = plan["mesh"]
+    return estimate_memory(ModelShape.from_model(model), cfg, dp=mesh["dp_shard"], tp=mesh["tp"])
 
 
 def _missing_files(cfg: DictConfig) -> list[str]:

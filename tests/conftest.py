@@ -40,3 +40,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_qwen2")
     tok = train_tokenizer(TINY_CORPUS, root / "tokenizer", vocab_size=384)
     return build_tiny_qwen2(tok, root / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The local data folder (benchmark files, SimKO's parquets, the real tokenizers), which
+    the repository does not carry: a test that needs it is skipped, saying why, where it is
+    absent (``$SIMKO_DATA_DIR``, or ``../shared/data`` beside the checkout)."""
+    from simko_tune.paths import data_dir
+
+    try:
+        return data_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"needs the shared data folder, which this repository does not carry ({e})")

@@ -8,7 +8,7 @@ skipped and counted in a :class:`LoadReport` (and logged): never dropped silentl
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,30 +21,64 @@ from simko_tune.data.problems import (
     read_rows,
     text_field,
 )
-from simko_tune.paths import data_dir as default_data_dir
+from simko_tune.paths import local_data_dir
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class TrainHubCopy:
+    """The same problems on the Hugging Face hub, each row mapped to ``problem``/``answer``."""
+
+    repo: str
+    split: str
+    to_row: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class RegisteredDataset:
-    """A data file under the shared data folder, with keys when the defaults do not fit."""
+    """A data file under the local data folder, its row count (local and hub copies alike),
+    keys when the defaults do not fit, and its hub copy where one is known."""
 
     file: str
+    rows: int
     problem_key: str | None = None
     answer_key: str | None = None
+    hub: TrainHubCopy | None = None
 
 
+def _math_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A MATH row (problem, level, type, solution): the gold is the solution's last
+    ``\\boxed{}``, as in the verl parquets built from it; None where there is none."""
+    from simko_tune.rewards import extract_answer
+
+    solution = row.get("solution")  # a missing field is a bad row, reported with its number
+    answer = extract_answer(solution) if isinstance(solution, str) else None
+    return {"problem": row.get("problem"), "answer": answer}
+
+
+# TianHongZXY/MATH is the data_source SimKO's MATH parquets name; its dataset card lists
+# problem, level, type, solution, with splits train (7,500 rows) and test (5,000).
 TRAIN_DATASETS: dict[str, RegisteredDataset] = {
-    "simko_math_train": RegisteredDataset("train/simko/math_train.parquet"),
-    "simko_gsm8k_level1_train": RegisteredDataset("train/simko/gsm8k_level1_train.parquet"),
-    "simko_math_test": RegisteredDataset("eval/simko/math_test.parquet"),
-    "simko_aime2025_test": RegisteredDataset("eval/simko/aime2025_test.parquet"),
-    "simko_amc23_test": RegisteredDataset("eval/simko/amc23_test.parquet"),
+    "simko_math_train": RegisteredDataset(
+        "train/simko/math_train.parquet",
+        rows=7500,
+        hub=TrainHubCopy("TianHongZXY/MATH", "train", _math_row),
+    ),
+    "simko_gsm8k_level1_train": RegisteredDataset(
+        "train/simko/gsm8k_level1_train.parquet", rows=8388
+    ),
+    "simko_math_test": RegisteredDataset(
+        "eval/simko/math_test.parquet",
+        rows=5000,
+        hub=TrainHubCopy("TianHongZXY/MATH", "test", _math_row),
+    ),
+    "simko_aime2025_test": RegisteredDataset("eval/simko/aime2025_test.parquet", rows=30),
+    "simko_amc23_test": RegisteredDataset("eval/simko/amc23_test.parquet", rows=40),
     # MATH500 despite its name; its prompt is pre-wrapped in "Question:/Answer:", the raw
     # problem is in extra_info.
     "simko_gsm8k_level1_test": RegisteredDataset(
-        "eval/simko/gsm8k_level1_test.parquet", problem_key="extra_info.question"
+        "eval/simko/gsm8k_level1_test.parquet", rows=500, problem_key="extra_info.question"
     ),
 }
 
@@ -93,7 +127,9 @@ def load_train_dataset_with_report(
 ) -> tuple[list[MathProblem], LoadReport]:
     """Load problems from ``source``: a registered name (:data:`TRAIN_DATASETS`), a
     ``.jsonl``/``.parquet`` path, or a Hugging Face hub dataset name (``split`` applies
-    to hub datasets only).
+    to hub datasets only). A registered name reads ``data_dir``, else the configured local
+    folder (:func:`simko_tune.paths.local_data_dir`), else its hub copy, and must have the
+    registered number of rows (bad ones included) in either copy.
 
     ``problem_key``/``answer_key`` are dotted paths into a row. Left out, verl rows
     (a ``prompt`` column) use the last user message and ``reward_model.ground_truth``;
@@ -124,6 +160,13 @@ def load_train_dataset_with_report(
             raise DataError(f"{location}: row {row_number}: {reason}")
         report.skipped.append((row_number, reason))
     report.loaded = len(problems)
+    if source in TRAIN_DATASETS:
+        expected, found = TRAIN_DATASETS[source].rows, report.loaded + len(report.skipped)
+        if found != expected:
+            raise DataError(
+                f"{location}: {found} rows, expected {expected} for {source}; this is not the "
+                "copy of the data set that the registry describes"
+            )
     if report.skipped:
         first_row, first_reason = report.skipped[0]
         logger.warning(
@@ -142,7 +185,21 @@ def _open_source(
 ) -> tuple[str, str, Iterable[tuple[int, dict[str, Any]]]]:
     """Resolve ``source`` to (name, location for messages, numbered rows)."""
     if source in TRAIN_DATASETS:
-        path = (data_dir or default_data_dir()) / TRAIN_DATASETS[source].file
+        entry = TRAIN_DATASETS[source]
+        folder = data_dir if data_dir is not None else local_data_dir()
+        if folder is None and entry.hub is not None:
+            from datasets import load_dataset
+
+            hub = entry.hub
+            rows = load_dataset(hub.repo, split=hub.split)
+            where = f"hub dataset {hub.repo} (split {hub.split})"
+            return source, where, ((i, hub.to_row(row)) for i, row in enumerate(rows))
+        if folder is None:
+            raise FileNotFoundError(
+                f"training set {source!r} has no hub copy and no local data folder is "
+                f"configured: set SIMKO_DATA_DIR to the folder that holds {entry.file}"
+            )
+        path = folder / entry.file
         return source, str(path), read_rows(path)
     path = Path(source)
     if path.suffix in (".jsonl", ".json", ".parquet"):

@@ -1,17 +1,9 @@
-"""Shared, session-scoped fixtures for the data tests: the real tokenizers load once."""
+"""Shared, session-scoped fixtures for the data tests: the real tokenizers load once (from
+the shared data folder; ``shared_data`` in tests/conftest.py skips them where it is absent)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-from simko_tune.paths import data_dir
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    return data_dir()
 
 
 @pytest.fixture(scope="session")

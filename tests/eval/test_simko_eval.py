@@ -30,9 +30,13 @@ ROW_FIELDS = {
 }
 
 
-def tiny_cfg(model_dir, output_dir, *overrides: str):
+def tiny_cfg(model_dir, output_dir, *overrides: str, data_dir=None):
+    """The eval_tiny_cpu config; ``data_dir`` (the shared folder) for tests that read
+    benchmarks: the hub is never asked."""
     cfg = OmegaConf.load(resolve_config_path("eval_tiny_cpu"))
     dotlist = [f"model_dir={model_dir}", f"output_dir={output_dir}", *overrides]
+    if data_dir is not None:
+        dotlist.append(f"data_dir={data_dir}")
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
 
 
@@ -121,11 +125,17 @@ def test_bad_model_dir_is_a_clear_error(tmp_path):
         ("benchmarks=[math500,math5000]", r"'benchmarks\[1\]': unknown benchmark 'math5000'"),
         ("benchmarks=[]", "'benchmarks' must be a non-empty list"),
         ("benchmarks=[aime24,aime24]", "'benchmarks' lists a benchmark twice"),
-        ("num_samples_per_benchmark.aime2024=300", "'num_samples_per_benchmark.aime2024'"),
-        ("num_samples=0", "'num_samples' must be a positive integer"),
+        ("eval.n_per_benchmark.aime2024=300", "'eval.n_per_benchmark.aime2024'"),
+        ("eval.n=0", "'eval.n' must be a positive integer"),
+        ("eval.n=many", "'eval.n'"),
+        ("eval.problems_per_call=0", "'eval.problems_per_call' must be a positive integer"),
+        ("eval.ks=[1,0]", "'eval.ks' must hold positive integers"),
+        ("eval.num_samples=4", "'eval.num_samples'"),  # the old key: refused, not ignored
         ("generation.backend=sglang", "'generation.backend' must be one of"),
+        ("generation.vllm.num_workers=2", "'generation.vllm'"),
+        ("generation.addresses=[tcp://h:1]", "'generation.addresses': simko_eval starts"),
+        ("rewards.timeout_s=soon", "'rewards.timeout_s'"),
         ("prompt_template=chatml", "'prompt_template': unknown template 'chatml'"),
-        ("ks=[1,0]", "'ks' must hold positive integers"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, override, message):
@@ -137,7 +147,7 @@ def test_config_errors_name_the_key(tmp_path, override, message):
 def test_model_dir_is_required(tmp_path):
     cfg = OmegaConf.load(resolve_config_path("eval_math"))
     cfg.output_dir = str(tmp_path)
-    with pytest.raises(ValueError, match="'model_dir' is required"):
+    with pytest.raises(ValueError, match="missing: model_dir"):
         simko_eval.PassAtKEvalRecipe(cfg)
 
 
@@ -153,12 +163,52 @@ def test_paper_config_settings(tmp_path):
         "minerva_math": 256,
         "olympiadbench": 256,
     }
-    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_tokens) == (
-        0.6,
-        0.95,
-        4096,
-    )
+    assert (cfg.eval.temperature, cfg.eval.top_p, cfg.eval.max_tokens) == (0.6, 0.95, 4096)
     assert cfg.prompt_template == "qwen_boxed"
+
+
+@pytest.mark.parametrize("name", ["eval_math", "eval_tiny_cpu"])
+def test_eval_configs_share_the_training_sections(name):
+    """``generation`` and ``rewards`` are the training recipe's sections and the sampling keys
+    those of its ``eval`` section, so a block of YAML moves between the two recipes."""
+    from dataclasses import fields
+
+    from simko_tune.config import EvalSection as TrainEvalSection
+    from simko_tune.config import GenerationSection, RewardSection
+
+    cfg = OmegaConf.load(resolve_config_path(name))
+    assert set(cfg.generation) <= {f.name for f in fields(GenerationSection)}
+    assert set(cfg.rewards) == {f.name for f in fields(RewardSection)}
+    sampling = {"n", "temperature", "top_p", "max_tokens"}
+    assert sampling <= {f.name for f in fields(TrainEvalSection)} & set(cfg.eval)
+    train = OmegaConf.load(resolve_config_path("tiny_cpu"))
+    assert set(train.rewards) == set(cfg.rewards)
+
+
+def test_without_a_data_folder_the_recipe_reads_the_hub_copies(
+    tiny_model_dir, tmp_path, shared_data, monkeypatch
+):
+    """A user who cloned only this repository: no SIMKO_DATA_DIR, no ../shared/data. The
+    recipe takes each benchmark's hub copy (served here from the local file's rows, as
+    ``datasets`` would serve HuggingFaceH4/MATH-500) instead of failing on the folder."""
+    import json as json_module
+
+    from simko_tune import paths
+    from simko_tune.data import benchmarks
+
+    with (shared_data / "eval" / "math500.jsonl").open(encoding="utf-8") as f:
+        rows = [json_module.loads(line) for line in f]
+    asked = []
+    monkeypatch.setattr(
+        benchmarks, "_hub_rows", lambda hub: asked.append(hub.repo) or enumerate(rows)
+    )
+    monkeypatch.delenv("SIMKO_DATA_DIR", raising=False)
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path / "clone" / "simko-tune")
+    recipe = simko_eval.PassAtKEvalRecipe(tiny_cfg(tiny_model_dir, tmp_path / "out"))
+    recipe.setup()
+    assert asked == ["HuggingFaceH4/MATH-500"]
+    assert recipe._problems["math500"] == load_benchmark("math500", shared_data, limit=3)
+    recipe.cleanup()
 
 
 # ------------------------------------------------------------------------- samples file
@@ -196,7 +246,7 @@ def test_completed_problems_keeps_whole_problems_only(tmp_path):
         simko_eval.completed_problems(whole, {"aime24": 2}, tmp_path / "samples.jsonl")
 
 
-def test_resume_refuses_other_settings(tiny_model_dir, tmp_path):
+def test_resume_refuses_other_settings(tiny_model_dir, tmp_path, shared_data):
     out = tmp_path / "out"
     out.mkdir()
     row = {"benchmark": "math500", "problem_id": "a", "sample_index": 0, "reward": 0.0}
@@ -209,7 +259,9 @@ def test_resume_refuses_other_settings(tiny_model_dir, tmp_path):
         "max_tokens": 16,
     }
     (out / "eval_settings.json").write_text(json.dumps(settings))
-    recipe = simko_eval.PassAtKEvalRecipe(tiny_cfg(tiny_model_dir, out, "sampling.temperature=1.0"))
+    recipe = simko_eval.PassAtKEvalRecipe(
+        tiny_cfg(tiny_model_dir, out, "eval.temperature=1.0", data_dir=shared_data)
+    )
     with pytest.raises(ValueError, match=r"temperature=0.6.*this run has temperature=1.0"):
         recipe.setup()
 
@@ -218,14 +270,14 @@ def test_resume_refuses_other_settings(tiny_model_dir, tmp_path):
 
 
 @pytest.fixture
-def counting_generator(monkeypatch, tiny_model_dir):
+def counting_generator(monkeypatch, tiny_model_dir, shared_data):
     """The real NativeGenerator, counting the prompts it is asked for and writing the gold
     answer into sample ``k % n`` of problem ``k``, so that rewards of 1 exist and must land
     on exactly those rows (catches a response scored against another problem's gold)."""
     from simko_tune import generation
 
     tokenizer = qwen_tokenizer(tiny_model_dir)
-    problems = load_benchmark("math500", limit=3)
+    problems = load_benchmark("math500", data_dir=shared_data, limit=3)
     by_prompt = {
         tuple(tokenize_prompt(tokenizer, "qwen_boxed", p.problem)): (k, p.answer)
         for k, p in enumerate(problems)
@@ -246,11 +298,13 @@ def counting_generator(monkeypatch, tiny_model_dir):
     return calls, problems
 
 
-def test_resume_generates_only_unfinished_problems(tiny_model_dir, tmp_path, counting_generator):
+def test_resume_generates_only_unfinished_problems(
+    tiny_model_dir, tmp_path, counting_generator, shared_data
+):
     calls, problems = counting_generator
     out = tmp_path / "out"
-    cfg = tiny_cfg(tiny_model_dir, out, "generation.backend=native")
-    n = cfg.num_samples
+    cfg = tiny_cfg(tiny_model_dir, out, "generation.backend=native", data_dir=shared_data)
+    n = cfg.eval.n
     first = run_recipe(cfg)
     assert first.num_generated_problems == 3 and sum(calls) == 3
 
@@ -267,7 +321,7 @@ def test_resume_generates_only_unfinished_problems(tiny_model_dir, tmp_path, cou
         assert row["answer"] == extract_answer(row["response"])
         assert row["finish_reason"] in ("stop", "length")
         if not injected:  # the injected answers are longer than max_tokens
-            assert 1 <= row["num_tokens"] <= cfg.sampling.max_tokens
+            assert 1 <= row["num_tokens"] <= cfg.eval.max_tokens
     assert {(r["problem_id"], r["sample_index"]) for r in rows} == {
         (p.id, j) for p in problems for j in range(n)
     }
@@ -283,7 +337,9 @@ def test_resume_generates_only_unfinished_problems(tiny_model_dir, tmp_path, cou
     torn = lines[-2][: len(lines[-2]) // 2]
     samples.write_text("".join(lines[:-2]) + torn)
     calls.clear()
-    second = run_recipe(tiny_cfg(tiny_model_dir, out, "generation.backend=native"))
+    second = run_recipe(
+        tiny_cfg(tiny_model_dir, out, "generation.backend=native", data_dir=shared_data)
+    )
     assert second.num_generated_problems == 1 and calls == [1]
     resumed = read_rows(samples)
     assert resumed[: 2 * n] == rows[: 2 * n]  # finished problems untouched
@@ -294,17 +350,21 @@ def test_resume_generates_only_unfinished_problems(tiny_model_dir, tmp_path, cou
 
     # Everything scored: no generator is even started.
     calls.clear()
-    third = run_recipe(tiny_cfg(tiny_model_dir, out, "generation.backend=native"))
+    third = run_recipe(
+        tiny_cfg(tiny_model_dir, out, "generation.backend=native", data_dir=shared_data)
+    )
     assert third.num_generated_problems == 0 and calls == []
     assert read_rows(samples) == resumed
 
 
-def test_checkpoint_model_dir_evaluates_its_export_at_its_step(tiny_model_dir, tmp_path):
+def test_checkpoint_model_dir_evaluates_its_export_at_its_step(
+    tiny_model_dir, tmp_path, shared_data
+):
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000007"
     shutil.copytree(tiny_model_dir, checkpoint / "hf")
     out = tmp_path / "out"
-    overrides = ("generation.backend=native", "limit=1", "num_samples=2")
-    recipe = run_recipe(tiny_cfg(checkpoint, out, *overrides))
+    overrides = ("generation.backend=native", "limit=1", "eval.n=2")
+    recipe = run_recipe(tiny_cfg(checkpoint, out, *overrides, data_dir=shared_data))
     assert recipe.model_dir == (checkpoint / "hf").resolve()
     assert len(read_rows(out / "samples.jsonl")) == 2
     assert "| step_00000007 | math500 | 1 | 2 |" in (out / "passk.md").read_text()
@@ -317,7 +377,7 @@ def test_checkpoint_model_dir_evaluates_its_export_at_its_step(tiny_model_dir, t
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_with_vllm(tiny_model_dir, tmp_path):
+def test_cli_end_to_end_with_vllm(tiny_model_dir, tmp_path, shared_data):
     out = tmp_path / "out"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -330,13 +390,14 @@ def test_cli_end_to_end_with_vllm(tiny_model_dir, tmp_path):
         "eval_tiny_cpu",
         f"model_dir={tiny_model_dir}",
         f"output_dir={out}",
+        f"data_dir={shared_data}",
     ]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     cfg = OmegaConf.load(resolve_config_path("eval_tiny_cpu"))
-    problems = load_benchmark("math500", limit=cfg.limit)
-    n = cfg.num_samples
+    problems = load_benchmark("math500", data_dir=shared_data, limit=cfg.limit)
+    n = cfg.eval.n
     rows = read_rows(out / "samples.jsonl")
     assert len(rows) == len(problems) * n == 3 * 4
     assert all(set(row) == ROW_FIELDS for row in rows)
@@ -344,7 +405,7 @@ def test_cli_end_to_end_with_vllm(tiny_model_dir, tmp_path):
     for row in rows:
         assert row["reward"] in (0.0, 1.0)
         assert row["reward"] == math_reward(row["response"], golds[row["problem_id"]])
-        assert 1 <= row["num_tokens"] <= cfg.sampling.max_tokens
+        assert 1 <= row["num_tokens"] <= cfg.eval.max_tokens
     assert sorted((r["problem_id"], r["sample_index"]) for r in rows) == sorted(
         (p.id, j) for p in problems for j in range(n)
     )

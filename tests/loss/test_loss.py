@@ -356,11 +356,11 @@ def test_metrics_match_reference_statistics(batch_factory):
     d = b["ref_logprobs"] - sampled
     expected = {
         "entropy_mean": entropy[mask].mean(),
-        "top1_frac": (b["targets"] == logits.argmax(-1))[mask].float().mean(),
-        "lambda_1": top[..., 0][mask].mean(),
-        "lambda_2": top[..., 1][mask].mean(),
-        "lambda_3": top[..., 2][mask].mean(),
-        "lambda_sample": sampled[mask].mean(),
+        "sampled_top1_frac": (b["targets"] == logits.argmax(-1))[mask].float().mean(),
+        "logprob_top1_mean": top[..., 0][mask].mean(),
+        "logprob_top2_mean": top[..., 1][mask].mean(),
+        "logprob_top3_mean": top[..., 2][mask].mean(),
+        "logprob_sampled_mean": sampled[mask].mean(),
         "ratio_mean": ratio[mask].mean(),
         "ratio_max": ratio[mask].max(),
         "clip_frac_low": (clipped & (ratio < 1))[mask].float().mean(),

@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 SCALARS = {
-    "loss", "entropy_mean", "gate_threshold_mean", "gated_frac", "top1_frac",
-    "lambda_1", "lambda_2", "lambda_3", "lambda_sample", "clip_frac_low", "clip_frac_high",
-    "ratio_mean", "ratio_max", "approx_kl", "grad_norm", "lr", "weight_version",
+    "loss", "entropy_mean", "gate_threshold_mean", "gated_frac", "sampled_top1_frac",
+    "logprob_top1_mean", "logprob_top2_mean", "logprob_top3_mean", "logprob_sampled_mean",
+    "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_max", "approx_kl", "grad_norm_mean",
+    "lr", "weight_version", "reward/timeouts_total",
     "reward/mean", "reward/identical_group_frac", "response/len_mean", "response/len_max",
     "response/truncated_frac", "time/generate", "time/score", "time/old_logprobs", "time/update",
-    "time/publish", "throughput/tokens_per_s", "memory/peak_gib",
+    "time/publish", "throughput/response_tokens_per_s", "memory/peak_gib",
     "logprob_mismatch/mean_abs", "updates_skipped_nonfinite",
 }  # fmt: skip
 # Timings and memory differ run to run; everything else must not.
@@ -129,9 +130,10 @@ def test_tiny_cpu_two_steps_with_vllm_logs_everything(tmp_path, policy_dir):
     ]
     assert {ev.step for ev in samples} == {1, 2}  # sample completions as text, every step here
     assert b"**gold**" in samples[0].tensor_proto.string_val[0]
-    for tag in ("lambda_1", "lambda_2", "lambda_3"):
+    for tag in ("logprob_top1_mean", "logprob_top2_mean", "logprob_top3_mean"):
         assert all(v <= 0 for v in scalars[tag].values())
-    assert scalars["lambda_1"][1] >= scalars["lambda_2"][1] >= scalars["lambda_3"][1]
+    top1, top2, top3 = (scalars[f"logprob_top{n}_mean"][1] for n in (1, 2, 3))
+    assert top1 >= top2 >= top3
     # the checkpoint carries an HF export that transformers loads, equal to the trainer's weights
     from transformers import AutoModelForCausalLM
 
@@ -206,7 +208,7 @@ def test_torchrun_ranks_match_one_process(tmp_path, policy_dir, nproc, layout):
     _tune_run(tmp_path, _args(single, policy_dir, *common))
     _tune_run(tmp_path, _args(multi, policy_dir, *common, *layout), nproc=nproc)
     a, b = _scalars(single / "tb"), _scalars(multi / "tb")
-    for tag in ("loss", "reward/mean", "lambda_1", "entropy_mean", "grad_norm"):
+    for tag in ("loss", "reward/mean", "logprob_top1_mean", "entropy_mean", "grad_norm_mean"):
         assert b[tag][1] == pytest.approx(a[tag][1], rel=1e-4, abs=1e-6), tag
     wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
     assert wa.keys() == wb.keys()
@@ -258,16 +260,15 @@ def test_two_node_launch_matches_one_process(tmp_path, policy_dir):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
 
 
-def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path):
+def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path, shared_data):
     """The shipped llama3_2_3b config, shrunk to a tiny Llama 3.2 with Meta's real tokenizer:
     Llama 3 chat prompts, the LLAMA3_2 checkpointer, FSDP2 on two ranks, publication and
     reload (the generator's log-probs equal the trainer's after an update), HF export."""
     from transformers import AutoModelForCausalLM
 
-    from simko_tune.paths import data_dir
     from simko_tune.tiny import build_tiny_llama3
 
-    tiktoken_file = data_dir() / "tokenizers" / "llama3" / "tokenizer.model"
+    tiktoken_file = shared_data / "tokenizers" / "llama3" / "tokenizer.model"
     # weights large enough that the logits are far from uniform: a wrong publication shows
     model_dir = build_tiny_llama3(tmp_path / "llama", tiktoken_file, init_std=0.3)
     out = tmp_path / "out"

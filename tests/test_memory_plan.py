@@ -1,0 +1,155 @@
+"""dry_run's memory plan against arithmetic written out by hand, for the shipped 7B config
+(whose comment states the same numbers) and for settings that cannot fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from simko_tune.config import check_schema
+from simko_tune.memory_plan import ModelShape
+from simko_tune.plan import dry_run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# Qwen2.5-7B, from its config.json: vocabulary, width, layers, KV width (4 heads x 128), MLP.
+V, D, L, KV, FF = 152_064, 3584, 28, 512, 18_944
+BLOCK = (
+    (D * D + D)  # q_proj with bias
+    + 2 * (D * KV + KV)  # k_proj, v_proj with biases
+    + D * D  # o_proj
+    + 3 * D * FF  # w1, w2, w3
+    + 2 * D  # two RMSNorm scales
+)
+N_7B = 2 * V * D + L * BLOCK + D  # untied embedding and output, blocks, final norm
+GB = 1e9
+
+
+def _cfg(name: str, *overrides: str):
+    cfg = OmegaConf.merge(
+        OmegaConf.load(CONFIGS / f"{name}.yaml"), OmegaConf.from_dotlist(overrides)
+    )
+    return check_schema(cfg)
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_7b", "qwen2_5_math_7b"])
+def plan_7b(request):
+    return dry_run(_cfg(request.param))["memory"]
+
+
+def test_7b_plan_matches_hand_arithmetic(plan_7b):
+    assert N_7B == 7_615_616_512
+    ranks = 4  # dp_shard=4, tp=1
+    assert plan_7b["parameters"] == N_7B * 4 // ranks  # fp32 master weights
+    assert plan_7b["gradients"] == N_7B * 4 // ranks
+    assert plan_7b["optimizer_state"] == 2 * N_7B * 4 // ranks  # AdamW m and v, fp32
+    # the comment's "16 B/param = 122 GB / 4 ranks = 30.5 GB"
+    sharded = plan_7b["parameters"] + plan_7b["gradients"] + plan_7b["optimizer_state"]
+    assert sharded == pytest.approx(30.5 * GB, rel=0.01)
+    # bf16 copies of the FSDP root (embedding + output + final norm) and two gathered blocks
+    assert plan_7b["compute_copies"] == (2 * V * D + D + 2 * BLOCK) * 2
+    tokens = 2 * (1024 + 3072)  # micro-batch 2 rows of prompt + response
+    per_token_block = 4 * D + 2 * D + 2 * KV + 4 * FF
+    saved = tokens * D * L * 2  # each block's bf16 input: the comment's 1.6 GB
+    assert saved == pytest.approx(1.6 * GB, rel=0.03)
+    assert plan_7b["activations_checkpointed"] == saved + tokens * per_token_block * 2
+    assert plan_7b["activations_full"] == tokens * L * per_token_block * 2
+    # responses of 3072 tokens exceed chunk_size 2048: one response is one chunk
+    assert plan_7b["loss_chunk"] == 2 * 3072 * V * 4 + V * D * 4
+    assert plan_7b["publication"] == N_7B * 2  # bf16 engines: 15.2 GB
+    assert plan_7b["activation_checkpointing"] is True
+    assert plan_7b["deferred_gradients"] == 0
+    total = sharded + plan_7b["compute_copies"] + plan_7b["activations_checkpointed"]
+    assert plan_7b["total"] == total + plan_7b["loss_chunk"]
+    assert plan_7b["total"] == pytest.approx(43 * GB, rel=0.02)  # "About 43 GB ... of 80"
+    assert plan_7b["device_memory"] == 79 * 2**30
+    assert plan_7b["warnings"] == []
+
+
+def test_tensor_parallel_divides_what_it_shards():
+    base = dry_run(_cfg("qwen2_5_7b"))["memory"]
+    tp = dry_run(_cfg("qwen2_5_7b", "parallel.tp=2", "parallel.dp_shard=2"))["memory"]
+    assert tp["parameters"] == base["parameters"]  # still 4 ranks in all
+    assert tp["compute_copies"] == base["compute_copies"] // 2
+    tokens = 2 * 4096
+    assert tp["activations_full"] == tokens * L * (4 * D + (2 * D + 2 * KV + 4 * FF) // 2) * 2
+
+
+def test_too_big_setting_warns(capsys):
+    plan = dry_run(
+        _cfg("qwen2_5_7b", "ppo.micro_batch_size=8", "parallel.activation_checkpointing=false")
+    )["memory"]
+    out = capsys.readouterr().out
+    assert plan["total"] > 79 * 2**30
+    assert len(plan["warnings"]) == 1 and "exceeds the device's 79.0 GiB" in plan["warnings"][0]
+    assert "activation_checkpointing=true would need" in plan["warnings"][0]
+    assert "WARNING: memory plan" in out
+    assert "activations, no AC" in out and "total per rank" in out
+
+
+def test_smaller_device_warns_for_the_shipped_setting():
+    plan = dry_run(_cfg("qwen2_5_7b", "device_memory_gib=24"))["memory"]
+    assert plan["device_memory"] == 24 * 2**30
+    assert plan["warnings"] and "24.0 GiB" in plan["warnings"][0]
+
+
+def test_device_memory_unknown_on_cpu_without_config(capsys):
+    plan = dry_run(_cfg("qwen2_5_7b", "device_memory_gib=null", "device=cpu"))["memory"]
+    assert plan["device_memory"] is None and plan["warnings"] == []
+    assert "set device_memory_gib" in capsys.readouterr().out
+
+
+def test_engine_dtype_sets_publication_size_and_bad_dtype_names_key():
+    fp32 = dry_run(_cfg("qwen2_5_7b", "generation.engine_kwargs.dtype=float32"))["memory"]
+    assert fp32["publication"] == N_7B * 4
+    native = dry_run(_cfg("qwen2_5_7b", "generation.backend=native"))["memory"]
+    assert native["publication"] == N_7B * 4  # the native generator computes in fp32
+    with pytest.raises(ValueError, match="generation.engine_kwargs.dtype"):
+        dry_run(_cfg("qwen2_5_7b", "generation.engine_kwargs.dtype=int3"))
+
+
+def test_missing_model_config_leaves_memory_unknown(tmp_path, capsys):
+    plan = dry_run(_cfg("tiny_cpu", f"model_dir={tmp_path}/absent"))
+    assert "memory" not in plan
+    assert "memory: unknown" in capsys.readouterr().out
+
+
+def test_model_shape_of_a_tied_tiny_qwen2():
+    from torchtune.models.qwen2 import qwen2
+
+    with torch.device("meta"):
+        model = qwen2(
+            vocab_size=100, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=64,
+            intermediate_dim=96, max_seq_len=32, tie_word_embeddings=True,
+        )  # fmt: skip
+    shape = ModelShape.from_model(model)
+    kv = 2 * 16
+    block = (64 * 64 + 64) + 2 * (64 * kv + kv) + 64 * 64 + 3 * 64 * 96 + 2 * 64
+    assert shape.block_params == block
+    assert shape.root_params == 100 * 64 + 64  # one tied table + final norm
+    assert shape.num_params == 3 * block + 100 * 64 + 64
+    assert (shape.kv_dim, shape.intermediate_dim, shape.vocab_size) == (kv, 96, 100)
+
+
+def test_token_budget_and_deferred_gradient_sync():
+    """ppo.max_tokens_per_micro_batch sets the activations' tokens; ppo.defer_grad_sync adds
+    one unsharded fp32 gradient copy per rank (keys read when the schema has them)."""
+    from torchtune.models.qwen2_5 import qwen2_5_7b_base
+
+    from simko_tune.memory_plan import estimate_memory
+
+    with torch.device("meta"):
+        shape = ModelShape.from_model(qwen2_5_7b_base())
+    raw = OmegaConf.load(CONFIGS / "qwen2_5_7b.yaml")
+    raw.ppo.max_tokens_per_micro_batch = 16384
+    raw.ppo.defer_grad_sync = True
+    plan = estimate_memory(shape, raw, dp=4, tp=1)
+    per_token_block = 6 * D + 2 * KV + 4 * FF
+    assert plan.activations_checkpointed == 16384 * D * L * 2 + 16384 * per_token_block * 2
+    assert plan.deferred_gradients == N_7B * 4  # the comment's "+30 GB" per rank
+    assert plan.loss_chunk == 2 * 3072 * V * 4 + V * D * 4
+    single = estimate_memory(shape, raw, dp=1, tp=1)
+    assert single.deferred_gradients == 0  # nothing to reduce over one rank
