@@ -196,6 +196,13 @@ def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
             return out
 
         recipe.generator.generate = timed_generate
+        proximal_starts, old_logprobs = [], recipe._old_logprobs
+
+        def timed_old_logprobs(rollout):
+            proximal_starts.append(time.perf_counter())
+            return old_logprobs(rollout)
+
+        recipe._old_logprobs = timed_old_logprobs
         recipe.train()
     finally:
         recipe.cleanup()
@@ -209,12 +216,12 @@ def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
         m = s["rollout"].mask
         expected = torch.exp(s["old"] - s["rollout"].worker_logprobs).clamp(max=2.0)
         torch.testing.assert_close(s["is_weights"][m], expected[m])
-    # generation of step t+1 ran in the background thread, overlapping step t's update
+    # generation of step t+1 ran in the background thread, overlapping step t's trainer work
+    # (the proximal log-prob pass, then the update)
     assert len(spans) == 3 and spans[0][2] == "MainThread"
-    for (g0, g1, thread), update in zip(spans[1:], seen[:2]):
-        u0, u1 = update["span"]
+    for (g0, g1, thread), start, update in zip(spans[1:], proximal_starts, seen[:2]):
         assert thread != "MainThread"
-        assert g0 < u1 and g1 > u0, "generation did not overlap the update"
+        assert g0 < update["span"][1] and g1 > start, "generation did not overlap the trainer"
 
 
 def test_version_window_is_enforced(tmp_path, policy_dir):
