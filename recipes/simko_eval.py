@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import tempfile
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -34,22 +32,21 @@ from simko_tune.config import ConfigError, EvalRecipeConfig, check_schema
 from simko_tune.data import (
     BENCHMARKS,
     PROMPT_TEMPLATES,
-    DataError,
     MathProblem,
     load_benchmark,
     stop_token_ids,
     tokenize_prompt,
 )
-from simko_tune.metrics import passk_report
-from simko_tune.rewards import RewardPool, extract_answer
+from simko_tune.generation.types import INITIAL_VERSION, check_versions
+from simko_tune.metrics import passk_report, read_samples
+from simko_tune.paths import STEP_DIR, atomic_write
+from simko_tune.rewards import RewardPool, extract_for_mode
 
 log = get_logger("INFO")
 
 SAMPLES_FILE = "samples.jsonl"
 SETTINGS_FILE = "eval_settings.json"
 GENERATION_BACKENDS = ("vllm", "native")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-_ROW_KEYS = ("benchmark", "problem_id", "sample_index", "reward")
 
 ProblemKey = tuple[str, str]  # (benchmark, problem_id)
 
@@ -75,14 +72,14 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, int | None]:
     if not path.is_dir():
         raise FileNotFoundError(f"model_dir={str(path)!r}: no such directory")
     if _is_hf_dir(path):
-        match = _STEP_DIR.match(path.parent.name) if path.name == "hf" else None
+        match = STEP_DIR.match(path.parent.name) if path.name == "hf" else None
         return path.resolve(), int(match.group(1)) if match else None
-    if _STEP_DIR.match(path.name) and _is_hf_dir(path / "hf"):
-        return (path / "hf").resolve(), int(_STEP_DIR.match(path.name).group(1))
+    if STEP_DIR.match(path.name) and _is_hf_dir(path / "hf"):
+        return (path / "hf").resolve(), int(STEP_DIR.match(path.name).group(1))
     steps = sorted(
         (int(m.group(1)), child)
         for child in path.iterdir()
-        if (m := _STEP_DIR.match(child.name)) and _is_hf_dir(child / "hf")
+        if (m := STEP_DIR.match(child.name)) and _is_hf_dir(child / "hf")
     )
     if steps:
         step, child = steps[-1]
@@ -98,36 +95,8 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, int | None]:
 # The samples file
 
 
-def read_samples(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """Rows of a samples JSONL and whether the file needs a rewrite (its last line was torn
-    by a kill). A bad line anywhere else is corruption, not a kill: ``DataError``."""
-    if not path.is_file():
-        return [], False
-    lines = path.read_bytes().split(b"\n")
-    # A complete file ends with "\n", so the last piece is empty; anything else was torn.
-    torn = lines.pop() != b""
-    rows: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        missing = [key for key in _ROW_KEYS if not isinstance(row, dict) or key not in row]
-        if missing:
-            raise DataError(f"{path}:{number}: missing key {missing[0]!r}")
-        rows.append(row)
-    return rows, torn
-
-
 def write_samples_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def completed_problems(
@@ -172,10 +141,7 @@ def check_settings(output_dir: Path, settings: dict[str, Any], has_samples: bool
                     f"this run has {key}={value!r}; use another output_dir or the same settings"
                 )
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{SETTINGS_FILE}.", dir=output_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(settings, indent=2))
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,7 +225,8 @@ class PassAtKEvalRecipe:
             f"Model: {self.model_dir}" + (f" (step {self.step})" if self.step is not None else "")
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        rows, torn = read_samples(self.samples_path)
+        found = read_samples(self.samples_path)
+        rows, torn = found.rows, found.torn
         # Samples of one output_dir must share these, or the table would average over two
         # models or sampling setups.
         check_settings(
@@ -322,7 +289,8 @@ class PassAtKEvalRecipe:
         return RewardPool(
             num_workers=r.num_workers,
             timeout_s=r.timeout_s,
-            reward_fn=_get_component_from_path(r.fn),
+            reward_fn=_get_component_from_path(r.fn) if r.fn else None,
+            mode=r.mode,
         )
 
     def evaluate(self) -> None:
@@ -375,6 +343,8 @@ class PassAtKEvalRecipe:
         template = self._cfg.prompt_template
         prompts = [tokenize_prompt(self._tokenizer, template, p.problem) for p in batch]
         completions = generator.generate(prompts, n, self._sampling(benchmark, batch))
+        # The generators never load other weights: anything else is not this model's samples.
+        check_versions(completions, INITIAL_VERSION)
         for problem, samples in zip(batch, completions, strict=True):
             if len(samples) != n:
                 raise RuntimeError(
@@ -390,7 +360,7 @@ class PassAtKEvalRecipe:
                 "problem_id": batch[i // n].id,
                 "sample_index": i % n,
                 "reward": float(score),
-                "answer": extract_answer(response),
+                "answer": extract_for_mode(response, rewards.mode),
                 "response": response,
                 "finish_reason": completion.finish_reason,
                 "num_tokens": len(completion.token_ids),

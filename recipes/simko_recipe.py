@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from collections import defaultdict
@@ -45,20 +44,20 @@ from torchtune import training
 from torchtune.config._utils import _get_component_from_path
 from tqdm import tqdm
 
-from simko_tune.checkpoint import CheckpointManager, resolve_resume
+from simko_tune.checkpoint import CheckpointManager
 from simko_tune.config import ConfigError, check_schema, parse
 from simko_tune.data import PromptBatches, stop_token_ids, tokenize_prompt
-from simko_tune.export import export_hf_dir
+from simko_tune.export import export_hf
 from simko_tune.generation import (
     NativeGenerator,
     SamplingConfig,
     StaleWeightsError,
     VLLMWorkers,
+    WeightSync,
     check_versions,
-    prune_versions,
-    publish_weights,
 )
-from simko_tune.generation.weights import version_dir
+from simko_tune.generation.client import trainer_cuda_devices
+from simko_tune.generation.weights import default_sync_dir, parse_weight_dtype
 from simko_tune.loss import LossConfig, mode_advantages, policy_loss, token_logprobs
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.models import read_hf_config
@@ -98,6 +97,7 @@ class SimKORecipe:
         self.weight_version = 0  # 0 = the checkpoint in model_dir, as the workers load it
         self.generator = None
         self.prefetcher: ThreadPoolExecutor | None = None  # rank 0, one-step-off rollouts
+        self.weight_sync = None
         self.reward_pool = None
         self.metric_logger = None
         self._eval_cache = None
@@ -141,20 +141,17 @@ class SimKORecipe:
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last
         )
-        self.sync_dir = Path(
-            cfg.generation.sync_dir or f"/dev/shm/simko_tune/{_run_name(self.output_dir)}"
+        self.weight_sync = WeightSync(
+            cfg.generation.sync_dir or default_sync_dir(_run_name(self.output_dir)),
+            self.hf_config,
+            dtype=self._weight_dtype(),
+            remove_on_close=not cfg.generation.sync_dir,
         )
-        if self.is_rank_zero:  # a previous run's publications must never be loaded
-            for old in self.sync_dir.glob("v[0-9]*"):
-                shutil.rmtree(old, ignore_errors=True)
-        resume_from = resolve_resume(cfg.resume, self.output_dir / "checkpoints")
-        if resume_from is not None:
-            extra = self.checkpoints.load(
-                resume_from,
-                model=self.model,
-                optimizer=self.optimizer,
-                lr_scheduler=self.lr_scheduler,
-            )
+        resumed = self.checkpoints.resume(
+            cfg.resume, model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
+        )
+        if resumed is not None:
+            resume_from, extra = resumed
             self.step = extra["step"]
             self.weight_version = extra["weight_version"]
             self.batches.load_state_dict(extra["data"])
@@ -166,10 +163,12 @@ class SimKORecipe:
             self.reward_pool = RewardPool(
                 num_workers=cfg.rewards.num_workers,
                 timeout_s=cfg.rewards.timeout_s,
-                reward_fn=_get_component_from_path(cfg.rewards.fn),
+                reward_fn=_get_component_from_path(cfg.rewards.fn) if cfg.rewards.fn else None,
+                mode=cfg.rewards.mode,
             )
             self.generator = self._setup_generator()
-        if resume_from is not None:
+            self.weight_sync.attach(self.generator)
+        if resumed is not None:
             # the workers start from model_dir: give them the resumed weights
             self._publish(self.weight_version)
 
@@ -201,27 +200,41 @@ class SimKORecipe:
                     module.rope_init()
         return model
 
+    def _weight_dtype(self) -> torch.dtype:
+        """Publications are written in the generation engine's dtype (bf16 on GPU: half the
+        bytes of the fp32 master weights); the native generator computes in fp32."""
+        g = self.cfg.generation
+        if g.backend == "native":
+            return parse_weight_dtype(g.weight_dtype or "float32", {}, self.hf_config)
+        engine_kwargs = OmegaConf.to_container(g.engine_kwargs, resolve=True)
+        return parse_weight_dtype(g.weight_dtype, engine_kwargs, self.hf_config)
+
     def _setup_generator(self):
         g = self.cfg.generation
         engine_kwargs = OmegaConf.to_container(g.engine_kwargs, resolve=True)
+        sync_dir = self.weight_sync.sync_dir
         if g.backend == "native":
-            return NativeGenerator(
-                self.cfg.model_dir, sync_dir=self.sync_dir, device=str(self.device)
-            )
+            return NativeGenerator(self.cfg.model_dir, sync_dir=sync_dir, device=str(self.device))
         if g.addresses:
             return VLLMWorkers.connect(
-                list(g.addresses), self.sync_dir, request_timeout_s=g.request_timeout_s
+                list(g.addresses),
+                sync_dir,
+                model_dir=self.cfg.model_dir,
+                request_timeout_s=g.request_timeout_s,
+                curve_server_key=g.curve_server_key,
+                curve_client_key=g.curve_client_key,
             )
         return VLLMWorkers.start_local(
             self.cfg.model_dir,
             num_workers=g.num_workers,
-            sync_dir=self.sync_dir,
+            sync_dir=sync_dir,
             engine_kwargs=engine_kwargs,
             devices=list(g.devices) if g.devices else None,
             tensor_parallel_size=g.tensor_parallel_size,
             request_timeout_s=g.request_timeout_s,
             restart_on_failure=g.restart_on_failure,
             log_dir=self.output_dir / "worker_logs",
+            trainer_devices=trainer_cuda_devices() if self.device.type == "cuda" else None,
         )
 
     def _tokenize_all(self, problems) -> list[list[int]]:
@@ -514,11 +527,8 @@ class SimKORecipe:
             yield torch.arange(s, min(s + mbs, start + per_rank))
 
     def _publish(self, version: int) -> None:
-        """Weights → safetensors + manifest (all ranks gather, rank 0 writes) → workers ack."""
-        publish_weights(self.model, version, self.sync_dir, self.hf_config)
-        if self.is_rank_zero:
-            self.generator.load_weights(version)
-            prune_versions(self.sync_dir, keep_version=version)
+        """Weights → safetensors + manifest (ranks share the writing) → workers ack → prune."""
+        self.weight_sync.publish(self.model, version)
         self.weight_version = version
         _barrier()
 
@@ -537,6 +547,7 @@ class SimKORecipe:
             for name, (problems, prompts) in self._eval_sets().items():
                 n = cfg.eval.n
                 groups = self.generator.generate(prompts, n=n, sampling=sampling)
+                check_versions(groups, self.weight_version)
                 texts = [
                     self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                     for grp in groups
@@ -578,7 +589,10 @@ class SimKORecipe:
         self.metric_logger.log_text("samples", "\n".join(lines), step=self.step)
 
     def save_checkpoint(self) -> None:
-        path = self.checkpoints.save(
+        # The policy in Hugging Face form (the base checkpoint's dtype), inside the
+        # checkpoint's atomic publication: what the eval recipe and vLLM load.
+        hf_dtype = parse_weight_dtype(None, {}, self.hf_config)
+        self.checkpoints.save(
             self.step,
             model=self.model,
             optimizer=self.optimizer,
@@ -588,20 +602,18 @@ class SimKORecipe:
                 "weight_version": self.weight_version,
                 "data": self.batches.state_dict(),
             },
+            write_more=lambda folder: export_hf(
+                self.model, folder / "hf", self.hf_config, self.cfg.model_dir, dtype=hf_dtype
+            ),
         )
-        if (
-            self.is_rank_zero
-        ):  # the published weights are the model: export them with the checkpoint
-            export_hf_dir(
-                version_dir(self.sync_dir, self.weight_version), self.cfg.model_dir, path / "hf"
-            )
-        _barrier()
 
     def cleanup(self) -> None:
         if self.prefetcher is not None:  # before the generator it may still be using closes
             self.prefetcher.shutdown(wait=True, cancel_futures=True)
         if self.generator is not None:
             self.generator.close()
+        if self.weight_sync is not None:
+            self.weight_sync.close()
         if self.reward_pool is not None:
             self.reward_pool.close()
         if self.metric_logger is not None:

@@ -5,12 +5,16 @@ Layout of ``<output_dir>/step_00000120/``::
     dcp/             model + optimizer, one shard file per rank (torch.distributed.checkpoint)
     extra.pt         rank 0: the caller's ``extra`` and the LR scheduler state
     rng_rank00000.pt one per rank: torch (CPU and CUDA), numpy and python RNG states
-    COMPLETE         JSON {"step", "files"}, written last
+    hf/              optional: the caller's export (the policy as a Hugging Face directory)
+    COMPLETE         JSON {"step", "files": {path: {"bytes", "xxh3_64"}}}, written last
 
-A checkpoint is assembled in ``step_XXXXXXXX.tmp`` and published by one rename after its
-``COMPLETE`` marker is written, so a crash at any point leaves either the previous complete
-checkpoint or an ignorable ``.tmp`` directory (incomplete checkpoints taken as complete:
-prime-rl #1805). ``save`` and ``load`` are collective: every rank calls them.
+A checkpoint is assembled in ``step_XXXXXXXX.tmp``; every file is fsynced, the
+``COMPLETE`` marker written, and the folder published by one rename, so a crash at any
+point leaves either the previous complete checkpoint or an ignorable ``.tmp`` directory
+(incomplete checkpoints taken as complete: prime-rl #1805). The marker's checksums catch
+what DCP would load silently (a flipped bit in a tensor): :meth:`CheckpointManager.resume`
+then falls back to the previous complete checkpoint. ``save``, ``load`` and ``resume`` are
+collective: every rank calls them.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +35,12 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from simko_tune.paths import STEP_DIR, checksum_file, replace_dir, step_dir_name
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
+CHECKSUM = "xxh3_64"
 
 
 def _rank() -> int:
@@ -75,22 +81,70 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _save_synced(obj: Any, path: Path) -> None:
+    """``torch.save`` flushed to disk by the rank that wrote it (on a shared filesystem
+    another node's fsync would not flush this node's pages)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _checksums(root: Path, names: list[str]) -> dict[str, str]:
+    """xxh3 of each file, the files spread over the ranks (collective); every rank gets all."""
+    rank, world = _world()
+    mine = {n: checksum_file(root / n) for i, n in enumerate(names) if i % world == rank}
+    if world == 1:
+        return mine
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _marker_files(path: Path) -> dict[str, dict]:
+    meta = json.loads((path / MARKER).read_text())
+    files = meta["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(f, dict) and {"bytes", CHECKSUM} <= f.keys() for f in files.values()
+    ):
+        raise TypeError(f"'files' must map each path to its bytes and {CHECKSUM}")
+    return files
+
+
 def incomplete_reason(path: Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint, or None when it is."""
+    """Why ``path`` is not a complete checkpoint, or None when it is (cheap: the marker,
+    every listed file present with its size; checksums are verified when loading)."""
     if path.name.endswith(".tmp"):
         return "unpublished .tmp directory (its writer stopped before the rename)"
-    marker = path / MARKER
-    if not marker.is_file():
+    if not (path / MARKER).is_file():
         return f"no {MARKER} marker"
     try:
-        meta = json.loads(marker.read_text())
-        files = meta["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        files = _marker_files(path)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         return f"unreadable {MARKER} marker ({e})"
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
         return f"files listed in {MARKER} are missing: {missing[:3]}"
+    wrong = [f for f, info in files.items() if (path / f).stat().st_size != info["bytes"]]
+    if wrong:
+        return f"files with sizes other than {MARKER} lists (truncated?): {wrong[:3]}"
     return None
+
+
+def corrupt_files(path: Path) -> list[str]:
+    """Files whose checksum differs from the marker's (collective: the hashing is spread
+    over the ranks). The marker must be readable (:func:`incomplete_reason` is None)."""
+    files = _marker_files(path)
+    digests = _checksums(path, sorted(files))
+    return [f for f in sorted(files) if digests[f] != files[f][CHECKSUM]]
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that looked complete could not be loaded (corrupt or unreadable)."""
 
 
 class CheckpointManager:
@@ -104,7 +158,7 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def step_dir(self, step: int) -> Path:
-        return self.output_dir / f"step_{step:08d}"
+        return self.output_dir / step_dir_name(step)
 
     def save(
         self,
@@ -114,11 +168,14 @@ class CheckpointManager:
         optimizer: torch.optim.Optimizer,
         lr_scheduler: Any | None = None,
         extra: dict[str, Any],
+        write_more: Callable[[Path], None] | None = None,
     ) -> Path:
         """Write checkpoint ``step`` (collective) and return its published directory.
 
         ``extra`` (data position, weight version, metrics, ...) holds plain Python values and
-        tensors; it comes back from ``load`` as saved.
+        tensors; it comes back from ``load`` as saved. ``write_more(folder)`` is called on
+        every rank to add files (the Hugging Face export) before the marker, so they are
+        inside the checkpoint's atomic publication and its checksums.
         """
         final = self.step_dir(step)
         tmp = final.with_name(final.name + ".tmp")
@@ -135,18 +192,21 @@ class CheckpointManager:
             checkpoint_id=tmp / "dcp",
             no_dist=not dist.is_initialized(),
         )
-        torch.save(_rng_states(), tmp / f"rng_rank{rank:05d}.pt")
+        _save_synced(_rng_states(), tmp / f"rng_rank{rank:05d}.pt")
         if rank == 0:
             scheduler_sd = lr_scheduler.state_dict() if lr_scheduler is not None else None
-            torch.save({"extra": extra, "lr_scheduler": scheduler_sd}, tmp / "extra.pt")
+            _save_synced({"extra": extra, "lr_scheduler": scheduler_sd}, tmp / "extra.pt")
+        if write_more is not None:
+            write_more(tmp)
         _barrier()
 
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        names = _broadcast(names)  # every rank hashes its share of rank 0's listing
+        digests = _checksums(tmp, names)
         if rank == 0:
-            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            files = {n: {"bytes": (tmp / n).stat().st_size, CHECKSUM: digests[n]} for n in names}
             _fsync_write(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final, fsync=True)
             self._prune()
         _barrier()
         return final
@@ -168,7 +228,7 @@ class CheckpointManager:
             if not path.name.startswith("step_") or not path.is_dir():
                 continue
             reason = incomplete_reason(path) or (
-                None if _STEP_DIR.match(path.name) else "not a step_XXXXXXXX name"
+                None if STEP_DIR.match(path.name) else "not a step_XXXXXXXX name"
             )
             if reason:
                 log.warning("ignoring checkpoint %s: %s", path, reason)
@@ -190,11 +250,18 @@ class CheckpointManager:
         lr_scheduler: Any | None = None,
     ) -> dict[str, Any]:
         """Restore model, optimizer, scheduler and this rank's RNG from ``path`` (collective);
-        return the ``extra`` dict it was saved with."""
+        return the ``extra`` dict it was saved with. Every file's checksum is verified
+        first: :class:`CheckpointLoadError` names the corrupt ones."""
         path = Path(path)
         reason = incomplete_reason(path)
         if reason:
             raise ValueError(f"{path}: not a complete checkpoint: {reason}")
+        corrupt = corrupt_files(path)
+        if corrupt:
+            raise CheckpointLoadError(
+                f"{path}: {len(corrupt)} file(s) differ from their {MARKER} checksum "
+                f"(corrupt): {corrupt[:3]}"
+            )
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=path / "dcp", no_dist=not dist.is_initialized())
@@ -212,6 +279,47 @@ class CheckpointManager:
         else:
             log.warning("%s: no RNG state for rank %d (saved by fewer ranks)", path, _rank())
         return saved["extra"]
+
+    def resume(
+        self,
+        resume: str | bool | None,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any | None = None,
+    ) -> tuple[Path, dict[str, Any]] | None:
+        """Load the checkpoint ``resume`` asks for (see :func:`resolve_resume`) and return
+        ``(path, extra)``, or None when there is none. With ``"auto"``, a newest checkpoint
+        that fails to load (corrupt files, an unreadable shard) is skipped with a warning
+        and the previous complete one is taken; a named checkpoint that fails raises."""
+        if resume is None or resume is False:
+            return None
+        auto = resume is True or resume == "auto"
+        candidates = list(reversed(self._complete())) if auto else [resolve_resume(resume, "")]
+        failures = []
+        for path in candidates:
+            try:
+                return path, self.load(
+                    path, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler
+                )
+            except Exception as e:
+                if not auto:
+                    raise
+                log.warning("resume: skipping checkpoint %s, it failed to load: %s", path, e)
+                failures.append(f"{path}: {e}")
+        if failures:  # never restart from scratch silently over checkpoints that exist
+            raise CheckpointLoadError(
+                "resume=auto: no complete checkpoint loads:\n  " + "\n  ".join(failures)
+            )
+        return None
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | None:

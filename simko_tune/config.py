@@ -95,15 +95,23 @@ class GenerationSection:
     devices: list[str] | None = None  # one entry per worker, e.g. ["4", "5,6"] (CUDA ids)
     addresses: list[str] | None = None  # remote workers (tcp://host:port); overrides local start
     tensor_parallel_size: int = 1
-    sync_dir: str | None = None  # default: /dev/shm/simko_tune/<run name>
+    sync_dir: str | None = None  # default: /dev/shm/simko_tune-<uid>/<run name> (0700)
+    # dtype of the published weights; default: the engine's dtype (native backend: float32)
+    weight_dtype: str | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     request_timeout_s: float = 600.0
     restart_on_failure: bool = True
+    # Remote workers (addresses off this machine) require CURVE: the workers' public key
+    # file (NAME.key) and this trainer's secret key file (NAME.key_secret), authorised on
+    # the workers. Make keys with `python -m simko_tune.generation.protocol DIR NAME`.
+    curve_server_key: str | None = None
+    curve_client_key: str | None = None
 
 
 @dataclass
 class RewardSection:
-    fn: str = "simko_tune.rewards.math_reward"  # dotted path of reward(response, gold) -> float
+    mode: str = "boxed"  # boxed: the paper's last-box rule | math_verify: Math-Verify's extraction
+    fn: str | None = None  # dotted path of a custom reward(response, gold) -> float; replaces mode
     num_workers: int = 4
     timeout_s: float = 5.0
 

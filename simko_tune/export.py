@@ -1,4 +1,4 @@
-"""Hugging Face directories out of published weights: what vLLM and transformers load."""
+"""The policy as a Hugging Face directory: what vLLM, transformers and the eval recipe load."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
-from safetensors import safe_open
+import torch
+import torch.distributed as dist
+from torch import nn
 
-from simko_tune.paths import atomic_dir
+from simko_tune.generation.weights import write_shards
 
 # Everything of the base model directory except its weights: config, tokenizer, generation config.
 _HF_SIDE_FILES = (
@@ -24,28 +26,32 @@ _HF_SIDE_FILES = (
 )
 
 
-def export_hf_dir(
-    publication_dir: str | Path, base_model_dir: str | Path, out_dir: str | Path
+def export_hf(
+    model: nn.Module,
+    out_dir: str | Path,
+    hf_config: dict,
+    base_model_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
-    """Assemble ``out_dir`` from a weight publication (safetensors shards + manifest) and the
-    base model's config and tokenizer files; published atomically by one rename."""
-    pub, base, out = Path(publication_dir), Path(base_model_dir), Path(out_dir)
-    shards = sorted(pub.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{pub}: no safetensors shards to export")
-    with atomic_dir(out) as tmp:
-        weight_map, total = {}, 0
-        for f in shards:
-            shutil.copy2(f, tmp / f.name)
-            with safe_open(str(f), framework="pt") as st:
-                for name in st.keys():
-                    weight_map[name] = f.name
-            total += f.stat().st_size  # bytes on disk; readers use the map, not the total
-        # transformers and vLLM find the shards through the standard index file
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for name in _HF_SIDE_FILES:
-            if (base / name).is_file():
-                (tmp / name).parent.mkdir(exist_ok=True)
-                shutil.copy2(base / name, tmp / name)
+    """Write ``model``'s weights in Hugging Face names (floating tensors in ``dtype``: the
+    base checkpoint's, so an export of a bf16 release is bf16 like it) into the new folder
+    ``out_dir``, with the standard index file and the base model's config and tokenizer
+    files. Collective (sharded parameters are gathered; the writing is spread over the ranks
+    on rank 0's node). The caller publishes ``out_dir`` atomically (it lives inside a
+    checkpoint's temp folder)."""
+    out, base = Path(out_dir), Path(base_model_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    files = write_shards(model, out, hf_config, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    if rank != 0:
+        return out
+    weight_map = {name: f["name"] for f in files for name in f["tensors"]}
+    total = sum(f["tensor_bytes"] for f in files)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for name in _HF_SIDE_FILES:
+        if (base / name).is_file():
+            (out / name).parent.mkdir(exist_ok=True)
+            shutil.copy2(base / name, out / name)
     return out

@@ -84,6 +84,13 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
         errors.append(
             f"generation.devices has {len(g.devices)} entries for num_workers={g.num_workers}"
         )
+    if g.devices and not g.addresses and str(cfg.device).startswith("cuda"):
+        from simko_tune.generation.client import check_device_overlap, trainer_cuda_devices
+
+        try:
+            check_device_overlap(list(g.devices), trainer_cuda_devices())
+        except ValueError as e:
+            errors.append(str(e))
 
     missing = _missing_files(cfg)
     model = _meta_model(cfg.model)

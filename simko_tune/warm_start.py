@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +30,7 @@ from simko_tune.countdown import (
     solve,
 )
 from simko_tune.models import load_hf_model, read_hf_config, tune_to_hf_converter
+from simko_tune.paths import replace_dir
 from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer, write_hf_dir
 
 logger = logging.getLogger(__name__)
@@ -252,9 +251,7 @@ def build_tiny_policy(out_dir: str | Path, cfg: WarmStartConfig | None = None) -
         }
         (staged / MARKER).write_text(json.dumps(record, indent=2))
         (staged / "tiny_dims.json").write_text(json.dumps(asdict(cfg.dims), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
+        replace_dir(staged, out)
     return out
 
 

@@ -1,17 +1,20 @@
-"""Benchmark the math verifier: checks per second of `RewardPool` (2 workers) against a
-single-process loop over the same (response, gold) pairs, and the verifier's recall.
+"""Benchmark the math verifier in both reward modes (``boxed``, ``math_verify``).
 
-Pairs are built from the gold answers of the paper's evaluation benchmarks plus GSM8K:
-each gold is restated the ways models restate it (boxed in a sentence, `$...$` after "The
-final answer is", `\\dfrac`, changed spacing), some golds get a wrong answer (gold + 1), and
-hostile predictions (code, exponent towers, division by zero, deep nesting, 1 MB) are mixed
-in. The single-process baseline guards every check with `signal.setitimer`, as the pool
-guards it with its wall clock, so both run exactly the same checks.
+Reports, for each mode:
+- agreement with the labelled tables (tests/rewards): the public-suite cases (Math-Verify's
+  and hendrycks/math's tests) against the suites' own verdicts and against the per-mode
+  labels, the issue-11 category cases, and the project's own table;
+- recall on gold variants (each benchmark gold restated as models restate it: boxed in a
+  sentence, `\\dfrac`, changed spacing; for ``math_verify`` also unboxed after "The final
+  answer is") and wrong answers judged right (gold + 1), with hostile answers (code,
+  exponent towers, deep nesting, 1 MB) mixed in;
+- throughput of `RewardPool` (2 workers) against a single process over the same pairs
+  (``boxed`` mode; the single process relies on Math-Verify's own soft time limits, as TRL
+  does: Math-Verify's SIGALRM would cancel any outer timer of ours).
 
-Prints figures, the true variants judged wrong (recall failures) and the wrong answers
-judged right, then ONE JSON line.
+Prints figures and failures, then ONE JSON line.
 
-    python tools/bench_verifier.py [--limit N] [--timeout-s 5]
+    python tools/bench_verifier.py [--limit 60] [--timeout-s 5]
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
+import sys
 import time
+from pathlib import Path
 
 from simko_tune.data import load_benchmark
-from simko_tune.rewards import RewardPool, math_reward
+from simko_tune.rewards import RewardPool, reward_fn_for_mode
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "rewards"))
+from labelled_cases import CASES as LABELLED  # noqa: E402
+from labelled_cases import PROJECT_MODE_CASES, SUITE_DISAGREEMENTS  # noqa: E402
+
+MODES = ("boxed", "math_verify")
 BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "gsm8k")
 HOSTILE = [
     "__import__('os').system('touch X')",
@@ -38,16 +47,18 @@ HOSTILE = [
 ]
 
 
-def true_variants(gold: str) -> list[str]:
+def true_variants(gold: str, mode: str) -> list[str]:
     """Responses whose final answer is `gold`, spelled as models spell it."""
     spaced = re.sub(r"\s*([+=,])\s*", r" \1 ", gold).replace(" ", "  ")
     dfrac = gold.replace("\\frac", "\\dfrac")
-    return [
+    variants = [
         f"So the answer is $\\boxed{{{gold}}}$.",
-        f"The final answer is ${gold}$.",
         f"Therefore \\boxed{{{dfrac}}}",
         f"\\boxed{{{spaced}}}",
     ]
+    if mode == "math_verify":
+        variants.append(f"The final answer is ${gold}$.")
+    return variants
 
 
 def wrong_variant(gold: str) -> str:
@@ -56,110 +67,113 @@ def wrong_variant(gold: str) -> str:
     return f"\\boxed{{{gold}+1}}"
 
 
-def build_pairs(limit: int | None) -> list[tuple[str, str, str]]:
+def build_pairs(limit: int | None, mode: str) -> list[tuple[str, str, str]]:
     """(kind, response, gold) with kind in {"true", "wrong", "hostile"}."""
     pairs = []
     for name in BENCHMARKS:
         for i, problem in enumerate(load_benchmark(name, limit=limit)):
             gold = problem.answer
-            pairs += [("true", r, gold) for r in true_variants(gold)]
+            pairs += [("true", r, gold) for r in true_variants(gold, mode)]
             if i % 5 == 0:
                 pairs.append(("wrong", wrong_variant(gold), gold))
             if i % 50 == 0:
                 pairs += [("hostile", f"Answer: \\boxed{{{h}}}", gold) for h in HOSTILE]
+                pairs += [("hostile", f"The answer is {h}", gold) for h in HOSTILE]
     return pairs
 
 
-class _Timeout(Exception):
-    pass
+def table_agreement(pool: RewardPool, mode: str) -> dict[str, float]:
+    """Share of labelled cases the mode gets right, per group of cases."""
+    column = 2 if mode == "boxed" else 3
+    project = [(c[0], c[1], c[column]) for c in PROJECT_MODE_CASES]
+    groups = {
+        "public": [(c[0], c[1], c[column]) for c in LABELLED if c[4] not in ("issue11",)],
+        "issue11": [(c[0], c[1], c[column]) for c in LABELLED if c[4] == "issue11"],
+        "project": project,
+    }
+    out = {}
+    for name, cases in groups.items():
+        scores = pool.score([c[1] for c in cases], [c[0] for c in cases])
+        out[name] = sum((s == 1.0) == c[2] for s, c in zip(scores, cases)) / len(cases)
+        if name == "public" and mode == "math_verify":
+            suite = [c[2] != ((c[0], c[1]) in SUITE_DISAGREEMENTS) for c in cases]
+            out["public_vs_suites"] = sum((s == 1.0) == e for s, e in zip(scores, suite)) / len(
+                cases
+            )
+    return out
 
 
-def _alarm(_signum, _frame):
-    raise _Timeout
-
-
-def single_process(pairs, timeout_s: float) -> tuple[list[float], float, int]:
-    signal.signal(signal.SIGALRM, _alarm)
-    scores, timeouts = [], 0
+def single_process(pairs, mode: str) -> tuple[list[float], float]:
+    reward_fn = reward_fn_for_mode(mode)
     start = time.perf_counter()
-    for _, response, gold in pairs:
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            scores.append(math_reward(response, gold))
-        except _Timeout:
-            scores.append(0.0)
-            timeouts += 1
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    return scores, time.perf_counter() - start, timeouts
+    scores = [reward_fn(response, gold) for _, response, gold in pairs]
+    return scores, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", type=int, default=None, help="problems per benchmark")
+    parser.add_argument("--limit", type=int, default=60, help="problems per benchmark")
     parser.add_argument("--timeout-s", type=float, default=5.0)
     args = parser.parse_args()
 
-    pairs = build_pairs(args.limit)
-    responses, golds = [p[1] for p in pairs], [p[2] for p in pairs]
-    counts = {k: sum(1 for p in pairs if p[0] == k) for k in ("true", "wrong", "hostile")}
-    print(f"{len(pairs)} pairs: {counts}")
-
-    start = time.perf_counter()
-    with RewardPool(num_workers=2, timeout_s=args.timeout_s) as pool:
-        pool.score(["\\boxed{1}"] * 2, ["1"] * 2)
-        startup_s = time.perf_counter() - start
+    result: dict[str, object] = {"bench": "verifier", "limit": args.limit, "pool_workers": 2}
+    for mode in MODES:
+        pairs = build_pairs(args.limit, mode)
+        counts = {k: sum(1 for p in pairs if p[0] == k) for k in ("true", "wrong", "hostile")}
+        print(f"[{mode}] {len(pairs)} pairs: {counts}")
+        responses, golds = [p[1] for p in pairs], [p[2] for p in pairs]
         start = time.perf_counter()
-        pool_scores = pool.score(responses, golds)
-        pool_s = time.perf_counter() - start
-        stats = pool.stats
-    single_scores, single_s, single_timeouts = single_process(pairs, args.timeout_s)
+        with RewardPool(num_workers=2, timeout_s=args.timeout_s, mode=mode) as pool:
+            pool.score(["\\boxed{1}"] * 2, ["1"] * 2)
+            startup_s = time.perf_counter() - start
+            agreement = table_agreement(pool, mode)
+            start = time.perf_counter()
+            scores = pool.score(responses, golds)
+            pool_s = time.perf_counter() - start
+            stats = pool.stats
 
-    def rate(kind: str, scores: list[float]) -> float:
-        got = [s for (k, *_), s in zip(pairs, scores) if k == kind]
-        return sum(got) / max(len(got), 1)
+        def rate(kind: str, scores=scores, pairs=pairs) -> float:
+            got = [s for (k, *_), s in zip(pairs, scores) if k == kind]
+            return sum(got) / max(len(got), 1)
 
-    misses = [(g, r) for (k, r, g), s in zip(pairs, pool_scores) if k == "true" and s != 1.0]
-    false_pos = [(g, r) for (k, r, g), s in zip(pairs, pool_scores) if k == "wrong" and s != 0.0]
-    disagreements = sum(a != b for a, b in zip(pool_scores, single_scores))
-    print(
-        f"pool (2 workers): {len(pairs) / pool_s:8.1f} checks/s  ({pool_s:.1f} s, startup {startup_s:.1f} s)"
-    )
-    print(f"single process:   {len(pairs) / single_s:8.1f} checks/s  ({single_s:.1f} s)")
-    print(f"pool stats: {stats}")
-    print(
-        f"recall on true variants: {rate('true', pool_scores):.4f}; "
-        f"wrong judged right: {rate('wrong', pool_scores):.4f}; "
-        f"hostile judged right: {rate('hostile', pool_scores):.4f}; "
-        f"pool/single disagreements: {disagreements}"
-    )
-    print(f"recall failures ({len(misses)}):")
-    for gold, response in misses[:60]:
-        print(f"  gold={gold!r:.80}  response={response!r:.100}")
-    print(f"wrong answers judged right ({len(false_pos)}):")
-    for gold, response in false_pos[:30]:
-        print(f"  gold={gold!r:.80}  response={response!r:.100}")
-    print(
-        json.dumps(
-            {
-                "bench": "verifier",
-                "pairs": len(pairs),
-                "pool_workers": 2,
-                "pool_checks_per_s": round(len(pairs) / pool_s, 1),
-                "single_checks_per_s": round(len(pairs) / single_s, 1),
-                "pool_vs_single": round(single_s / pool_s, 2),
-                "pool_startup_s": round(startup_s, 2),
-                "recall_true_variants": round(rate("true", pool_scores), 4),
-                "recall_failures": len(misses),
-                "wrong_judged_right": len(false_pos),
-                "hostile_judged_right": int(rate("hostile", pool_scores) * counts["hostile"]),
-                "pool_timeouts": stats.timeouts,
-                "pool_crashes": stats.crashes,
-                "single_timeouts": single_timeouts,
-                "pool_single_disagreements": disagreements,
-            }
+        misses = [(g, r) for (k, r, g), s in zip(pairs, scores) if k == "true" and s != 1.0]
+        false_pos = [(g, r) for (k, r, g), s in zip(pairs, scores) if k == "wrong" and s != 0.0]
+        hostile_right = sum(1 for (k, *_), s in zip(pairs, scores) if k == "hostile" and s)
+        print(
+            f"[{mode}] table agreement: " + ", ".join(f"{k} {v:.4f}" for k, v in agreement.items())
         )
-    )
+        print(
+            f"[{mode}] recall on true variants {rate('true'):.4f}; wrong judged right "
+            f"{len(false_pos)}; hostile judged right {hostile_right}; pool stats {stats}"
+        )
+        for gold, response in misses[:40]:
+            print(f"  miss: gold={gold!r:.80}  response={response!r:.100}")
+        for gold, response in false_pos[:20]:
+            print(f"  wrong judged right: gold={gold!r:.80}  response={response!r:.100}")
+        result[mode] = {
+            "pairs": len(pairs),
+            "agreement": {k: round(v, 4) for k, v in agreement.items()},
+            "recall_true_variants": round(rate("true"), 4),
+            "recall_failures": len(misses),
+            "wrong_judged_right": len(false_pos),
+            "hostile_judged_right": hostile_right,
+            "pool_checks_per_s": round(len(pairs) / pool_s, 1),
+            "pool_startup_s": round(startup_s, 2),
+            "pool_timeouts": stats.timeouts,
+            "pool_crashes": stats.crashes,
+        }
+        if mode == "boxed":
+            single_scores, single_s = single_process(pairs, mode)
+            disagreements = sum(a != b for a, b in zip(scores, single_scores))
+            print(
+                f"[{mode}] pool (2 workers) {len(pairs) / pool_s:.1f} checks/s ({pool_s:.1f} s); "
+                f"single process {len(pairs) / single_s:.1f} checks/s ({single_s:.1f} s); "
+                f"disagreements {disagreements}"
+            )
+            result["single_checks_per_s"] = round(len(pairs) / single_s, 1)
+            result["pool_vs_single"] = round(single_s / pool_s, 2)
+            result["pool_single_disagreements"] = disagreements
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

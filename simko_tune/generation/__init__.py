@@ -15,6 +15,7 @@ from simko_tune.generation.types import (
 )
 from simko_tune.generation.weights import (
     PublicationError,
+    WeightSync,
     default_sync_dir,
     prune_versions,
     publish_weights,
@@ -31,6 +32,7 @@ __all__ = [
     "SamplingConfig",
     "StaleWeightsError",
     "VLLMWorkers",
+    "WeightSync",
     "check_versions",
     "default_sync_dir",
     "prune_versions",

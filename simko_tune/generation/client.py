@@ -15,13 +15,21 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import zmq
 
+from simko_tune.generation.protocol import (
+    ProtocolError,
+    address_host,
+    connect_client_socket,
+    decode_reply,
+    encode_request,
+    is_loopback,
+    model_fingerprint,
+)
 from simko_tune.generation.types import (
     INITIAL_VERSION,
     Completion,
@@ -31,7 +39,6 @@ from simko_tune.generation.types import (
     check_prompt_lengths,
     sample_seed,
 )
-from simko_tune.generation.weights import default_sync_dir, prune_versions
 from simko_tune.paths import free_port
 
 _POLL_MS = 200
@@ -44,7 +51,7 @@ class _Launch:
     """How to (re)start a local worker."""
 
     model_dir: str
-    sync_dir: str
+    sync_dir: str | None
     engine_kwargs: dict
     env: dict[str, str]
     tensor_parallel_size: int
@@ -80,20 +87,59 @@ class _Worker:
         return f"--- tail of {self.launch.log_path} ---\n{tail}"
 
 
-def _default_devices(num_workers: int, tensor_parallel_size: int) -> list[str]:
-    """GPUs: ``tensor_parallel_size`` consecutive devices per worker. CPU: the cores this
-    process may use, split evenly (each worker's OpenMP threads bind to its own cores)."""
+def visible_cuda_devices() -> list[str]:
+    """This process's GPUs as ``CUDA_VISIBLE_DEVICES`` entries (what a worker's own
+    ``CUDA_VISIBLE_DEVICES`` is written in)."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def trainer_cuda_devices() -> list[str]:
+    """The GPUs the trainer ranks of this node use (rank ``r`` takes visible device ``r``),
+    as ``CUDA_VISIBLE_DEVICES`` entries; needs no GPU, so a dry run can check a config."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(i) for i in range(local)]
+    return [d.strip() for d in visible.split(",") if d.strip()][:local]
+
+
+def check_device_overlap(worker_devices: list[str], trainer_devices: list[str]) -> None:
+    """Refuse generation workers on the trainer's GPUs: both would claim the memory, and the
+    trainer would run out of it mid-step."""
+    trainer = set(trainer_devices)
+    for k, entry in enumerate(worker_devices):
+        shared = [d for d in entry.split(",") if d.strip() in trainer]
+        if shared:
+            raise ValueError(
+                f"generation.devices[{k}]={entry!r} uses GPU {', '.join(shared)}, which the "
+                f"trainer's ranks use ({', '.join(trainer_devices)}): give the workers other GPUs"
+            )
+
+
+def _default_devices(
+    num_workers: int, tensor_parallel_size: int, trainer_devices: list[str]
+) -> list[str]:
+    """GPUs: ``tensor_parallel_size`` consecutive free devices per worker, after the
+    trainer's. CPU: the cores this process may use, split evenly (each worker's OpenMP
+    threads bind to its own cores)."""
     import torch
 
     if torch.cuda.is_available():
-        n = torch.cuda.device_count()
+        free = [d for d in visible_cuda_devices() if d not in set(trainer_devices)]
         need = num_workers * tensor_parallel_size
-        if need > n:
+        if need > len(free):
             raise ValueError(
-                f"{num_workers} workers x TP {tensor_parallel_size} need {need} GPUs, {n} visible"
+                f"{num_workers} workers x TP {tensor_parallel_size} need {need} GPUs, "
+                f"{len(free)} visible besides the trainer's {trainer_devices}: set "
+                "generation.devices"
             )
         return [
-            ",".join(str(k * tensor_parallel_size + d) for d in range(tensor_parallel_size))
+            ",".join(free[k * tensor_parallel_size : (k + 1) * tensor_parallel_size])
             for k in range(num_workers)
         ]
     cores = sorted(os.sched_getaffinity(0))
@@ -133,24 +179,27 @@ class VLLMWorkers(Generator):
     def __init__(
         self,
         workers: list[_Worker],
-        sync_dir: str | Path,
+        sync_dir: str | Path | None,
         *,
         request_timeout_s: float,
         restart_on_failure: bool,
         startup_timeout_s: float = 600.0,
-        owns_sync_dir: bool = False,
+        curve_server_key: str | Path | None = None,
+        curve_client_key: str | Path | None = None,
     ) -> None:
-        self.sync_dir = Path(sync_dir)
+        self.sync_dir = Path(sync_dir) if sync_dir is not None else None
         self.request_timeout_s = request_timeout_s
         self.restart_on_failure = restart_on_failure
         self.startup_timeout_s = startup_timeout_s
         self._workers = workers
         self._ctx = zmq.Context()
-        self._owns_sync_dir = owns_sync_dir
+        self._curve = {"server_key": curve_server_key, "client_key": curve_client_key}
         self._acked = INITIAL_VERSION
         self._closed = False
         # Slowest worker's seconds to verify and to reload the last loaded version (metrics).
         self.last_load_timings: dict[str, float] = {}
+        # Slowest worker's seconds inside its engine for the last generate call (metrics).
+        self.last_generate_timings: dict[str, float] = {}
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -167,20 +216,24 @@ class VLLMWorkers(Generator):
         restart_on_failure: bool = True,
         log_dir: str | Path | None = None,
         startup_timeout_s: float = 600.0,
+        trainer_devices: list[str] | None = None,
     ) -> VLLMWorkers:
         """Start ``num_workers`` worker processes on this node and wait until all answer.
 
         ``devices[k]`` is worker ``k``'s ``CUDA_VISIBLE_DEVICES`` on GPU, or its
         ``VLLM_CPU_OMP_THREADS_BIND`` core list on CPU (default: an even split).
-        ``sync_dir`` defaults to a fresh folder under /dev/shm, removed on :meth:`close`.
+        ``sync_dir`` is where a :class:`~simko_tune.generation.weights.WeightSync` publishes
+        (workers only read it); without one, only the initial weights (version 0) load.
         Worker logs go to ``log_dir`` (default: a fresh folder under the project cache).
+        ``trainer_devices``: the GPUs this node's trainer ranks use (see
+        :func:`trainer_cuda_devices`); workers placed on any of them are refused.
+        Local workers bind 127.0.0.1.
         """
-        devices = devices or _default_devices(num_workers, tensor_parallel_size)
+        trainer_devices = list(trainer_devices or [])
+        devices = devices or _default_devices(num_workers, tensor_parallel_size, trainer_devices)
         if len(devices) != num_workers:
             raise ValueError(f"{len(devices)} device entries for {num_workers} workers")
-        owns = sync_dir is None
-        sync_dir = Path(sync_dir) if sync_dir is not None else default_sync_dir()
-        sync_dir.mkdir(parents=True, exist_ok=True)
+        check_device_overlap(devices, trainer_devices)
         if log_dir is None:
             from simko_tune.paths import cache_dir
 
@@ -195,7 +248,7 @@ class VLLMWorkers(Generator):
                 address="",
                 launch=_Launch(
                     model_dir=str(model_dir),
-                    sync_dir=str(sync_dir),
+                    sync_dir=None if sync_dir is None else str(sync_dir),
                     engine_kwargs=dict(engine_kwargs or {}),
                     env=_worker_env(devices[k]),
                     tensor_parallel_size=tensor_parallel_size,
@@ -210,7 +263,6 @@ class VLLMWorkers(Generator):
             request_timeout_s=request_timeout_s,
             restart_on_failure=restart_on_failure,
             startup_timeout_s=startup_timeout_s,
-            owns_sync_dir=owns,
         )
         try:
             for w in workers:  # start all first: engines initialise in parallel
@@ -224,22 +276,61 @@ class VLLMWorkers(Generator):
 
     @classmethod
     def connect(
-        cls, addresses: list[str], sync_dir: str | Path, *, request_timeout_s: float = 600.0
+        cls,
+        addresses: list[str],
+        sync_dir: str | Path,
+        *,
+        model_dir: str | Path | None = None,
+        expected_version: int = INITIAL_VERSION,
+        request_timeout_s: float = 600.0,
+        curve_server_key: str | Path | None = None,
+        curve_client_key: str | Path | None = None,
     ) -> VLLMWorkers:
         """Join workers already running elsewhere (``tcp://host:port``, one per worker).
         They must read the same ``sync_dir`` (a shared filesystem). They are not restarted
-        on failure, and :meth:`close` leaves them running."""
+        on failure, and :meth:`close` leaves them running.
+
+        Each worker must serve ``expected_version``, and, when ``model_dir`` is given, the
+        same model (config and tensor shapes, see :func:`model_fingerprint`): a worker left
+        over from another run is refused rather than adopted. Workers off this machine are
+        reached with CURVE: ``curve_server_key`` is the workers' public key file,
+        ``curve_client_key`` this trainer's secret key file (authorised on the workers)."""
+        if curve_server_key is None:
+            remote = [a for a in addresses if not is_loopback(address_host(a))]
+            if remote:
+                raise ValueError(
+                    f"workers {remote} are on other machines, where they require CURVE: set "
+                    "generation.curve_server_key and generation.curve_client_key"
+                )
         workers = [_Worker(address=a) for a in addresses]
-        self = cls(workers, sync_dir, request_timeout_s=request_timeout_s, restart_on_failure=False)
+        self = cls(
+            workers,
+            sync_dir,
+            request_timeout_s=request_timeout_s,
+            restart_on_failure=False,
+            curve_server_key=curve_server_key,
+            curve_client_key=curve_client_key,
+        )
+        expected_model = model_fingerprint(model_dir) if model_dir is not None else None
         try:
             for k, w in enumerate(workers):
                 self._reset_socket(w)
                 self._await_ready(k, timeout_s=request_timeout_s)
+                served = w.info.get("model_fingerprint")
+                if expected_model is not None and served != expected_model:
+                    raise GenerationError(
+                        f"worker {w.address} serves {w.info.get('model')} (fingerprint "
+                        f"{served}), not the trainer's {model_dir} ({expected_model})"
+                    )
+                if w.version != expected_version:
+                    raise GenerationError(
+                        f"worker {w.address} serves weight version {w.version}, the trainer "
+                        f"expects {expected_version} (left over from another run? restart it)"
+                    )
         except BaseException:
             self.close()
             raise
-        if len({w.version for w in workers}) == 1:
-            self._acked = workers[0].version
+        self._acked = expected_version
         return self
 
     def _spawn(self, w: _Worker) -> None:
@@ -251,7 +342,7 @@ class VLLMWorkers(Generator):
             sys.executable, "-m", "simko_tune.generation.server",
             "--model", launch.model_dir,
             "--port", str(port),
-            "--sync-dir", launch.sync_dir,
+            *(["--sync-dir", launch.sync_dir] if launch.sync_dir else []),
             "--tensor-parallel-size", str(launch.tensor_parallel_size),
             "--engine-kwargs", json.dumps(launch.engine_kwargs),
             "--parent-pid", str(os.getpid()),
@@ -268,9 +359,7 @@ class VLLMWorkers(Generator):
         """A REQ socket that missed a reply cannot be reused: replace it."""
         if w.sock is not None:
             w.sock.close(linger=0)
-        w.sock = self._ctx.socket(zmq.REQ)
-        w.sock.setsockopt(zmq.LINGER, 0)
-        w.sock.connect(w.address)
+        w.sock = connect_client_socket(self._ctx, w.address, **self._curve)
 
     def _await_ready(self, k: int, timeout_s: float | None = None) -> None:
         w = self._workers[k]
@@ -327,7 +416,14 @@ class VLLMWorkers(Generator):
 
         def send(k: int) -> None:
             w = self._workers[k]
-            w.sock.send_json(msgs[k])
+            data = encode_request(msgs[k])
+            limit = w.info.get("max_message_bytes")
+            if limit is not None and len(data) > limit:
+                raise GenerationError(
+                    f"{w.name(k)}: a {msgs[k]['op']} request of {len(data)} bytes exceeds the "
+                    f"worker's limit of {limit} (--max-message-bytes): send fewer prompts"
+                )
+            w.sock.send(data)
             poller.register(w.sock, zmq.POLLIN)
             deadline[k] = time.monotonic() + timeout_s
             pending.add(k)
@@ -342,7 +438,10 @@ class VLLMWorkers(Generator):
                 for k in sorted(pending):
                     w = self._workers[k]
                     if w.sock in ready:
-                        reply = w.sock.recv_json()
+                        try:
+                            reply = decode_reply(w.sock.recv_multipart())
+                        except ProtocolError as e:
+                            reply = {"fatal": True, "error": f"malformed reply: {e}"}
                         if not reply.get("fatal"):
                             replies[k] = reply
                             w.version = reply["version"]
@@ -413,6 +512,9 @@ class VLLMWorkers(Generator):
             if b > a
         }
         replies = self._call(msgs, self.request_timeout_s)
+        self.last_generate_timings = {
+            "engine_s": max(r.get("engine_s", 0.0) for r in replies.values())
+        }
         out: list[list[Completion]] = []
         for k in sorted(replies):
             reply = replies[k]
@@ -426,8 +528,8 @@ class VLLMWorkers(Generator):
         return out
 
     def load_weights(self, version: int, timeout_s: float = 300.0) -> None:
-        """All workers load ``version``; then older publications are pruned. If any worker
-        refuses (a bad publication), the others go back to the previous version and
+        """All workers load ``version`` and acknowledge it. If any worker refuses (a bad
+        publication), the others go back to the previous version and
         :class:`GenerationError` says why: the pool never serves mixed weights."""
         previous = self._acked
         replies = self._call(
@@ -450,8 +552,6 @@ class VLLMWorkers(Generator):
         self.last_load_timings = {
             key: max(r.get(key, 0.0) for r in replies.values()) for key in ("verify_s", "reload_s")
         }
-        # Freeing a GB-scale publication takes a while and nobody waits on it.
-        threading.Thread(target=prune_versions, args=(self.sync_dir, version), daemon=True).start()
 
     def ping(self) -> list[dict]:
         """Health check: each worker's version, model, pid and ``max_model_len``."""
@@ -466,7 +566,7 @@ class VLLMWorkers(Generator):
         local = [w for w in self._workers if w.proc is not None and not w.dead()]
         for w in local:
             try:
-                w.sock.send_json({"op": "shutdown"}, flags=zmq.NOBLOCK)
+                w.sock.send(encode_request({"op": "shutdown"}), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         deadline = time.monotonic() + _SHUTDOWN_GRACE_S
@@ -480,10 +580,6 @@ class VLLMWorkers(Generator):
             if w.sock is not None:
                 w.sock.close(linger=0)
         self._ctx.term()
-        if self._owns_sync_dir:
-            import shutil
-
-            shutil.rmtree(self.sync_dir, ignore_errors=True)
 
     def __enter__(self) -> VLLMWorkers:
         return self

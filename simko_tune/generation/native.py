@@ -29,7 +29,6 @@ from simko_tune.generation.types import (
 from simko_tune.generation.weights import (
     checkpoint_shapes,
     compare_shapes,
-    prune_versions,
     verify_publication,
 )
 from simko_tune.models import load_hf_weights, model_from_hf_config, read_hf_config
@@ -101,7 +100,6 @@ class NativeGenerator(Generator):
         load_hf_weights(self.model, folder, self.hf_config)
         self.model.to(device=self.device, dtype=self.dtype)
         self._version = version
-        prune_versions(self.sync_dir, version)
 
     def generate(
         self, prompts: list[list[int]], n: int, sampling: SamplingConfig

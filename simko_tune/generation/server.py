@@ -3,14 +3,17 @@
 Start it locally through :meth:`VLLMWorkers.start_local`, or on another node with::
 
     python -m simko_tune.generation.server --model /path/to/hf_model --host 0.0.0.0 \\
-        --port 5555 --sync-dir /shared/fs/simko_sync --engine-kwargs '{"max_model_len": 4096}'
+        --port 5555 --sync-dir /shared/fs/simko_sync --engine-kwargs '{"max_model_len": 4096}' \\
+        --curve-secret-key keys/worker.key_secret --curve-authorized-keys keys/trainers/
 
-and join it with ``VLLMWorkers.connect(["tcp://node:5555"], sync_dir=...)``.
+and join it with ``VLLMWorkers.connect(["tcp://node:5555"], sync_dir=..., curve_server_key=
+"keys/worker.key", curve_client_key="keys/trainer.key_secret")``. Bound to anything but
+loopback, a worker requires CURVE keys (see :mod:`simko_tune.generation.protocol`).
 
-Protocol: a REP socket; each request and reply is one JSON object (no pickle: nothing
-received over the network is ever executed). Ops: ``ping``, ``generate``, ``load``,
-``shutdown``. Every reply has ``ok`` and the ``version`` the worker serves; failures carry
-``error``. The worker serves one request at a time.
+Ops: ``ping``, ``generate``, ``load``, ``shutdown``. Every reply has ``ok`` and the
+``version`` the worker serves; failures carry ``error``. A request that breaks the protocol
+(several frames, not JSON, unknown op, wrong fields) gets an error reply and the worker goes
+on serving. The worker serves one request at a time.
 """
 
 from __future__ import annotations
@@ -24,15 +27,26 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from simko_tune.generation.types import INITIAL_VERSION, check_prompt_lengths
+from simko_tune.generation.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    FINISH_REASONS,
+    ProtocolError,
+    bind_worker_socket,
+    decode_request,
+    encode_reply,
+    is_loopback,
+    model_fingerprint,
+)
+from simko_tune.generation.types import INITIAL_VERSION, SamplingConfig, check_prompt_lengths
 from simko_tune.generation.weights import (
     PublicationError,
     checkpoint_shapes,
     compare_shapes,
-    verify_publication,
+    read_manifest,
+    streamed_tensors,
+    verified_tensors,
 )
 
-FINISH_REASONS = {"stop", "length"}
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
@@ -46,25 +60,59 @@ class ReloadExtension:
     embeddings with the old output projection: silently stale weights.
     """
 
-    def simko_reload(self, weights_path: str) -> None:
+    def simko_reload(
+        self, weights_path: str, files: list[dict] | None = None, previous: dict | None = None
+    ) -> str | None:
+        """Reload from ``weights_path``; return an error if its checksums do not match.
+
+        With ``files`` (a publication's manifest entries) the shards are checksummed here,
+        in the process that loads them, on the very bytes the loader copies. With a
+        ``previous`` publication to go back to (``simko_reload``'s own arguments), they are
+        hashed as they are loaded, one pass over the page cache, and a damaged file puts
+        the previous weights back; without one, all are verified before any weight moves.
+        """
         from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-        self.reload_weights(weights_path=weights_path)
+        if files is None:
+            self.reload_weights(weights_path=weights_path)
+        elif previous is None:
+            try:
+                with verified_tensors(Path(weights_path), files) as tensors:
+                    self.reload_weights(weights_iterator=tensors)
+            except PublicationError as e:
+                return str(e)
+        else:
+            errors: list[str] = []
+            with streamed_tensors(Path(weights_path), files, errors) as tensors:
+                self.reload_weights(weights_iterator=tensors)
+            if errors:
+                failed_again = self.simko_reload(**previous)
+                if failed_again:  # the engine holds a partial load: it must not serve
+                    raise RuntimeError(
+                        f"{errors[0]}; restoring the previous weights: {failed_again}"
+                    )
+                return errors[0]
         if getattr(self.model_runner.model_config.hf_text_config, "tie_word_embeddings", False):
             for module in self.model_runner.get_model().modules():
                 if isinstance(module, ParallelLMHead):
                     module.quant_method.process_weights_after_loading(module)
+        return None
 
 
 class Worker:
     """Request handlers around one engine. Kept free of sockets so the logic reads plainly."""
 
-    def __init__(self, llm: Any, model_dir: str, sync_dir: str) -> None:
+    def __init__(self, llm: Any, model_dir: str, sync_dir: str | None) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         self.llm = llm
         self.model_dir = model_dir
         self.sync_dir = sync_dir
         self.version = INITIAL_VERSION
         self.max_model_len = llm.llm_engine.model_config.max_model_len
+        self.fingerprint = model_fingerprint(model_dir)
+        # A dead engine never recovers: the worker exits, so the client restarts or reports it.
+        self.fatal_errors: tuple[type[BaseException], ...] = (EngineDeadError,)
         # Every weight the engine loaded at start; a publication must carry all of them.
         self.expected_shapes = checkpoint_shapes(sorted(Path(model_dir).glob("*.safetensors")))
 
@@ -73,17 +121,18 @@ class Worker:
             "ok": True,
             "version": self.version,
             "model": self.model_dir,
+            "model_fingerprint": self.fingerprint,
             "pid": os.getpid(),
             "max_model_len": self.max_model_len,
         }
 
     def generate(self, msg: dict) -> dict:
+        """``completions`` as ``[prompt][sample]`` of ``(token_ids, logprobs, finish_reason)``;
+        :func:`~simko_tune.generation.protocol.encode_reply` sends them as raw arrays."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts: list[list[int]] = msg["prompts"]
-        seeds: list[list[int | None]] = msg["seeds"]
-        s = msg["sampling"]
+        prompts, seeds, sampling = parse_generate(msg)
         check_prompt_lengths(prompts, self.max_model_len)
         requests, params = [], []
         for prompt, prompt_seeds in zip(prompts, seeds):
@@ -92,53 +141,79 @@ class Worker:
                 params.append(
                     SamplingParams(
                         n=1,
-                        temperature=s["temperature"],
-                        top_p=s["top_p"],
-                        max_tokens=s["max_tokens"],
-                        stop_token_ids=s["stop_token_ids"],
-                        ignore_eos=s["ignore_eos"],
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_tokens,
+                        stop_token_ids=sampling.stop_token_ids,
+                        ignore_eos=sampling.ignore_eos,
                         seed=seed,
                         logprobs=0,  # the sampled token's log-prob only
                         flat_logprobs=True,
                         detokenize=False,
                     )
                 )
+        t0 = time.perf_counter()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        engine_s = time.perf_counter() - t0
         flat = []
         for out in outputs:
             o = out.outputs[0]
             if o.finish_reason not in FINISH_REASONS:
                 raise RuntimeError(f"request {out.request_id} finished with {o.finish_reason!r}")
-            token_ids = list(o.token_ids)
-            logprobs = list(o.logprobs.logprobs)
-            if list(o.logprobs.token_ids) != token_ids:
+            if list(o.logprobs.token_ids) != list(o.token_ids):
                 raise RuntimeError(
                     f"request {out.request_id}: logprobs are not the sampled tokens'"
                 )
-            flat.append(
-                {"token_ids": token_ids, "logprobs": logprobs, "finish_reason": o.finish_reason}
-            )
+            flat.append((o.token_ids, o.logprobs.logprobs, o.finish_reason))
         it = iter(flat)
         completions = [[next(it) for _ in prompt_seeds] for prompt_seeds in seeds]
-        return {"ok": True, "version": self.version, "completions": completions}
+        return {
+            "ok": True,
+            "version": self.version,
+            "completions": completions,
+            "engine_s": engine_s,  # the engine's share of the round trip
+        }
+
+    def _current(self) -> dict | None:
+        """How to reload the weights served now (a damaged publication's rollback), or None
+        when their publication is gone or damaged too (then the next one is fully verified
+        before it loads)."""
+        if self.version == INITIAL_VERSION:
+            return {"weights_path": self.model_dir}
+        try:
+            folder, files = read_manifest(self.sync_dir, self.version)
+        except PublicationError:
+            return None
+        return {"weights_path": str(folder), "files": files}
 
     def load(self, msg: dict) -> dict:
         """Verify, then reload in place. A publication that fails verification is refused
         and the previous weights keep serving; a failure during the reload itself leaves
         the engine half-updated, so the worker reports it and exits (``fatal``)."""
-        version = int(msg["version"])
+        version = msg.get("version")
+        if not _is_int(version) or version < 0:
+            raise ProtocolError(f"load: 'version' must be a non-negative integer, got {version!r}")
         t0 = time.perf_counter()
+        files = None
         if version == INITIAL_VERSION:
             folder = Path(self.model_dir)
         else:
             try:
-                folder, shapes = verify_publication(self.sync_dir, version)
+                if self.sync_dir is None:
+                    raise PublicationError("this worker was started without --sync-dir")
+                folder, files = read_manifest(self.sync_dir, version)
+                shapes = checkpoint_shapes([folder / f["name"] for f in files])
                 compare_shapes(self.expected_shapes, shapes, str(folder))
             except PublicationError as e:
                 return {"ok": False, "version": self.version, "error": str(e)}
         t1 = time.perf_counter()
         try:
-            self.llm.collective_rpc("simko_reload", kwargs={"weights_path": str(folder)})
+            errors = self.llm.collective_rpc(
+                "simko_reload",
+                kwargs={"weights_path": str(folder), "files": files, "previous": self._current()},
+            )
+            if any(errors):  # refused before any weight changed: keep serving
+                return {"ok": False, "version": self.version, "error": next(filter(None, errors))}
             self.llm.reset_prefix_cache()
         except Exception:
             return {
@@ -149,6 +224,7 @@ class Worker:
             }
         self.version = version
         t2 = time.perf_counter()
+        # checksums are verified inside the reload (same bytes): "verify_s" is the manifest's
         return {"ok": True, "version": version, "verify_s": t1 - t0, "reload_s": t2 - t1}
 
 
@@ -175,17 +251,65 @@ def build_engine(model_dir: str, engine_kwargs: dict, tensor_parallel_size: int)
     )
 
 
-def serve(worker: Worker, host: str, port: int, parent_pid: int | None = None) -> None:
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_generate(msg: dict) -> tuple[list[list[int]], list[list[int | None]], SamplingConfig]:
+    """A generate request's prompts, per-sample seeds and sampling settings, checked field by
+    field (:class:`ProtocolError` names the first bad one) before the engine sees them."""
+    prompts, seeds, sampling = msg.get("prompts"), msg.get("seeds"), msg.get("sampling")
+    if not isinstance(prompts, list) or not all(
+        isinstance(p, list) and all(_is_int(t) and t >= 0 for t in p) for p in prompts
+    ):
+        raise ProtocolError("generate: 'prompts' must be lists of non-negative token ids")
+    if (
+        not isinstance(seeds, list)
+        or len(seeds) != len(prompts)
+        or not all(
+            isinstance(row, list) and row and all(s is None or _is_int(s) for s in row)
+            for row in seeds
+        )
+    ):
+        raise ProtocolError("generate: 'seeds' must hold one non-empty list per prompt")
+    if not isinstance(sampling, dict):
+        raise ProtocolError("generate: 'sampling' must be an object")
+    try:
+        config = SamplingConfig(**sampling)
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"generate: 'sampling': {e}") from None
+    return prompts, seeds, config
+
+
+def serve(
+    worker: Any,
+    host: str,
+    port: int,
+    parent_pid: int | None = None,
+    *,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    curve_secret_key: str | None = None,
+    curve_authorized_keys: str | None = None,
+) -> None:
     """Answer requests until ``shutdown``, or until the launching process is gone (a local
-    worker must not outlive a crashed trainer)."""
+    worker must not outlive a crashed trainer). ``worker`` has ``ping``, ``generate`` and
+    ``load`` handlers, ``version``, ``model_dir`` and the ``fatal_errors`` after which it
+    must exit. No request, however malformed, ends the loop."""
     import zmq
 
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.REP)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(f"tcp://{host}:{port}")
+    sock, auth = bind_worker_socket(
+        ctx,
+        host,
+        port,
+        max_message_bytes=max_message_bytes,
+        secret_key=curve_secret_key,
+        authorized_keys=curve_authorized_keys,
+    )
+    tag = f"[simko worker {os.getpid()}]"
     print(
-        f"[simko worker {os.getpid()}] serving {worker.model_dir} on tcp://{host}:{port}",
+        f"{tag} serving {worker.model_dir} on tcp://{host}:{port}"
+        + (" (CURVE)" if auth is not None else ""),
         flush=True,
     )
     handlers = {"ping": worker.ping, "generate": worker.generate, "load": worker.load}
@@ -193,57 +317,90 @@ def serve(worker: Worker, host: str, port: int, parent_pid: int | None = None) -
         while True:
             if not sock.poll(1000):
                 if parent_pid is not None and os.getppid() != parent_pid:
-                    print(
-                        f"[simko worker {os.getpid()}] launcher {parent_pid} is gone; exiting",
-                        flush=True,
-                    )
+                    print(f"{tag} launcher {parent_pid} is gone; exiting", flush=True)
                     return
                 continue
-            raw = sock.recv()
+            frames = sock.recv_multipart()
             try:
-                msg = json.loads(raw)
-                op = msg.get("op")
+                msg = decode_request(frames, max_message_bytes)
+                op = msg["op"]
                 if op == "shutdown":
-                    sock.send_json({"ok": True, "version": worker.version})
+                    sock.send_multipart(encode_reply({"ok": True, "version": worker.version}))
                     return
                 if op not in handlers:
-                    raise ValueError(f"unknown op {op!r}")
+                    raise ProtocolError(f"unknown op {op!r}")
                 reply = handlers[op](msg)
+                if op == "ping":
+                    reply["max_message_bytes"] = max_message_bytes
+                out = encode_reply(reply)
+            except ProtocolError as e:
+                print(f"{tag} refused a request: {e}", flush=True)
+                reply = {"ok": False, "version": worker.version, "error": f"ProtocolError: {e}"}
+                out = encode_reply(reply)
             except Exception as e:
-                from vllm.v1.engine.exceptions import EngineDeadError
-
                 traceback.print_exc()
                 reply = {
                     "ok": False,
                     "version": worker.version,
                     "error": f"{type(e).__name__}: {e}",
-                    # A dead engine never recovers: exit, so the client restarts or reports us.
-                    "fatal": isinstance(e, EngineDeadError),
+                    "fatal": isinstance(e, worker.fatal_errors),
                 }
-            sock.send_json(reply)
+                out = encode_reply(reply)
+            sock.send_multipart(out)
             if reply.get("fatal"):
-                print(f"[simko worker {os.getpid()}] fatal: {reply['error']}", flush=True)
+                print(f"{tag} fatal: {reply['error']}", flush=True)
                 sys.exit(1)
     finally:
         sock.close()
+        if auth is not None:
+            auth.stop()
         ctx.term()
+
+
+def add_serving_args(parser: argparse.ArgumentParser) -> None:
+    """The socket options of a worker's command line (shared with test workers)."""
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="anything but loopback needs the CURVE keys"
+    )
+    parser.add_argument(
+        "--parent-pid", type=int, help="exit when this process is gone (local workers)"
+    )
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument("--curve-secret-key", help="this worker's NAME.key_secret file")
+    parser.add_argument(
+        "--curve-authorized-keys", help="folder of the public keys (*.key) of allowed clients"
+    )
+
+
+def serving_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "host": args.host,
+        "port": args.port,
+        "parent_pid": args.parent_pid,
+        "max_message_bytes": args.max_message_bytes,
+        "curve_secret_key": args.curve_secret_key,
+        "curve_authorized_keys": args.curve_authorized_keys,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="Hugging Face model directory")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept remote clients")
-    parser.add_argument("--sync-dir", required=True, help="where the trainer publishes weights")
+    parser.add_argument("--sync-dir", help="where the trainer publishes weights (none: only v0)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--engine-kwargs", default="{}", help="JSON: extra vllm.LLM arguments")
-    parser.add_argument(
-        "--parent-pid", type=int, help="exit when this process is gone (local workers)"
-    )
+    add_serving_args(parser)
     args = parser.parse_args(argv)
     engine_kwargs = json.loads(args.engine_kwargs)
+    # Refuse an unauthenticated remote bind before the engine spends a minute starting.
+    if args.curve_secret_key is None and not is_loopback(args.host):
+        parser.error(
+            f"--host {args.host} is reachable from other machines: give --curve-secret-key "
+            "and --curve-authorized-keys (make keys: python -m simko_tune.generation.protocol)"
+        )
     llm = build_engine(args.model, engine_kwargs, args.tensor_parallel_size)
-    serve(Worker(llm, args.model, args.sync_dir), args.host, args.port, args.parent_pid)
+    serve(Worker(llm, args.model, args.sync_dir), **serving_kwargs(args))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,27 @@
 """Weight publication from the trainer to the generation workers, through a sync directory.
 
-A publication is ``sync_dir/v{version:06d}/``: safetensors shards in Hugging Face names plus
-``manifest.json`` (version, files, sizes, checksums). It is assembled in
-``v{version:06d}.tmp/``, the manifest written last, and published by renaming the folder,
-so a reader never sees a partial publication under the final name. Workers still verify
-sizes and checksums before loading, which also catches files damaged after publication.
+:class:`WeightSync` owns the directory and the whole life of a publication: it creates the
+directory (owned by this user, not a symlink, not world-writable), clears stale versions at
+start, checks free space, publishes, waits for every worker's acknowledgement and then
+prunes. Generators only read from the directory.
 
-Checksum: xxh3-64. It runs at memory bandwidth (tens of GB/s per core), so verifying a
-15 GB bf16 7B publication costs well under a second, where SHA-256 (~1-2 GB/s) would add
-several seconds per worker per step. The sync dir is written by our own trainer, so the
-threat is truncation and corruption, not forgery: a non-cryptographic hash suffices.
+A publication is ``sync_dir/v{version:06d}/``: safetensors shards in Hugging Face names, in
+the generation engine's dtype, plus ``manifest.json`` (version, files, sizes, checksums).
+Every trainer rank on rank 0's node gathers and writes its own disjoint share of the
+tensors into its own shard files in ``v{version:06d}.tmp/``; after a barrier rank 0 writes
+the manifest last and publishes the folder by rename, so a reader never sees a partial
+publication under the final name. Workers verify sizes and checksums before loading, which
+also catches files damaged after publication.
+
+Checksum: xxh3-64. It runs at memory bandwidth, so verifying a 15 GB bf16 7B publication
+costs well under a second, where SHA-256 (~1-2 GB/s) would add several seconds per worker
+per step. The sync dir is written by our own trainer into a directory only this user can
+write, so the threat is truncation and corruption, not forgery: a non-cryptographic hash
+suffices.
+
+Another transport (e.g. an NCCL broadcast from the trainer to the engines) would replace
+:meth:`WeightSync.publish`'s write and the generators' ``load_weights`` read, keeping the
+same version numbers, acknowledgement and rollback rules.
 """
 
 from __future__ import annotations
@@ -19,15 +31,24 @@ import mmap
 import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 import xxhash
 from torch import nn
 
 from simko_tune.generation.types import GenerationError
 from simko_tune.models import tune_to_hf_converter
+from simko_tune.paths import checksum_file, replace_dir
 
 MANIFEST = "manifest.json"
 CHECKSUM = "xxh3_64"
@@ -42,11 +63,50 @@ class PublicationError(GenerationError):
     """A publication is missing, incomplete or corrupt; it must not be loaded."""
 
 
-def default_sync_dir() -> Path:
-    """A fresh sync dir in shared memory (no disk I/O for single-node runs); use a folder on
-    a shared filesystem instead when workers run on other nodes."""
-    root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    return Path(tempfile.mkdtemp(prefix="simko_sync_", dir=root))
+def default_sync_dir(run_name: str) -> Path:
+    """``<shared memory>/simko_tune-<uid>/<run_name>``: shared memory has no disk I/O for
+    single-node runs (use a folder on a shared filesystem when workers run on other
+    nodes); the per-user parent is made 0700 and checked, so no other user can plant or
+    read a publication at a predictable path."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    parent = base / f"simko_tune-{os.getuid()}"
+    try:
+        parent.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _check_owned(parent, private=True)
+    return parent / run_name
+
+
+def _check_owned(path: Path, *, private: bool) -> None:
+    """``path`` is a real directory owned by this user; ``private``: no one else may enter
+    it; otherwise: no one else may write to it."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise PublicationError(f"sync dir {path}: not a directory (a symlink?); refusing it")
+    if st.st_uid != os.getuid():
+        raise PublicationError(
+            f"sync dir {path}: owned by uid {st.st_uid}, not this user ({os.getuid()}); "
+            "another user could change the weights the workers load: use another path"
+        )
+    if st.st_mode & (0o077 if private else 0o022):
+        raise PublicationError(
+            f"sync dir {path}: mode {stat.S_IMODE(st.st_mode):o} lets other users "
+            f"{'in' if private else 'write'}; use a directory only you can write "
+            f"(chmod {'700' if private else 'go-w'})"
+        )
+
+
+def prepare_sync_dir(path: str | Path) -> Path:
+    """Create ``path`` if missing (0700), check it is ours, and clear any publication left by
+    an earlier run: a stale version must never be loaded."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_owned(path, private=False)
+    for p in path.iterdir():
+        if _VERSION_DIR.match(p.name):
+            shutil.rmtree(p)
+    return path
 
 
 def version_dir(sync_dir: str | Path, version: int) -> Path:
@@ -66,15 +126,6 @@ def _clean_name(name: str) -> str:
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     return name
-
-
-def _checksum_file(path: Path) -> str:
-    """xxh3-64 of a file, hashed through a memory map (no copy out of the page cache)."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return xxhash.xxh3_64_hexdigest(b"")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return xxhash.xxh3_64_hexdigest(m)
 
 
 _DTYPES = {
@@ -108,7 +159,110 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> dict:
             data = t.reshape(-1).view(torch.uint8).numpy().data
             f.write(data)
             h.update(data)
-    return {"name": path.name, "bytes": 8 + len(head) + offset, CHECKSUM: h.hexdigest()}
+    return {
+        "name": path.name,
+        "bytes": 8 + len(head) + offset,
+        CHECKSUM: h.hexdigest(),
+        "tensors": list(tensors),
+        "tensor_bytes": offset,
+    }
+
+
+def _publication_writers() -> list[int]:
+    """The ranks that write shards: those on rank 0's node, which sees the sync dir (a
+    node-local /dev/shm on a multi-node trainer). Collective."""
+    if not dist.is_initialized():
+        return [0]
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return [r for r, h in enumerate(hosts) if h == hosts[0]]
+
+
+def _assign(sizes: list[int], num_writers: int) -> list[int]:
+    """Writer index of each tensor: contiguous runs of the state dict's order with about
+    equal bytes each, so every writer gathers and writes its share and the shards, read in
+    name order, hold the weights in the model's order (layer by layer, as vLLM's reload
+    wants them)."""
+    total = sum(sizes)
+    owner, done = [], 0
+    for size in sizes:
+        # the writer whose equal share of [0, total) holds this tensor's midpoint
+        owner.append(min(num_writers - 1, int((done + size / 2) * num_writers / max(total, 1))))
+        done += size
+    return owner
+
+
+def publication_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of tensor data a publication of ``model`` in ``dtype`` holds (no collective:
+    DTensors know their global shapes)."""
+    total = 0
+    for value in model.state_dict().values():
+        itemsize = dtype if dtype is not None and value.is_floating_point() else value.dtype
+        total += value.numel() * itemsize.itemsize
+    return total
+
+
+def write_shards(
+    model: nn.Module,
+    folder: Path,
+    hf_config: dict,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 2**30,
+    writers: list[int] | None = None,
+) -> list[dict]:
+    """Write ``model``'s weights into ``folder`` as safetensors shards in Hugging Face names.
+
+    Collective: every rank takes part in gathering each sharded (FSDP2/TP) tensor, but only
+    the tensor's writer, one of ``writers`` (default: the ranks on rank 0's node), converts
+    it (floating tensors to ``dtype``; default: as they are), hashes and writes it, into its
+    own shard files, one shard (``max_shard_bytes``) in memory at a time. Returns every
+    shard's entry (name, bytes, checksum, tensor names) on rank 0, once all are written."""
+    distributed = dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    writers = writers if writers is not None else _publication_writers()
+    to_hf = tune_to_hf_converter(hf_config)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    if distributed:
+        dist.barrier()
+
+    state = model.state_dict()
+    sizes = [
+        v.numel() * (dtype.itemsize if dtype and v.is_floating_point() else v.element_size())
+        for v in state.values()
+    ]
+    owners = [writers[w] for w in _assign(sizes, len(writers))]
+    files: list[dict] = []
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        name = f"model-r{rank:05d}-{len(files) + 1:05d}.safetensors"
+        files.append(_write_shard(shard, folder / name))
+        shard, shard_bytes = {}, 0
+
+    for (name, value), owner in zip(state.items(), owners):
+        full = _full_tensor(value)  # a collective: every rank takes part
+        if rank != owner:
+            continue
+        for hf_name, t in to_hf({_clean_name(name): full}).items():
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            t = t.to("cpu").contiguous()
+            if shard and shard_bytes + t.nbytes > max_shard_bytes:
+                flush()
+            shard[hf_name] = t
+            shard_bytes += t.nbytes
+        del full
+    if shard:
+        flush()
+    if distributed:  # every shard is written before rank 0 lists them
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, files)
+        files = [f for rank_files in gathered for f in rank_files]
+    return files
 
 
 def publish_weights(
@@ -117,65 +271,38 @@ def publish_weights(
     sync_dir: str | Path,
     hf_config: dict,
     *,
+    dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2**30,
+    writers: list[int] | None = None,
 ) -> Path | None:
-    """Publish ``model``'s weights as ``version`` for the generation workers.
-
-    Every rank of a distributed run must call this (sharded FSDP2/TP parameters are
-    gathered with ``DTensor.full_tensor()``, a collective); rank 0 writes and returns the
-    publication's path, the other ranks return ``None``. Tensors are gathered, renamed to
-    Hugging Face names and written one shard at a time, so rank 0 holds at most one shard
-    (``max_shard_bytes``) besides the model.
-    """
+    """Publish ``model``'s weights as ``version`` for the generation workers (collective;
+    the shards are written as :func:`write_shards` says). Rank 0 then writes the manifest
+    last and renames the folder into place; it returns the publication's path, the other
+    ranks ``None``."""
     if version <= 0:
         raise ValueError(
             f"published versions must be positive (0 is the initial checkpoint): {version}"
         )
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    to_hf = tune_to_hf_converter(hf_config)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     final = version_dir(sync_dir, version)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-
-    files: list[dict] = []
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        files.append(_write_shard(shard, tmp / f"model-{len(files) + 1:05d}.safetensors"))
-        shard, shard_bytes = {}, 0
-
-    for name, value in model.state_dict().items():
-        full = _full_tensor(value)
-        if rank != 0:
-            continue
-        for hf_name, t in to_hf({_clean_name(name): full}).items():
-            t = t.to("cpu").contiguous()
-            if shard and shard_bytes + t.nbytes > max_shard_bytes:
-                flush()
-            shard[hf_name] = t
-            shard_bytes += t.nbytes
+    files = write_shards(
+        model, tmp, hf_config, dtype=dtype, max_shard_bytes=max_shard_bytes, writers=writers
+    )
     if rank != 0:
         return None
-    if shard or not files:
-        flush()
-
     manifest = {"version": version, "checksum": CHECKSUM, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if final.exists():  # republishing a version (a resumed run): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final, fsync=False)  # a republished version (a resume) is replaced whole
     return final
 
 
-def verify_publication(sync_dir: str | Path, version: int) -> tuple[Path, dict[str, list[int]]]:
-    """Check a publication before anything loads it: the manifest exists and names this
-    version, every listed file has its size and checksum, and no unlisted shard is present
-    (the loader would read it). Returns the folder and ``{tensor name: shape}``."""
+def read_manifest(sync_dir: str | Path, version: int) -> tuple[Path, list[dict]]:
+    """Everything about a publication but its checksums: the manifest exists and names
+    this version, every listed file has its size, and no unlisted shard is present (the
+    loader would read it). Returns the folder and the manifest's file entries."""
     folder = version_dir(sync_dir, version)
     if not folder.is_dir():
         partial = folder.with_name(folder.name + ".tmp")
@@ -195,14 +322,15 @@ def verify_publication(sync_dir: str | Path, version: int) -> tuple[Path, dict[s
             raise PublicationError(
                 f"{manifest_path}: unknown checksum {manifest.get('checksum')!r}"
             )
+        listed = {f["name"] for f in files}
+        for f in files:
+            f["bytes"], f[CHECKSUM]  # noqa: B018 (each entry must have both)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise PublicationError(f"{manifest_path}: unreadable manifest ({e!r})") from e
 
-    listed = {f["name"] for f in files}
     unlisted = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in listed)
     if unlisted:
         raise PublicationError(f"{folder}: shards not in the manifest: {unlisted}")
-    shapes: dict[str, list[int]] = {}
     for f in files:
         path = folder / f["name"]
         if not path.is_file():
@@ -210,13 +338,146 @@ def verify_publication(sync_dir: str | Path, version: int) -> tuple[Path, dict[s
         size = path.stat().st_size
         if size != f["bytes"]:
             raise PublicationError(f"{path}: {size} bytes, manifest says {f['bytes']} (truncated?)")
-        digest = _checksum_file(path)
-        if digest != f[CHECKSUM]:
-            raise PublicationError(
-                f"{path}: {CHECKSUM} {digest} != manifest {f[CHECKSUM]} (corrupt)"
-            )
-        shapes.update(checkpoint_shapes([path]))
-    return folder, shapes
+    return folder, files
+
+
+def _check_digest(path: Path, digest: str, expected: str) -> None:
+    if digest != expected:
+        raise PublicationError(f"{path}: {CHECKSUM} {digest} != manifest {expected} (corrupt)")
+
+
+def verify_publication(sync_dir: str | Path, version: int) -> tuple[Path, dict[str, list[int]]]:
+    """Check a publication before anything loads it (:func:`read_manifest`, then every
+    file's checksum). Returns the folder and ``{tensor name: shape}``."""
+    folder, files = read_manifest(sync_dir, version)
+    for f in files:
+        path = folder / f["name"]
+        _check_digest(path, checksum_file(path), f[CHECKSUM])
+    return folder, checkpoint_shapes([folder / f["name"] for f in files])
+
+
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+
+@contextmanager
+def verified_tensors(
+    folder: Path, files: list[dict]
+) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+    """Verify every shard's checksum, then yield an iterator over its tensors that are views
+    of the very bytes just hashed (memory maps: each byte is read from the page cache once
+    to hash and once by the loader's copy, with no copy in between). Nothing is yielded
+    before all shards pass, so a corrupt publication is refused before any weight moves.
+    The views are valid inside the ``with`` block only."""
+    maps: list[tuple[Path, mmap.mmap]] = []
+    try:
+        for f in files:
+            path = folder / f["name"]
+            with open(path, "rb") as fh:
+                m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            maps.append((path, m))
+            _check_digest(path, xxhash.xxh3_64_hexdigest(m), f[CHECKSUM])
+        yield _iter_tensors(maps)
+    finally:
+        for _, m in maps:
+            try:
+                m.close()
+            except BufferError:  # a view still alive: the map closes when it is collected
+                pass
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _header(m: mmap.mmap) -> tuple[dict, int]:
+    """A safetensors file's header (tensor entries only) and where its data starts."""
+    head_len = int.from_bytes(m[:8], "little")
+    header = json.loads(m[8 : 8 + head_len])
+    header.pop("__metadata__", None)
+    return header, 8 + head_len
+
+
+def _view(data: torch.Tensor, base: int, info: dict) -> torch.Tensor:
+    """The tensor ``info`` describes, as a view of the file's bytes (a copy if misaligned)."""
+    start, end = info["data_offsets"]
+    dtype = _TORCH_DTYPES[info["dtype"]]
+    raw = data[base + start : base + end]
+    if (base + start) % dtype.itemsize:  # a view needs aligned storage
+        raw = raw.clone()
+    return raw.view(dtype).view(info["shape"])
+
+
+def _as_tensor(m: mmap.mmap) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():  # read-only map: the loader only copies from it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(m, dtype=torch.uint8)
+
+
+def _iter_tensors(maps: list[tuple[Path, mmap.mmap]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of all shards, layer by layer: vLLM processes a layer once all of its weights
+    arrived, so this order keeps only one layer in flight whatever the file order."""
+    entries = []
+    for _, m in maps:
+        header, base = _header(m)
+        data = _as_tensor(m)
+        for name, info in header.items():
+            if not IGNORED_NAMES.search(name):
+                entries.append((name, info, data, base))
+
+    def order(entry: tuple) -> tuple[int, str]:
+        layer = _LAYER.search(entry[0])
+        return (int(layer.group(1)) if layer else -1, entry[0])
+
+    for name, info, data, base in sorted(entries, key=order):
+        yield name, _view(data, base, info)
+
+
+@contextmanager
+def streamed_tensors(
+    folder: Path, files: list[dict], errors: list[str]
+) -> Iterator[Iterator[tuple[str, torch.Tensor]]]:
+    """The shards' tensors in file order (the model's order, as :func:`write_shards` splits
+    it), each file's bytes hashed as its tensors are handed out: one pass over the page
+    cache where verifying first and loading after take two. A file whose checksum differs
+    ends the iteration and its error is appended to ``errors``: the loader has by then taken
+    part of a damaged publication, and the caller must put the previous weights back."""
+    maps: list[mmap.mmap] = []
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for f in files:
+            path = folder / f["name"]
+            with open(path, "rb") as fh:
+                m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            maps.append(m)
+            header, base = _header(m)
+            data, view = _as_tensor(m), memoryview(m)
+            h = xxhash.xxh3_64(view[:base])
+            done = base
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                start, end = info["data_offsets"]
+                if base + start != done:  # a gap or an overlap: not a file our writer made
+                    errors.append(f"{path}: tensor data of {name} is not contiguous")
+                    return
+                h.update(view[base + start : base + end])
+                done = base + end
+                if not IGNORED_NAMES.search(name):
+                    yield name, _view(data, base, info)
+            h.update(view[done:])
+            try:
+                _check_digest(path, h.hexdigest(), f[CHECKSUM])
+            except PublicationError as e:
+                errors.append(str(e))
+                return
+
+    try:
+        yield tensors()
+    finally:
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:  # a view still alive: the map closes when it is collected
+                pass
 
 
 def checkpoint_shapes(files: list[Path]) -> dict[str, list[int]]:
@@ -266,3 +527,145 @@ def prune_versions(sync_dir: str | Path, keep_version: int) -> None:
         m = _VERSION_DIR.match(p.name)
         if m and int(m.group(1)) < keep_version:
             shutil.rmtree(p, ignore_errors=True)
+
+
+class WeightConsumer(Protocol):
+    """What receives publications: a generator whose ``load_weights`` returns once every
+    worker serves ``version`` (its acknowledgement) or raises."""
+
+    def load_weights(self, version: int, timeout_s: float = ...) -> None: ...
+
+
+class WeightSync:
+    """The sync directory and the whole life of each publication in it.
+
+    Built on every trainer rank (``publish`` is collective); rank 0 creates and checks the
+    directory, clears stale versions, and, when a ``consumer`` is attached, delivers each
+    publication to it and prunes older versions once it acknowledges. Pruning runs in the
+    background and is joined before the next publication's free-space check, so the
+    trainer never waits on freeing GB-scale folders but never counts their space as free.
+    """
+
+    def __init__(
+        self,
+        sync_dir: str | Path,
+        hf_config: dict,
+        *,
+        dtype: torch.dtype | None = None,
+        max_shard_bytes: int = 2**30,
+        remove_on_close: bool = False,
+    ) -> None:
+        self.sync_dir = Path(sync_dir)
+        self.hf_config = hf_config
+        self.dtype = dtype
+        self.max_shard_bytes = max_shard_bytes
+        self.remove_on_close = remove_on_close
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.consumer: WeightConsumer | None = None
+        self.acknowledged: int | None = None
+        # seconds of the last publish: "write" (gather, convert, write, rename) and "ack"
+        # (until every worker serves it); logged as metrics, read by the benchmark
+        self.last_timings: dict[str, float] = {}
+        self._pruner: threading.Thread | None = None
+        error = None
+        if self.rank == 0:
+            try:
+                prepare_sync_dir(self.sync_dir)
+            except (OSError, PublicationError) as e:
+                error = e
+        if _agree_on_error(error):
+            raise error or PublicationError(
+                f"sync dir {self.sync_dir}: rank 0 could not prepare it"
+            )
+        self._writers = _publication_writers()
+
+    def attach(self, consumer: WeightConsumer) -> None:
+        """Rank 0: the generator every publication is delivered to."""
+        self.consumer = consumer
+
+    def publish(self, model: nn.Module, version: int, timeout_s: float = 300.0) -> Path | None:
+        """Write ``model`` as ``version`` (collective), then on rank 0 deliver it to the
+        consumer, wait for its acknowledgement and prune what came before. Returns the
+        publication's path on rank 0, None elsewhere."""
+        t0 = time.perf_counter()
+        error = None
+        if self.rank == 0:
+            self._join_pruner()
+            need = publication_bytes(model, self.dtype)
+            free = shutil.disk_usage(self.sync_dir).free
+            if free < need:
+                error = PublicationError(
+                    f"sync dir {self.sync_dir}: {free / 2**30:.2f} GiB free, publishing "
+                    f"version {version} needs {need / 2**30:.2f} GiB; free space there, or "
+                    "point generation.sync_dir at a larger filesystem"
+                )
+        if _agree_on_error(error):
+            raise error or PublicationError(f"sync dir {self.sync_dir}: not enough free space")
+        path = publish_weights(
+            model,
+            version,
+            self.sync_dir,
+            self.hf_config,
+            dtype=self.dtype,
+            max_shard_bytes=self.max_shard_bytes,
+            writers=self._writers,
+        )
+        t1 = time.perf_counter()
+        self.last_timings = {"write_s": t1 - t0}
+        if self.rank == 0 and self.consumer is not None:
+            self.consumer.load_weights(version, timeout_s)
+            self.acknowledged = version
+            self.last_timings["ack_s"] = time.perf_counter() - t1
+            self._pruner = threading.Thread(
+                target=prune_versions, args=(self.sync_dir, version), daemon=True
+            )
+            self._pruner.start()
+        return path
+
+    def _join_pruner(self) -> None:
+        if self._pruner is not None:
+            self._pruner.join()
+            self._pruner = None
+
+    def close(self) -> None:
+        """Rank 0: wait for pruning; with ``remove_on_close`` remove every publication (the
+        workers hold their weights in memory; nothing reads them after the run)."""
+        if self.rank != 0:
+            return
+        self._join_pruner()
+        if self.remove_on_close and self.sync_dir.is_dir():
+            for p in self.sync_dir.iterdir():
+                if _VERSION_DIR.match(p.name):
+                    shutil.rmtree(p, ignore_errors=True)
+            try:
+                self.sync_dir.rmdir()
+            except OSError:
+                pass  # something else lives there: leave it
+
+
+def _agree_on_error(error: BaseException | None) -> bool:
+    """Whether rank 0 hit ``error`` (a collective: the other ranks must not walk into the
+    next gather while rank 0 raises)."""
+    if not dist.is_initialized():
+        return error is not None
+    box = [error is not None]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def parse_weight_dtype(name: str | None, engine_kwargs: dict, hf_config: dict) -> torch.dtype:
+    """The dtype publications are written in: ``name`` if given, else the generation
+    engine's ``dtype`` (vLLM's ``auto``/unset means the checkpoint's ``torch_dtype``)."""
+    name = name or engine_kwargs.get("dtype") or "auto"
+    if name == "auto":
+        name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+    dtypes = {
+        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    }  # fmt: skip
+    if name not in dtypes:
+        raise ValueError(
+            f"generation.weight_dtype: unknown dtype {name!r}; expected one of {sorted(dtypes)}"
+        )
+    return dtypes[name]

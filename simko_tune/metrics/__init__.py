@@ -7,7 +7,14 @@ from simko_tune.metrics.passk import (
     pass_at_k_curve,
     powers_of_two_up_to,
 )
-from simko_tune.metrics.report import BenchmarkScores, PassKReport, passk_report, read_samples
+from simko_tune.metrics.report import (
+    BenchmarkScores,
+    PassKReport,
+    SampleRows,
+    passk_report,
+    read_samples,
+    samples_by_problem,
+)
 
 __all__ = [
     "BenchmarkScores",
@@ -19,4 +26,6 @@ __all__ = [
     "passk_report",
     "powers_of_two_up_to",
     "read_samples",
+    "samples_by_problem",
+    "SampleRows",
 ]

@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from simko_tune.data.problems import DataError
 from simko_tune.metrics.passk import maj_at_n, mean_at_n, pass_at_k, powers_of_two_up_to
+from simko_tune.paths import atomic_write
 
 AVERAGE = "average"
 
@@ -71,7 +71,7 @@ def passk_report(
     for run, path in runs.items():
         per_benchmark = [
             score_benchmark(run, benchmark, problems, ks)
-            for benchmark, problems in read_samples(path).items()
+            for benchmark, problems in samples_by_problem(path).items()
         ]
         scores.extend(per_benchmark)
         scores.append(average_scores(run, per_benchmark))
@@ -84,32 +84,76 @@ def passk_report(
         csv=out_dir / "passk.csv",
         plot=out_dir / "passk.png",
     )
-    _write_atomic(report.markdown, render_markdown(scores).encode())
-    _write_atomic(report.csv, render_csv(scores).encode())
-    _write_atomic(report.plot, render_plot(scores))
+    atomic_write(report.markdown, render_markdown(scores).encode())
+    atomic_write(report.csv, render_csv(scores).encode())
+    atomic_write(report.plot, render_plot(scores))
     return report
 
 
-def read_samples(path: Path) -> dict[str, dict[str, list[Sample]]]:
-    """benchmark -> problem id -> samples in sample_index order. Malformed lines and a
-    repeated (benchmark, problem_id, sample_index) raise :class:`DataError`."""
+SAMPLE_KEYS = ("benchmark", "problem_id", "sample_index", "reward")
+
+
+@dataclass(frozen=True)
+class SampleRows:
+    """The rows of a samples JSONL, with each row's line number (for error messages)."""
+
+    rows: list[dict[str, Any]]
+    lines: list[int]
+    torn: bool  # the last line was cut by a kill; only complete rows are in ``rows``
+
+
+def read_samples(path: Path) -> SampleRows:
+    """The one reader of samples files (the eval recipe appends them, the report reads
+    them). A missing file has no rows. A last line without its newline was torn by a kill
+    and is left out (``torn``); a bad line anywhere else is corruption, not a kill:
+    :class:`DataError` naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return SampleRows([], [], False)
+    lines = path.read_bytes().split(b"\n")
+    # A complete file ends with "\n", so the last piece is empty; anything else was torn.
+    torn = lines.pop() != b""
+    rows, numbers = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object")
+        missing = [key for key in SAMPLE_KEYS if key not in row]
+        if missing:
+            raise DataError(f"{path}:{number}: missing key {missing[0]!r}")
+        rows.append(row)
+        numbers.append(number)
+    return SampleRows(rows, numbers, torn)
+
+
+def samples_by_problem(path: Path) -> dict[str, dict[str, list[Sample]]]:
+    """benchmark -> problem id -> samples in sample_index order. Malformed lines, a torn
+    last line and a repeated (benchmark, problem_id, sample_index) raise
+    :class:`DataError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such samples file")
+    found = read_samples(path)
+    if found.torn:
+        raise DataError(
+            f"{path}: the last line is incomplete (an eval killed while writing); rerun the "
+            "eval on the same output_dir to repair the file"
+        )
     benchmarks: dict[str, dict[str, dict[int, Sample]]] = {}
-    with Path(path).open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            benchmark, problem_id, sample = _parse_record(record, where)
-            problem = benchmarks.setdefault(benchmark, {}).setdefault(problem_id, {})
-            if sample.index in problem:
-                raise DataError(
-                    f"{where}: sample {sample.index} of {benchmark}/{problem_id} appears twice"
-                )
-            problem[sample.index] = sample
+    for line_number, record in zip(found.lines, found.rows):
+        where = f"{path}:{line_number}"
+        benchmark, problem_id, sample = _parse_record(record, where)
+        problem = benchmarks.setdefault(benchmark, {}).setdefault(problem_id, {})
+        if sample.index in problem:
+            raise DataError(
+                f"{where}: sample {sample.index} of {benchmark}/{problem_id} appears twice"
+            )
+        problem[sample.index] = sample
     if not benchmarks:
         raise DataError(f"{path}: no samples")
     return {
@@ -272,10 +316,3 @@ def _all_ks(scores: list[BenchmarkScores]) -> list[int]:
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return math.fsum(values) / len(values)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers never see a half-written report: write a temp file, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

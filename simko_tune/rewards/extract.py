@@ -1,4 +1,4 @@
-"""Pull the final answer out of a model response or a gold rationale.
+"""Pull the boxed final answer out of a model response or a gold rationale.
 
 Plain string scanning only (no regex backtracking over the whole response): responses are
 untrusted and can be megabytes long.
@@ -9,10 +9,6 @@ from __future__ import annotations
 import re
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
-# "The final answer is $7$.", "the answer is 7", "**Answer:** 7", "Final Answer: 7".
-_PHRASE_RE = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|\*\*:?)\s*:?\s*", re.I)
-_SENTENCE_END_RE = re.compile(r"\.(?:\s|$)")
-_UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
 
 
 def _brace_group(text: str, start: int) -> str | None:
@@ -51,37 +47,15 @@ def _boxed_content(text: str, end: int) -> str | None:
     return text[i:j]
 
 
-def _phrase_answer(text: str) -> str | None:
-    """The answer after the last "final answer is" / "answer:" phrasing, if any."""
-    matches = list(_PHRASE_RE.finditer(text))
-    if not matches:
-        return None
-    rest = text[matches[-1].end() :]
-    if rest.startswith("$"):
-        rest = rest.lstrip("$")
-        close = _UNESCAPED_DOLLAR_RE.search(rest)
-        answer = rest[: close.start()] if close else rest.split("\n", 1)[0]
-    elif rest.startswith("\\("):
-        close = rest.find("\\)")
-        answer = rest[2:close] if close >= 0 else rest[2:]
-    else:
-        answer = rest.split("\n", 1)[0]
-        cut = _SENTENCE_END_RE.search(answer)
-        if cut:
-            answer = answer[: cut.start()]
-    answer = answer.strip().strip("*").strip().rstrip(".").strip()
-    return answer or None
-
-
 def extract_answer(text: str) -> str | None:
     """The last non-empty `\\boxed{...}` / `\\fbox{...}` (nested braces kept, `\\boxed 5`
-    accepted); without one, the answer after a "final answer is ..." or "Answer: ..."
-    phrase; None when the response states no answer."""
+    accepted): the paper's rule, so None when the response boxes no answer (free-form
+    answers are the `math_verify` reward mode's job)."""
     for match in reversed(list(_BOX_RE.finditer(text))):
         content = _boxed_content(text, match.end())
         if content is not None and content.strip():
             return content.strip()
-    return _phrase_answer(text)
+    return None
 
 
 def extract_gsm8k_gold(text: str) -> str:

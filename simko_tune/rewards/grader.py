@@ -1,419 +1,268 @@
-"""Is a predicted answer mathematically the gold answer?
+"""Is a predicted answer mathematically the gold answer? Math-Verify decides, with the few
+rules of ours that the labelled table (tests/rewards/test_answers_match.py) shows it gets
+wrong on our benchmarks' answers.
 
-Order of tests, cheapest first: normalised strings, answer structure (lists, sets, tuples,
-intervals, matrices, equations, inequalities) compared element-wise, multiple-choice
-letters, plain numbers (parsed with `fractions`, never `eval`), then guarded sympy.
+Two reward modes, chosen in the config:
 
-Tolerance: two exact answers (integers, fractions, surds) must be equal; an integer gold
-must be hit exactly (`204.0` is right, `204.01` is not); otherwise a decimal on either side
-is compared with relative tolerance 1e-4, as the Qwen2.5-Math grader does. A percent sign
-on either side also admits the value scaled by 100 (`50\\%` = `50` = `0.5`).
+- ``boxed`` (`math_reward`): the paper's rule. The last ``\\boxed{}`` only; no box, no reward.
+- ``math_verify`` (`math_verify_reward`): Math-Verify's own extraction (LaTeX and plain
+  expressions anywhere in the response), as TRL and open-r1 use it.
 
-Call through `RewardPool`: it adds the hard wall-clock limit that bounds sympy.
+Both compare with `answers_match`. Math-Verify runs with its own (signal-based) limits as a
+soft fence that scores 0 without costing a worker; call through `RewardPool` for the hard
+wall-clock limit, memory cap and crash recovery.
+
+Our rules, each decided before Math-Verify is asked:
+
+- Identical answers match, also after `normalize` (spacing, ``\\left``, ``\\dfrac``, units):
+  no parsing, and Math-Verify compares what it cannot parse (``M_{\\odot}``) as raw strings.
+- Two plain numbers (after `normalize`: units, ``\\$``, thousands separators, degrees,
+  percent words) compare exactly when both are exact, and with relative tolerance 1e-4 when
+  either is a decimal; an integer gold must be hit exactly; a percent sign on either side
+  also admits the value scaled by 100. Math-Verify rounds to 6 decimal places, absolutely,
+  so it takes ``3.61e-10`` for ``3.62e-10`` and rejects ``1.41421`` for ``\\sqrt{2}``.
+- A decimal prediction against a closed-form constant (``\\pi``, ``\\sqrt{2}``, ``e^2``) is
+  compared by value with the same relative tolerance.
+- A multiple-choice gold (``A``-``E``) is matched by its letter only.
+- A set gold is not matched by a lone element; an answer that contains ``\\boxed`` is refused.
+- Inequalities in one variable are compared with intervals (``x > 5`` is ``(5, \\infty)``,
+  Math-Verify's `allow_set_relation_comp`, both ways round).
+- Before Math-Verify parses an answer: a one-column matrix becomes a tuple, a leading
+  ``m_{\\max} =`` is dropped, and a few spellings it misses are rewritten (`_SPELLINGS`).
+
+Each rule is there because a labelled case fails without it (tests/rewards).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import re
-from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from fractions import Fraction
+from collections.abc import Callable
+from typing import Any
 
-from sympy import Rational
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify.errors import TimeoutException
+from math_verify.utils import timeout
+from sympy import Basic
 
-from simko_tune.rewards import symbolic
 from simko_tune.rewards.extract import extract_answer
 from simko_tune.rewards.normalize import normalize
+from simko_tune.rewards.numbers import numbers_equal, parse_number
 
 MAX_ANSWER_CHARS = 1000
+MAX_RESPONSE_CHARS = 200_000  # math_verify mode scans the whole response
 MAX_NESTING = 20
-MAX_ITEMS = 40
-_PERCENT_SCALES = (Fraction(1), Fraction(1, 100), Fraction(100))
+APPROX_TOL = 1e-4
+# Math-Verify's own limits (whole seconds, SIGALRM): a slow parse scores 0 without the pool
+# having to kill and respawn a worker. The pool's wall clock stays the hard limit.
+SOFT_TIMEOUT_S = 3
+_EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
 
-
-# ---- answer structure -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scalar:
-    text: str
-
-
-@dataclass(frozen=True)
-class Sequence:
-    """Tuple or interval (`open`/`close` brackets kept), or a bare `a, b` list (no brackets)."""
-
-    items: tuple
-    open: str
-    close: str
-
-
-@dataclass(frozen=True)
-class SetOf:
-    items: tuple
-
-
-@dataclass(frozen=True)
-class Union:
-    items: tuple
-
-
-@dataclass(frozen=True)
-class Matrix:
-    rows: tuple
-
-
-@dataclass(frozen=True)
-class Equation:
-    lhs: str
-    rhs: str
-
-
-@dataclass(frozen=True)
-class Relation:
-    """`lhs op rhs` with op one of `<`, `\\le` (greater-than forms are flipped)."""
-
-    lhs: str
-    op: str
-    rhs: str
-
-
-@dataclass(frozen=True)
-class Inequality:
-    """One relation or a chain of two (`1 \\le x < 2`)."""
-
-    relations: tuple
-
-
-_THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
-_MATRIX_RE = re.compile(r"^\\begin\{pmatrix\}(.*)\\end\{pmatrix\}$", re.S)
-_REL_RE = re.compile(
-    r"\\le(?![a-zA-Z])|\\ge(?![a-zA-Z])|\\lt(?![a-zA-Z])|\\gt(?![a-zA-Z])|<=|>=|<|>"
-)
-_REL_CANON = {
-    "\\le": "\\le",
-    "<=": "\\le",
-    "\\lt": "<",
-    "<": "<",
-    "\\ge": "\\ge",
-    ">=": "\\ge",
-    "\\gt": ">",
-    ">": ">",
-}
-_FLIP = {"\\ge": "\\le", ">": "<"}
-_NAME_RE = re.compile(r"^(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?[\w\\ ]+\}?|')?(?:\([a-zA-Z,]*\))?$")
 _CHOICE_GOLD_RE = re.compile(r"^\(?([A-E])\)?$")
 _CHOICE_PRED_RE = re.compile(r"^\(?([A-E])\)?$|^\(([A-E])\)(?![-+*/^=])")
+_SOLUTION_RE = re.compile(r"(?<!\\)\$|\\boxed")
+_LIST_COMMA_RE = re.compile(r",\s")
+_SET_RE = re.compile(r"^\\\{.+\\\}$")  # a non-empty set literal
+_NAME_EQ_RE = re.compile(r"^\s*[a-zA-Z](?:_\{?[\w\\ ]+\}?)?\s*=(?!=)")
+_COLUMN_RE = re.compile(r"^\\begin\{[pb]matrix\}(.*)\\end\{[pb]matrix\}$", re.S)
+# Spellings Math-Verify's parser misses: unicode symbols, `\varnothing`, `\sqrt{-1}` for i.
+_SPELLINGS = {
+    "\u221a": "\\sqrt",
+    "\u03c0": "\\pi ",
+    "\u2212": "-",
+    "\\varnothing": "\\emptyset",
+    "\\sqrt{-1}": "i",
+}
+
+logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every timeout
 
 
-def _split_top(s: str, sep: str) -> list[str]:
-    """Split at occurrences of `sep` outside any bracket pair."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(s):
-        ch = s[i]
-        if ch in "([{":
+def _too_big(s: str) -> bool:
+    depth = best = 0
+    for ch in s:
+        if ch in "{([":
             depth += 1
-        elif ch in ")]}":
+            best = max(best, depth)
+        elif ch in "})]":
             depth -= 1
-        elif depth == 0 and s.startswith(sep, i):
-            if sep[0] != "\\" or not s[i + len(sep) : i + len(sep) + 1].isalpha():
-                parts.append(s[start:i])
-                start = i + len(sep)
-                i = start
-                continue
-        i += 1
-    parts.append(s[start:])
-    return [p.strip() for p in parts]
+    return len(s) > MAX_ANSWER_CHARS or best > MAX_NESTING
 
 
-def _closes_at_end(s: str) -> bool:
-    """Whether the bracket opening at s[0] closes at the last character."""
-    depth = 0
-    for i, ch in enumerate(s):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i == len(s) - 1
-    return False
+def _latex_for_math_verify(answer: str) -> str:
+    """The small rewrites Math-Verify needs for our answers: `_SPELLINGS`, a leading
+    ``m_{\\max} =`` (Math-Verify unwraps only plain-symbol assignments), a one-column matrix
+    written as a tuple."""
+    s = answer.strip()
+    for src, dst in _SPELLINGS.items():
+        s = s.replace(src, dst)
+    if _NAME_EQ_RE.match(s) and s.count("=") == 1 and "," not in s:
+        s = s.split("=", 1)[1]
+    m = _COLUMN_RE.match(s)
+    if m and "&" not in m.group(1):
+        rows = [r.strip() for r in m.group(1).split("\\\\") if r.strip()]
+        s = "(" + ", ".join(rows) + ")"
+    return s
 
 
-def _parse(s: str, level: int = 0) -> object:
-    """Answer structure of a normalised string (see the classes above)."""
-    if level > 6 or not s:
-        return Scalar(s)
-    pieces = _split_top(s, "\\cup")
-    if len(pieces) > 1:
-        return Union(tuple(_parse(p, level + 1) for p in pieces))
-    if _THOUSANDS_RE.match(s):
-        return Scalar(s.replace(",", ""))
-    items = _split_top(s, ",")
-    if len(items) > 1:
-        return Sequence(tuple(_parse(p, level + 1) for p in items), "", "")
-    m = _MATRIX_RE.match(s)
-    if m:
-        rows = [r for r in _split_top(m.group(1), "\\\\") if r]
-        return Matrix(tuple(tuple(_parse(c, level + 1) for c in _split_top(r, "&")) for r in rows))
-    if s.startswith("\\{") and s.endswith("\\}") and _closes_at_end(s[1:]):
-        inner = s[2:-2].strip()
-        return SetOf(tuple(_parse(p, level + 1) for p in _split_top(inner, ",")) if inner else ())
-    if s[0] in "([" and s[-1] in ")]" and _closes_at_end(s):
-        inner = _split_top(s[1:-1], ",")
-        if len(inner) == 1:
-            return _parse(inner[0], level + 1)
-        return Sequence(tuple(_parse(p, level + 1) for p in inner), s[0], s[-1])
-    sides = _split_top(s, "=")
-    if len(sides) == 2 and sides[0] and sides[1]:
-        return Equation(sides[0], sides[1])
-    rel = _parse_relation(s)
-    if rel is not None:
-        return rel
-    pm = _split_top(s, "\\pm")
-    if len(pm) == 2:
-        return SetOf((Scalar(f"{pm[0]}+{pm[1]}"), Scalar(f"{pm[0]}-{pm[1]}")))
-    if s == "\\emptyset":
-        return SetOf(())
-    return Scalar(s)
+@functools.lru_cache(maxsize=4096)  # a group of rollouts repeats its gold and its answers
+def parse_answer(answer: str) -> tuple[Any, ...]:
+    """Math-Verify's parse of one bare answer (as if it were boxed); a gold given as a
+    whole solution (with `$...$` or `\\boxed`) is read with Math-Verify's extraction."""
+    if _SOLUTION_RE.search(answer):
+        return tuple(parse(answer, _EXTRACTION, parsing_timeout=SOFT_TIMEOUT_S))
+    latex = _latex_for_math_verify(answer)
+    return tuple(parse(f"\\boxed{{{latex}}}", _EXTRACTION, parsing_timeout=SOFT_TIMEOUT_S))
 
 
-def _parse_relation(s: str) -> Inequality | None:
-    ops = list(_REL_RE.finditer(s))
-    if not ops or len(ops) > 2:
-        return None
-    parts = _REL_RE.split(s)
-    if any(not p.strip() for p in parts):
-        return None
-    rels = []
-    for i, op in enumerate(ops):
-        lhs, rhs, canon = parts[i].strip(), parts[i + 1].strip(), _REL_CANON[op.group(0)]
-        if canon in _FLIP:
-            lhs, rhs, canon = rhs, lhs, _FLIP[canon]
-        rels.append(Relation(lhs, canon, rhs))
-    return Inequality(tuple(rels))
+@timeout(SOFT_TIMEOUT_S)
+def _evalf(expr: Basic) -> complex:
+    return complex(expr.evalf(30))
 
 
-def _relation_as_interval(ineq: Inequality) -> Sequence | None:
-    """`x > 3` -> `(3, \\infty)`, `1 \\le x < 2` -> `[1, 2)`, for one named variable."""
-    rels = ineq.relations
-    low, high, lo_br, hi_br = "-\\infty", "\\infty", "(", ")"
-    names = set()
-    for r in rels:
-        if _NAME_RE.match(r.lhs) and not _NAME_RE.match(r.rhs):  # x < b
-            names.add(r.lhs)
-            high, hi_br = r.rhs, ("]" if r.op == "\\le" else ")")
-        elif _NAME_RE.match(r.rhs) and not _NAME_RE.match(r.lhs):  # a < x
-            names.add(r.rhs)
-            low, lo_br = r.lhs, ("[" if r.op == "\\le" else "(")
-        else:
-            return None
-    if len(names) != 1:
-        return None
-    return Sequence((Scalar(low), Scalar(high)), lo_br, hi_br)
-
-
-# ---- scalars ----------------------------------------------------------------------------
-
-_NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
-_PLAIN_RE = re.compile(rf"^({_NUM})(?:[eE]([+-]?\d{{1,3}}))?$")
-_SCI_RE = re.compile(rf"^({_NUM})(?:\\times|\\cdot|\*)10\^\{{?([+-]?\d{{1,3}})\}}?$")
-_FRAC_RE = re.compile(rf"^([+-]?)\\frac\{{({_NUM})\}}\{{({_NUM})\}}$")
-_SLASH_RE = re.compile(rf"^({_NUM})/({_NUM})$")
-_MIXED_RE = re.compile(r"^(\d+)\\frac\{(\d+)\}\{(\d+)\}$")
-
-
-@dataclass(frozen=True)
-class _Number:
-    value: Fraction
-    approx: bool  # written with a decimal point or in scientific notation
-
-
-def _decimal(text: str) -> Fraction:
-    return Fraction(Decimal(text))
-
-
-def _parse_number(s: str) -> _Number | None:
-    """A plain number (integer, decimal, scientific, `a/b`, `\\frac{a}{b}`, mixed number)."""
-    if len(s) > 400:
-        return None
-    try:
-        if m := _PLAIN_RE.match(s):
-            value = _decimal(m.group(1)) * (Fraction(10) ** int(m.group(2) or 0))
-            return _Number(value, "." in m.group(1) or m.group(2) is not None)
-        if m := _SCI_RE.match(s):
-            return _Number(_decimal(m.group(1)) * Fraction(10) ** int(m.group(2)), True)
-        if m := _FRAC_RE.match(s) or _SLASH_RE.match(s):
-            groups = m.groups()
-            sign = -1 if len(groups) == 3 and groups[0] == "-" else 1
-            num, den = _decimal(groups[-2]), _decimal(groups[-1])
-            return _Number(sign * num / den, "." in groups[-2] + groups[-1])
-        if m := _MIXED_RE.match(s):
-            whole, num, den = (int(g) for g in m.groups())
-            return _Number(whole + Fraction(num, den), False)
-    except (InvalidOperation, ZeroDivisionError, ValueError):
-        return None
+def _constant_value(parsed: tuple[Any, ...]) -> float | None:
+    """The value of a closed-form constant (``\\sqrt{2}``, ``e^{2}``), if that is what it is
+    (None for a tower such as ``9^{9^{9^{9}}}``, which the soft limit stops)."""
+    for item in parsed:
+        if isinstance(item, Basic) and getattr(item, "is_number", False):
+            try:
+                value = _evalf(item)
+            except (TimeoutException, TypeError, ValueError, OverflowError, ZeroDivisionError):
+                return None
+            return value.real if value.imag == 0 and math.isfinite(value.real) else None
     return None
 
 
-def _numbers_equal(gold: _Number, pred: _Number, percent: bool) -> bool:
-    scales = _PERCENT_SCALES if percent else _PERCENT_SCALES[:1]
-    for scale in scales:
-        g = gold.value * scale
-        if not (gold.approx or pred.approx) or (not gold.approx and g.denominator == 1):
-            if g == pred.value:
-                return True
-        elif abs(g - pred.value) <= Fraction(1, 10**4) * max(abs(g), abs(pred.value)):
+def _decimal_matches_constant(decimal: float, parsed: tuple[Any, ...]) -> bool:
+    value = _constant_value(parsed)
+    return value is not None and abs(value - decimal) <= APPROX_TOL * max(abs(value), 1e-12)
+
+
+def _plain_number(raw: str, normalized: str):
+    """A plain number, unless the raw answer is a list (`32, 349` is not 32349)."""
+    return None if _LIST_COMMA_RE.search(raw) else parse_number(normalized)
+
+
+def _text_verdict(pred: str, gold: str) -> bool | None:
+    """Our rules that need no parsing (see the module docstring); None: undecided."""
+    if "\\boxed" in pred:
+        return False
+    p, g = normalize(pred), normalize(gold)
+    if m := _CHOICE_GOLD_RE.match(g.text):
+        choice = _CHOICE_PRED_RE.match(p.text)
+        return bool(choice) and (choice.group(1) or choice.group(2)) == m.group(1)
+    if p.text and p.text == g.text and p.percent == g.percent:  # spacing, \left, \dfrac
+        return True
+    pred_num, gold_num = _plain_number(pred, p.text), _plain_number(gold, g.text)
+    if pred_num and gold_num:
+        return numbers_equal(gold_num, pred_num, p.percent or g.percent)
+    if _SET_RE.match(g.text) and not _SET_RE.match(p.text) and "," not in p.text:
+        return False
+    return None
+
+
+def _decimal_verdict(pred: str, gold: str, pred_parsed: tuple, gold_parsed: tuple) -> bool:
+    """A decimal on one side, a closed-form constant on the other: compared by value."""
+    for decimal, other in ((pred, gold_parsed), (gold, pred_parsed)):
+        number = _plain_number(decimal, normalize(decimal).text)
+        if number and number.approx and _decimal_matches_constant(float(number.value), other):
             return True
     return False
 
 
-def _scalar_equal(gold: str, pred: str, percent: bool) -> bool:
-    if gold == pred:
+def _match(pred: str, pred_parsed: Callable[[], tuple], gold: str) -> bool:
+    """`pred_parsed` is called only when our text rules leave the verdict open."""
+    if _too_big(pred):
+        return False
+    if pred.strip() == gold.strip():
         return True
-    if m := _CHOICE_GOLD_RE.match(gold):
-        p = _CHOICE_PRED_RE.match(pred)
-        return bool(p) and (p.group(1) or p.group(2)) == m.group(1)
-    gold_num, pred_num = _parse_number(gold), _parse_number(pred)
-    if gold_num and pred_num:
-        return _numbers_equal(gold_num, pred_num, percent)
-    if re.fullmatch(r"[A-Za-z][A-Za-z ]{2,}", gold):  # words: "odd", "no solution"
-        return gold.lower() == pred.lower()
-    a, b = symbolic.to_sympy(gold), symbolic.to_sympy(pred)
-    if a is None or b is None:
+    gold_parsed = None
+    if _SOLUTION_RE.search(gold):  # our rules read the answer Math-Verify found in it
+        gold_parsed = parse_answer(gold)
+        gold = next((g for g in gold_parsed if isinstance(g, str)), "")
+    if _too_big(gold):
         return False
-    a, b = symbolic.prepare_pair(a, b)
-    if percent and not a.free_symbols and not b.free_symbols:
-        return any(symbolic.expr_equal(a * scale, b) for scale in (1, Rational(1, 100), 100))
-    return symbolic.expr_equal(a, b)
-
-
-# ---- structure comparison ---------------------------------------------------------------
-
-
-def _unordered_equal(gold: tuple, pred: tuple, percent: bool) -> bool:
-    if len(gold) != len(pred) or len(gold) > MAX_ITEMS:
-        return False
-    unused = list(pred)
-    for g in gold:
-        for j, p in enumerate(unused):
-            if _equal(g, p, percent):
-                del unused[j]
-                break
-        else:
-            return False
-    return True
-
-
-def _ordered_equal(gold: tuple, pred: tuple, percent: bool) -> bool:
-    return len(gold) == len(pred) <= MAX_ITEMS and all(
-        _equal(g, p, percent) for g, p in zip(gold, pred)
+    verdict = _text_verdict(pred, gold)
+    if verdict is not None:
+        return verdict
+    gold_parsed = gold_parsed or parse_answer(gold)
+    parsed = pred_parsed()
+    if _decimal_verdict(pred, gold, parsed, gold_parsed):
+        return True
+    return verify(
+        list(gold_parsed),
+        list(parsed),
+        allow_set_relation_comp=True,
+        timeout_seconds=SOFT_TIMEOUT_S,
     )
-
-
-def _vector(m: Matrix) -> tuple | None:
-    if all(len(r) == 1 for r in m.rows):
-        return tuple(r[0] for r in m.rows)
-    if len(m.rows) == 1:
-        return m.rows[0]
-    return None
-
-
-def _equation_equal(gold: Equation, pred: Equation, percent: bool) -> bool:
-    if gold.lhs == pred.lhs:
-        return _equal(_parse(gold.rhs), _parse(pred.rhs), percent)
-    if gold.lhs == pred.rhs and gold.rhs == pred.lhs:
-        return True
-    sides = [symbolic.to_sympy(x) for x in (gold.lhs, gold.rhs, pred.lhs, pred.rhs)]
-    if any(x is None for x in sides):
-        return False
-    ga, gb = symbolic.prepare_pair(sides[0], sides[1])
-    pa, pb = symbolic.prepare_pair(sides[2], sides[3])
-    return symbolic.equation_equal(ga, gb, pa, pb)
-
-
-def _inequality_equal(gold: Inequality, pred: Inequality, percent: bool) -> bool:
-    if len(gold.relations) != len(pred.relations):
-        return False
-    return all(
-        g.op == p.op
-        and _equal(_parse(g.lhs), _parse(p.lhs), percent)
-        and _equal(_parse(g.rhs), _parse(p.rhs), percent)
-        for g, p in zip(gold.relations, pred.relations)
-    )
-
-
-def _equal(gold: object, pred: object, percent: bool) -> bool:
-    """Structural comparison: lists unordered, tuples/intervals ordered with brackets."""
-    if gold == pred:
-        return True
-    if isinstance(gold, Equation) and not isinstance(pred, Equation):
-        return bool(_NAME_RE.match(gold.lhs)) and _equal(_parse(gold.rhs), pred, percent)
-    if isinstance(pred, Equation) and not isinstance(gold, Equation):
-        return bool(_NAME_RE.match(pred.lhs)) and _equal(gold, _parse(pred.rhs), percent)
-    if isinstance(gold, Equation):
-        return _equation_equal(gold, pred, percent)
-    if isinstance(gold, Inequality) or isinstance(pred, Inequality):
-        if isinstance(gold, Inequality) and isinstance(pred, Inequality):
-            return _inequality_equal(gold, pred, percent)
-        if isinstance(pred, Inequality):
-            pred = _relation_as_interval(pred)
-        else:
-            gold = _relation_as_interval(gold)
-        return gold is not None and pred is not None and _equal(gold, pred, percent)
-    if isinstance(gold, Scalar):
-        return isinstance(pred, Scalar) and _scalar_equal(gold.text, pred.text, percent)
-    if isinstance(gold, SetOf) or (isinstance(gold, Sequence) and not gold.open):
-        if isinstance(pred, SetOf) or (isinstance(pred, Sequence) and not pred.open):
-            return _unordered_equal(gold.items, pred.items, percent)
-        return False
-    if isinstance(gold, Sequence):
-        if isinstance(pred, Sequence) and (
-            (pred.open, pred.close) == (gold.open, gold.close)
-            or (not pred.open and gold.open == "(")
-        ):
-            return _ordered_equal(gold.items, pred.items, percent)
-        if isinstance(pred, Matrix) and gold.open == "(" and (vec := _vector(pred)) is not None:
-            return _ordered_equal(gold.items, vec, percent)
-        return False
-    if isinstance(gold, Matrix):
-        if isinstance(pred, Matrix):
-            return len(gold.rows) == len(pred.rows) and all(
-                _ordered_equal(g, p, percent) for g, p in zip(gold.rows, pred.rows)
-            )
-        vec = _vector(gold)
-        if isinstance(pred, Sequence) and pred.open in ("(", "[", "") and vec is not None:
-            return _ordered_equal(vec, pred.items, percent)
-        return False
-    if isinstance(gold, Union):
-        return isinstance(pred, Union) and _unordered_equal(gold.items, pred.items, percent)
-    return False
-
-
-def _too_big(s: str) -> bool:
-    return len(s) > MAX_ANSWER_CHARS or symbolic.brace_depth(s) > MAX_NESTING
 
 
 def answers_match(pred: str, gold: str) -> bool:
-    """Whether `pred` is mathematically the same answer as `gold` (see module docstring).
+    """Whether the bare answer `pred` is mathematically the same answer as `gold`.
 
     Oversized or deeply nested answers are refused outright (scored wrong)."""
-    if pred is None or gold is None or _too_big(pred) or _too_big(gold):
+    if pred is None or gold is None or _too_big(pred):
         return False
-    return _match_normalized(pred, gold)
+    return _cached_match(pred, gold)
 
 
-@functools.lru_cache(maxsize=8192)  # a group of rollouts often repeats one answer
-def _match_normalized(pred: str, gold: str) -> bool:
-    p, g = normalize(pred), normalize(gold)
-    if not p.text or not g.text:
-        return False
-    if p.text == g.text:
-        return True
-    return _equal(_parse(g.text), _parse(p.text), p.percent or g.percent)
+@functools.lru_cache(maxsize=8192)
+def _cached_match(pred: str, gold: str) -> bool:
+    return _match(pred, lambda: parse_answer(pred), gold)
 
 
 def math_reward(response: str, gold: str) -> float:
-    """1.0 when the response's final answer (see `extract_answer`) matches `gold`, else 0.0."""
+    """``boxed`` mode: 1.0 when the last ``\\boxed{}`` of the response matches `gold`."""
     pred = extract_answer(response)
     return 1.0 if pred is not None and answers_match(pred, gold) else 0.0
+
+
+def math_verify_extract(response: str) -> tuple[tuple[Any, ...], str | None]:
+    """Math-Verify's extraction from a whole response: its parsed answer and the answer's
+    text (None when it found nothing)."""
+    if len(response) > MAX_RESPONSE_CHARS:
+        return (), None
+    parsed = tuple(parse(response, _EXTRACTION, parsing_timeout=SOFT_TIMEOUT_S))
+    text = next((p for p in parsed if isinstance(p, str)), None)
+    return parsed, text
+
+
+def math_verify_reward(response: str, gold: str) -> float:
+    """``math_verify`` mode: Math-Verify's extraction (LaTeX and plain expressions anywhere
+    in the response, the last boxed answer first) compared by `answers_match`'s rules."""
+    if gold is None:
+        return 0.0
+    parsed, text = math_verify_extract(response)
+    if not parsed or text is None or _too_big(text):
+        return 0.0
+    # Math-Verify's parse of the response in context (it reads `1000,99` as a decimal) and
+    # ours of the answer text alone (with `_latex_for_math_verify`'s rewrites): either counts.
+    return 1.0 if _match(text, lambda: parsed + parse_answer(text), gold) else 0.0
+
+
+REWARD_MODES = {"boxed": math_reward, "math_verify": math_verify_reward}
+
+
+def reward_fn_for_mode(mode: str):
+    """The reward function of a config's ``rewards.mode``."""
+    if mode not in REWARD_MODES:
+        raise ValueError(f"rewards.mode must be one of {sorted(REWARD_MODES)}, got {mode!r}")
+    return REWARD_MODES[mode]
+
+
+def extract_for_mode(response: str, mode: str = "boxed") -> str | None:
+    """The answer text each mode grades (for logs and eval rows)."""
+    reward_fn_for_mode(mode)
+    if mode == "boxed":
+        return extract_answer(response)
+    return math_verify_extract(response)[1]
+
+
+__all__ = [
+    "answers_match",
+    "extract_for_mode",
+    "math_reward",
+    "math_verify_reward",
+    "reward_fn_for_mode",
+]

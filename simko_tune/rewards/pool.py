@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from simko_tune.rewards.grader import math_reward
+from simko_tune.rewards.grader import reward_fn_for_mode
 
 _STARTUP_TIMEOUT_S = 120.0
 _MAX_CHUNK = 16
@@ -57,6 +57,13 @@ def _worker_main(
     flag) after each one, so the parent can time every check separately."""
     if memory_limit_mb is not None:
         _limit_memory(memory_limit_mb)
+    # One untimed check first: it builds the reward's lazy state (Math-Verify's ANTLR
+    # parser and regexes, about a second), which would otherwise be charged to a fresh
+    # worker's first real check and could time it out.
+    try:
+        reward_fn("\\boxed{0}", "0")
+    except Exception:
+        pass
     conn.send("ready")
     while True:
         try:
@@ -96,16 +103,22 @@ class _Worker:
 class RewardPool:
     """Process pool for reward checks; use as a context manager or call `close()`.
 
-    `reward_fn(response, gold) -> float` must be a picklable top-level function.
+    `mode` picks the math reward (``boxed``: the paper's last-box rule; ``math_verify``:
+    Math-Verify's extraction, see `simko_tune.rewards.grader`); a custom
+    `reward_fn(response, gold) -> float` (a picklable top-level function) replaces it.
     """
 
     def __init__(
         self,
         num_workers: int = 2,
         timeout_s: float = 5.0,
-        reward_fn: Callable[[str, str], float] = math_reward,
+        reward_fn: Callable[[str, str], float] | None = None,
         memory_limit_mb: int | None = 1024,
+        mode: str = "boxed",
     ) -> None:
+        if reward_fn is None:
+            reward_fn = reward_fn_for_mode(mode)
+        self.mode = mode
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if timeout_s <= 0:

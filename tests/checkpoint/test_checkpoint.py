@@ -1,9 +1,10 @@
 """CheckpointManager: exact resume (one process and FSDP2 on two torchrun ranks), incomplete
-checkpoints never taken, keep-last pruning."""
+checkpoints never taken, corrupt ones skipped on resume, keep-last pruning."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -16,7 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from simko_tune.checkpoint import MARKER, CheckpointManager, resolve_resume
+from simko_tune.checkpoint import (
+    MARKER,
+    CheckpointLoadError,
+    CheckpointManager,
+    resolve_resume,
+)
 from simko_tune.paths import free_port
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
@@ -107,14 +113,22 @@ def test_incomplete_checkpoints_are_never_taken(tmp_path, caplog):
     (unpublished / MARKER).write_text('{"step": 5, "files": []}')
     missing_file = tmp_path / "step_00000006"
     missing_file.mkdir()
-    (missing_file / MARKER).write_text('{"step": 6, "files": ["extra.pt"]}')
+    (missing_file / MARKER).write_text(
+        '{"step": 6, "files": {"extra.pt": {"bytes": 1, "xxh3_64": "0"}}}'
+    )
+    truncated = tmp_path / "step_00000003"
+    truncated.mkdir()
+    (truncated / "extra.pt").write_bytes(b"x")
+    (truncated / MARKER).write_text(
+        '{"step": 3, "files": {"extra.pt": {"bytes": 2, "xxh3_64": "0"}}}'
+    )
     bad_marker = tmp_path / "step_00000007"
     bad_marker.mkdir()
     (bad_marker / MARKER).write_text("{not json")
 
     with caplog.at_level(logging.WARNING, logger="simko_tune.checkpoint"):
         assert manager.latest() == good
-    for path in (no_marker, unpublished, missing_file, bad_marker):
+    for path in (no_marker, unpublished, missing_file, bad_marker, truncated):
         assert str(path) in caplog.text
     assert resolve_resume("auto", tmp_path) == good
     assert resolve_resume(True, tmp_path) == good
@@ -124,6 +138,7 @@ def test_incomplete_checkpoints_are_never_taken(tmp_path, caplog):
         (unpublished, r"\.tmp"),
         (missing_file, "missing"),
         (bad_marker, "unreadable"),
+        (truncated, "truncated"),
     ):
         with pytest.raises(ValueError, match=reason):
             resolve_resume(str(path), tmp_path)
@@ -147,7 +162,7 @@ KILLED_WRITER = textwrap.dedent(
     if sys.argv[3] == "before_marker":
         ckpt._fsync_write = kill
     elif sys.argv[3] == "before_rename":
-        ckpt.os.replace = kill
+        ckpt.replace_dir = kill
     else:  # "loop": save until killed from outside
         step = 2
         while True:
@@ -215,3 +230,63 @@ def test_resolve_resume_off_and_missing(tmp_path):
         resolve_resume(str(tmp_path / "step_00000009"), tmp_path)
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _resume(manager: CheckpointManager, resume="auto"):
+    model, optimizer, scheduler = _tiny_training_objects()
+    return manager.resume(resume, model=model, optimizer=optimizer, lr_scheduler=scheduler)
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
+    """A flipped bit in the newest checkpoint's tensor data (which DCP itself would load
+    silently) is caught by the marker's checksums: resume=auto warns and takes the previous
+    complete checkpoint; named explicitly, the corrupt one is an error."""
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    _save(manager, 1)
+    newest = _save(manager, 2)
+    shard = max((newest / "dcp").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    _flip_a_byte(shard)
+    assert manager.latest() == newest  # sizes still match: the cheap check passes
+    with caplog.at_level(logging.WARNING, logger="simko_tune.checkpoint"):
+        path, extra = _resume(manager)
+    assert path == manager.step_dir(1) and extra == {"step": 1}
+    assert f"skipping checkpoint {newest}" in caplog.text and "corrupt" in caplog.text
+    with pytest.raises(CheckpointLoadError, match="corrupt.*distcp"):
+        _resume(manager, str(newest))
+
+
+def test_resume_never_starts_over_when_every_checkpoint_fails(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2):
+        _flip_a_byte(_save(manager, step) / "extra.pt")
+    with pytest.raises(CheckpointLoadError, match="no complete checkpoint loads"):
+        _resume(manager)
+    assert _resume(CheckpointManager(tmp_path / "fresh")) is None
+    assert _resume(manager, None) is None
+
+
+def test_files_added_before_the_marker_are_inside_the_checkpoint(tmp_path):
+    """``write_more`` (the HF export) runs before the marker: its files are listed with
+    checksums and published by the same rename."""
+    manager = CheckpointManager(tmp_path)
+    model, optimizer, scheduler = _tiny_training_objects()
+
+    def export(folder: Path) -> None:
+        assert folder.name.endswith(".tmp") and not (folder / MARKER).exists()
+        (folder / "hf").mkdir()
+        (folder / "hf" / "config.json").write_text("{}")
+
+    path = manager.save(1, model=model, optimizer=optimizer, extra={}, write_more=export)
+    files = json.loads((path / MARKER).read_text())["files"]
+    assert files["hf/config.json"]["bytes"] == 2
+    assert {"bytes", "xxh3_64"} <= files["extra.pt"].keys()
+    import xxhash
+
+    for name, info in files.items():  # an independent hash of each file's bytes
+        assert xxhash.xxh3_64_hexdigest((path / name).read_bytes()) == info["xxh3_64"], name

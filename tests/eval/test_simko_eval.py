@@ -419,3 +419,21 @@ def test_cli_end_to_end_with_vllm(tiny_model_dir, tmp_path, shared_data):
         assert f"eval/math500/pass@{k}" in scalars
     expected_pass1 = sum(r["reward"] for r in rows) / len(rows)
     assert scalars["eval/math500/pass@1"] == [(0, pytest.approx(expected_pass1))]
+
+
+def test_completions_of_other_weights_are_refused(monkeypatch, tiny_model_dir, tmp_path):
+    """A generator serving other weights than the evaluated model (a worker that loaded a
+    publication) must not get its samples scored as this model's."""
+    from simko_tune import generation
+
+    class DriftedGenerator(generation.NativeGenerator):
+        def generate(self, prompts, n, sampling):
+            completions = super().generate(prompts, n, sampling)
+            completions[-1][0].weight_version = 3
+            return completions
+
+    monkeypatch.setattr(generation, "NativeGenerator", DriftedGenerator)
+    out = tmp_path / "out"
+    with pytest.raises(generation.StaleWeightsError, match="sample 0 has version 3"):
+        run_recipe(tiny_cfg(tiny_model_dir, out, "generation.backend=native"))
+    assert not (out / "samples.jsonl").exists() or read_rows(out / "samples.jsonl") == []

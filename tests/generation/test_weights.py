@@ -1,7 +1,11 @@
-"""Weight publication: layout, atomicity, verification, pruning, sharded (FSDP2) gathering."""
+"""Weight publication: layout, atomicity, verification, pruning, sharded (FSDP2) gathering
+spread over the ranks, and the WeightSync directory's life (ownership, stale versions, free
+space, acknowledgement, pruning)."""
 
 import json
 import os
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -10,11 +14,21 @@ from safetensors.torch import load_file
 
 from simko_tune.generation import (
     PublicationError,
+    WeightSync,
     prune_versions,
     publish_weights,
     verify_publication,
 )
-from simko_tune.generation.weights import published_versions, version_dir
+from simko_tune.generation.weights import (
+    _assign,
+    default_sync_dir,
+    parse_weight_dtype,
+    published_versions,
+    read_manifest,
+    streamed_tensors,
+    verified_tensors,
+    version_dir,
+)
 from simko_tune.models import read_hf_config
 
 
@@ -153,8 +167,9 @@ def _fsdp_rank(rank: int, world: int, init_file: str, model_dir: str, sync: str,
 
 @pytest.mark.slow
 def test_fsdp2_publication_gathers_full_tensors(gen_model_dir, tmp_path):
-    """Two gloo ranks with FSDP2-sharded parameters: rank 0 writes the full tensors, rank 1
-    returns None; the result equals the unsharded model's weights."""
+    """Two gloo ranks with FSDP2-sharded parameters: each rank gathers and writes its own
+    share of the tensors into its own shards, rank 0 the manifest (rank 1 returns None);
+    the result equals the unsharded model's weights."""
     import torch.multiprocessing as mp
 
     from simko_tune.models import model_from_hf_config, tune_to_hf_converter
@@ -177,3 +192,202 @@ def test_fsdp2_publication_gathers_full_tensors(gen_model_dir, tmp_path):
     for k in expected:
         torch.testing.assert_close(published[k], expected[k], rtol=0, atol=0)
     verify_publication(sync, 5)
+    _, files = read_manifest(sync, 5)
+    writers = {f["name"].split("-")[1] for f in files}
+    assert writers == {"r00000", "r00001"}  # both ranks wrote shards
+    per_rank = {w: sum(f["tensor_bytes"] for f in files if w in f["name"]) for w in writers}
+    total = sum(per_rank.values())
+    assert max(per_rank.values()) < 0.75 * total  # and shared the bytes
+
+
+def test_publication_in_the_engine_dtype(gen_model_dir, ref, tmp_path):
+    """bf16 publication (the GPU engines' dtype): each tensor is the fp32 weight rounded
+    to bf16, half the bytes."""
+    hf_config = read_hf_config(gen_model_dir)
+    fp32 = publish_weights(ref.trainer_model(gen_model_dir), 1, tmp_path, hf_config)
+    bf16 = publish_weights(
+        ref.trainer_model(gen_model_dir), 2, tmp_path, hf_config, dtype=torch.bfloat16
+    )
+    original = load_file(str(gen_model_dir / "model.safetensors"))
+    published = _published_state(bf16)
+    for k, v in original.items():
+        assert published[k].dtype == torch.bfloat16
+        assert torch.equal(published[k], v.to(torch.bfloat16)), k
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert size(bf16) < 0.51 * size(fp32)
+    verify_publication(tmp_path, 2)
+
+
+def test_weight_dtype_follows_the_engine():
+    cfg = {"torch_dtype": "bfloat16"}
+    assert parse_weight_dtype(None, {"dtype": "float32"}, cfg) == torch.float32
+    assert parse_weight_dtype(None, {"dtype": "bfloat16"}, {}) == torch.bfloat16
+    assert parse_weight_dtype(None, {}, cfg) == torch.bfloat16  # vLLM's "auto"
+    assert parse_weight_dtype(None, {"dtype": "auto"}, {}) == torch.float32
+    assert parse_weight_dtype("float16", {"dtype": "bfloat16"}, cfg) == torch.float16
+    with pytest.raises(ValueError, match="generation.weight_dtype.*int3"):
+        parse_weight_dtype("int3", {}, cfg)
+
+
+def test_verified_tensors_are_the_published_bytes(gen_model_dir, ref, tmp_path):
+    """The loader's tensors equal safetensors' own reading of the shards, layer by layer."""
+    folder = publish_weights(
+        ref.trainer_model(gen_model_dir),
+        1,
+        tmp_path,
+        read_hf_config(gen_model_dir),
+        max_shard_bytes=20_000,
+    )
+    _, files = read_manifest(tmp_path, 1)
+    expected = _published_state(folder)
+    with verified_tensors(folder, files) as tensors:
+        got = [(name, t.clone()) for name, t in tensors]
+    assert sorted(n for n, _ in got) == sorted(expected)
+    for name, t in got:
+        assert torch.equal(t, expected[name]), name
+    layers = [int(n.split(".")[2]) for n, _ in got if ".layers." in n]
+    assert layers == sorted(layers)  # one layer at a time, whatever the file order
+
+
+def test_verified_tensors_refuse_before_yielding(gen_model_dir, ref, tmp_path):
+    folder = publish_weights(
+        ref.trainer_model(gen_model_dir),
+        1,
+        tmp_path,
+        read_hf_config(gen_model_dir),
+        max_shard_bytes=20_000,
+    )
+    _, files = read_manifest(tmp_path, 1)
+    last = folder / files[-1]["name"]
+    data = bytearray(last.read_bytes())
+    data[-3] ^= 0x01
+    last.write_bytes(bytes(data))
+    with pytest.raises(PublicationError, match="corrupt"), verified_tensors(folder, files):
+        pytest.fail("tensors were offered from a corrupt publication")
+
+
+def test_assign_splits_the_order_into_balanced_runs():
+    sizes = [100, 1, 50, 50, 3, 7, 90, 10]
+    owner = _assign(sizes, 3)
+    assert owner == sorted(owner) and sorted(set(owner)) == [0, 1, 2]  # contiguous runs
+    load = [sum(s for s, o in zip(sizes, owner) if o == w) for w in range(3)]
+    assert max(load) - min(load) <= max(sizes)  # off by at most one tensor
+    assert _assign(sizes, 1) == [0] * len(sizes)
+    assert _assign([5] * 8, 2) == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+class _Consumer:
+    """A generator stand-in: records what it was asked to load and what the sync dir held."""
+
+    def __init__(self, sync_dir: Path, fail_on: tuple[int, ...] = ()) -> None:
+        self.sync_dir, self.fail_on, self.loads = sync_dir, fail_on, []
+
+    def load_weights(self, version: int, timeout_s: float = 300.0) -> None:
+        self.loads.append((version, published_versions(self.sync_dir)))
+        verify_publication(self.sync_dir, version)
+        if version in self.fail_on:
+            raise RuntimeError("worker refused")
+
+
+def test_weight_sync_delivers_then_prunes(gen_model_dir, ref, tmp_path):
+    hf_config = read_hf_config(gen_model_dir)
+    sync = WeightSync(tmp_path / "sync", hf_config)
+    consumer = _Consumer(sync.sync_dir)
+    sync.attach(consumer)
+    model = ref.trainer_model(gen_model_dir)
+    sync.publish(model, 1)
+    sync.publish(model, 2)
+    sync.close()  # joins the pruner
+    # each version was complete when delivered, and the previous one still there (not
+    # pruned before every worker acknowledged the new one)
+    assert consumer.loads == [(1, [1]), (2, [1, 2])]
+    assert published_versions(sync.sync_dir) == [2] and sync.acknowledged == 2
+
+    failing = WeightSync(tmp_path / "sync", hf_config)
+    failing.attach(_Consumer(failing.sync_dir, fail_on=(2,)))
+    failing.publish(model, 1)  # a fresh start: no consumer acked yet, nothing to prune
+    with pytest.raises(RuntimeError, match="refused"):
+        failing.publish(model, 2)
+    failing.close()
+    assert published_versions(failing.sync_dir) == [1, 2]  # unacked: nothing pruned
+
+
+def test_weight_sync_clears_stale_versions_and_keeps_the_rest(gen_model_dir, tmp_path):
+    root = tmp_path / "sync"
+    for name in ["v000001", "v000002.tmp", "worker_logs"]:
+        (root / name).mkdir(parents=True)
+    sync = WeightSync(root, read_hf_config(gen_model_dir), remove_on_close=True)
+    assert sorted(p.name for p in root.iterdir()) == ["worker_logs"]
+    sync.close()
+    assert root.is_dir()  # not empty: only our publications go
+
+
+def test_weight_sync_refuses_directories_it_does_not_own(gen_model_dir, tmp_path):
+    hf_config = read_hf_config(gen_model_dir)
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(PublicationError, match="symlink"):
+        WeightSync(tmp_path / "link", hf_config)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(PublicationError, match="other users"):
+        WeightSync(open_dir, hf_config)
+    if os.getuid() == 0:  # only root can give a directory away
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 12345, -1)
+        with pytest.raises(PublicationError, match="owned by uid 12345"):
+            WeightSync(theirs, hf_config)
+
+
+def test_default_sync_dir_is_private(tmp_path):
+    path = default_sync_dir("run_x")
+    parent = path.parent
+    st = os.lstat(parent)
+    assert parent.name == f"simko_tune-{os.getuid()}" and st.st_uid == os.getuid()
+    assert stat.S_IMODE(st.st_mode) == 0o700
+
+
+def test_free_space_is_checked_before_writing(gen_model_dir, ref, tmp_path, monkeypatch):
+    import simko_tune.generation.weights as weights
+
+    sync = WeightSync(tmp_path / "sync", read_hf_config(gen_model_dir))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    with pytest.raises(PublicationError, match=r"GiB free, publishing version 1 needs"):
+        sync.publish(ref.trainer_model(gen_model_dir), 1)
+    assert not any((tmp_path / "sync").iterdir())  # nothing half-written
+
+
+def test_streamed_tensors_hash_what_they_hand_out(gen_model_dir, ref, tmp_path):
+    """Streaming: the same tensors as safetensors reads, in the model's order; a damaged
+    file is reported at its end (its tensors were handed out: the caller rolls back)."""
+    folder = publish_weights(
+        ref.trainer_model(gen_model_dir),
+        1,
+        tmp_path,
+        read_hf_config(gen_model_dir),
+        max_shard_bytes=20_000,
+    )
+    _, files = read_manifest(tmp_path, 1)
+    expected = _published_state(folder)
+    errors: list[str] = []
+    with streamed_tensors(folder, files, errors) as tensors:
+        got = [(name, t.clone()) for name, t in tensors]
+    assert errors == [] and sorted(n for n, _ in got) == sorted(expected)
+    for name, t in got:
+        assert torch.equal(t, expected[name]), name
+    layers = [int(n.split(".")[2]) for n, _ in got if ".layers." in n]
+    assert layers == sorted(layers)
+
+    last = folder / files[-1]["name"]
+    data = bytearray(last.read_bytes())
+    data[-3] ^= 0x01
+    last.write_bytes(bytes(data))
+    with streamed_tensors(folder, files, errors) as tensors:
+        names = [name for name, _ in tensors]
+    first_files = {n for f in files[:-1] for n in f["tensors"]}
+    assert set(names) == first_files | set(files[-1]["tensors"])  # handed out, then refused
+    assert len(errors) == 1 and "corrupt" in errors[0] and last.name in errors[0]

@@ -94,7 +94,9 @@ def test_killed_worker_is_restarted_and_request_retried(pool, gen_model_dir, ref
 def test_hung_remote_worker_times_out(pool):
     """A worker that stops answering (SIGSTOP) is reported after the timeout, not waited on."""
     info = pool.ping()[1]
-    remote = VLLMWorkers.connect([pool.addresses[1]], pool.sync_dir, request_timeout_s=3)
+    remote = VLLMWorkers.connect(
+        [pool.addresses[1]], pool.sync_dir, expected_version=1, request_timeout_s=3
+    )
     assert remote.weight_version == 1
     os.kill(info["pid"], signal.SIGSTOP)
     try:

@@ -1,18 +1,24 @@
 """The vLLM worker against the trainer's own computations, on one shared real engine."""
 
 import shutil
-import time
 
 import pytest
 import torch
+import zmq
 
 from simko_tune.generation import (
     GenerationError,
     NativeGenerator,
     SamplingConfig,
     StaleWeightsError,
+    WeightSync,
     check_versions,
     publish_weights,
+)
+from simko_tune.generation.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    decode_reply,
+    model_fingerprint,
 )
 from simko_tune.generation.weights import published_versions, version_dir
 from simko_tune.models import read_hf_config
@@ -31,6 +37,37 @@ def test_health_check(vllm_worker, gen_model_dir):
     (info,) = vllm_worker.ping()
     assert info["ok"] and info["model"] == str(gen_model_dir) and info["pid"] > 0
     assert info["max_model_len"] == vllm_worker.max_model_len == 256
+    assert info["model_fingerprint"] == model_fingerprint(gen_model_dir)
+    assert info["max_message_bytes"] == DEFAULT_MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"\xff\x00 garbage"],
+        [b'{"op": "load", "version": 0}', b"a second frame"],
+        [b'{"op": "load", "version": "0; rm -rf /"}'],
+        [b'{"op": "generate", "prompts": [[1]], "seeds": [[1]], "sampling": {"max_tokens": -1}}'],
+        [b'{"op": "generate", "prompts": [[999999]], "seeds": [[1]], "sampling": {}}'],
+    ],
+)
+def test_malformed_requests_do_not_stop_a_real_worker(vllm_worker, frames):
+    """Each gets an error reply; the engine keeps its weights and serves the same greedy
+    tokens afterwards."""
+    version = vllm_worker.weight_version
+    before = _tokens(vllm_worker.generate(PROMPTS, 1, GREEDY))
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(vllm_worker.addresses[0])
+    try:
+        sock.send_multipart(frames)
+        assert sock.poll(120_000), "no reply"
+        reply = decode_reply(sock.recv_multipart())
+    finally:
+        sock.close()
+    assert reply["ok"] is False and reply["error"] and not reply.get("fatal")
+    assert vllm_worker.ping()[0]["version"] == version
+    assert _tokens(vllm_worker.generate(PROMPTS, 1, GREEDY)) == before
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
@@ -51,15 +88,17 @@ def test_logprobs_match_trainer_recomputation(vllm_worker, gen_model_dir, ref, t
 
 def test_published_weights_are_served(vllm_worker, gen_model_dir, sync_dir, versions, ref):
     """Publish → load → greedy changes and equals the trainer's own greedy decode (and the
-    native generator's); a second publication moves the version on and prunes the first."""
+    native generator's); a second publication through WeightSync moves the version on and,
+    once the worker acknowledged it, prunes the first."""
     vllm_worker.load_weights(0)
     before = _tokens(vllm_worker.generate(PROMPTS, 1, GREEDY))
     hf_config = read_hf_config(gen_model_dir)
     stop = set(NativeGenerator(gen_model_dir).eos_ids)
+    sync = WeightSync(sync_dir, hf_config)
 
     v1 = next(versions)
     model = ref.perturbed_model(gen_model_dir, seed=1)
-    publish_weights(model, v1, sync_dir, hf_config)
+    sync.publish(model, v1)  # no generator attached yet: published only
     vllm_worker.load_weights(v1)
     assert vllm_worker.weight_version == v1
     out = vllm_worker.generate(PROMPTS, 1, GREEDY)
@@ -72,16 +111,15 @@ def test_published_weights_are_served(vllm_worker, gen_model_dir, sync_dir, vers
 
     v2 = next(versions)
     model2 = ref.perturbed_model(gen_model_dir, seed=2)
-    publish_weights(model2, v2, sync_dir, hf_config)
-    vllm_worker.load_weights(v2)
+    sync.attach(vllm_worker)
+    sync.publish(model2, v2)  # delivered: returns once the worker acknowledged v2
+    assert vllm_worker.weight_version == v2
     out2 = vllm_worker.generate(PROMPTS, 1, GREEDY)
     check_versions(out2, v2)
     with pytest.raises(StaleWeightsError):
         check_versions(out, v2)
     assert _tokens(out2) == [[ref.naive_greedy(model2, p, 12, stop)] for p in PROMPTS]
-    deadline = time.monotonic() + 30  # older versions are pruned in the background
-    while v1 in published_versions(sync_dir) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    sync.close()  # joins the background pruning
     assert v1 not in published_versions(sync_dir) and v2 in published_versions(sync_dir)
 
 

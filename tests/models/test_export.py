@@ -1,15 +1,19 @@
-"""HF export from a publication, and the atomic directory swap behind every HF write."""
+"""HF export from the model, and the atomic directory and file writes behind every writer."""
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from simko_tune.export import export_hf_dir
-from simko_tune.paths import atomic_dir
+import simko_tune.paths as paths
+from simko_tune.export import export_hf
+from simko_tune.models import load_hf_model, read_hf_config
+from simko_tune.paths import atomic_dir, atomic_write, replace_dir
 
 
 def test_atomic_dir_keeps_old_content_on_error(tmp_path):
@@ -25,34 +29,102 @@ def test_atomic_dir_keeps_old_content_on_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no temp folder left behind
 
 
-def test_export_indexes_every_shard(tmp_path, tiny_model_dir):
-    pub = tmp_path / "v000003"
-    pub.mkdir()
-    tensors = load_file(tiny_model_dir / "model.safetensors")
-    names = sorted(tensors)
-    half = len(names) // 2
-    save_file({k: tensors[k] for k in names[:half]}, pub / "model-00001.safetensors")
-    save_file({k: tensors[k] for k in names[half:]}, pub / "model-00002.safetensors")
-    (pub / "manifest.json").write_text("{}")
-    out = export_hf_dir(pub, tiny_model_dir, tmp_path / "hf")
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replacing_a_directory_never_shows_nothing(tmp_path, monkeypatch, exchange):
+    """A reader polling the target while it is replaced 200 times always finds a complete
+    directory (rmtree-then-rename would show it missing). Where the exchange is
+    unsupported, the rename-aside fallback may show it missing for one rename's gap, but
+    never partial, and leaves no trash behind."""
+    if not exchange:
+        monkeypatch.setattr(paths, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    with atomic_dir(out, fsync=False) as tmp:
+        (tmp / "v").write_text("0")
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append((out / "v").read_text())
+            except FileNotFoundError:
+                seen.append("missing")
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(1, 201):
+            with atomic_dir(out, fsync=False) as tmp:
+                (tmp / "v").write_text(str(i))
+    finally:
+        stop.set()
+        t.join()
+    assert (out / "v").read_text() == "200"
+    allowed = (lambda v: v.isdigit()) if exchange else (lambda v: v.isdigit() or v == "missing")
+    assert seen and all(allowed(v) for v in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no trash, no temp
+
+
+def test_replace_dir_swaps_atomically_where_supported(tmp_path):
+    """On this machine (Linux, tmpfs/ext4) the exchange is available: after replace_dir the
+    old content is gone and the new one is in place, under the same inode as the source."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    (old / "x").write_text("old")
+    new.mkdir()
+    (new / "x").write_text("new")
+    inode = new.stat().st_ino
+    assert paths._exchange(new, old)  # swapped...
+    assert (old / "x").read_text() == "new" and (new / "x").read_text() == "old"
+    assert old.stat().st_ino == inode
+    replace_dir(new, old)  # ...and back, through the public helper
+    assert (old / "x").read_text() == "old" and not new.exists()
+
+
+def test_atomic_write_replaces_files_whole(tmp_path):
+    path = tmp_path / "f.json"
+    atomic_write(path, "one")
+    atomic_write(path, b"two")
+    assert path.read_text() == "two"
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_export_from_the_model_indexes_every_shard(tmp_path, tiny_model_dir, dtype):
+    """The export is the model's weights (in the requested dtype), split over several
+    shards with a complete index, plus the base model's config and tokenizer; transformers
+    loads it."""
+    model = load_hf_model(tiny_model_dir)
+    out = export_hf(
+        model,
+        tmp_path / "hf",
+        read_hf_config(tiny_model_dir),
+        tiny_model_dir,
+        dtype=dtype,
+        max_shard_bytes=20_000,
+    )
+    original = load_file(tiny_model_dir / "model.safetensors")
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert sorted(index["weight_map"]) == names
-    assert {index["weight_map"][k] for k in names[:half]} == {"model-00001.safetensors"}
+    assert sorted(index["weight_map"]) == sorted(original)
+    exported = {}
+    for shard in shards:
+        part = load_file(shard)
+        assert {index["weight_map"][k] for k in part} == {shard.name}
+        exported.update(part)
+    for k, v in original.items():
+        assert torch.equal(exported[k], v if dtype is None else v.to(dtype)), k
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
-    assert not (out / "manifest.json").exists()
 
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    for name, value in model.state_dict().items():
-        if name in tensors:
-            assert torch.equal(value, tensors[name])
-
-
-def test_export_without_shards_is_an_error(tmp_path, tiny_model_dir):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no safetensors"):
-        export_hf_dir(tmp_path / "empty", tiny_model_dir, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for name, value in hf.state_dict().items():
+        if name in original:
+            want = original[name] if dtype is None else original[name].to(dtype).float()
+            assert torch.equal(value, want), name
 
 
 def test_export_keeps_llama3_tiktoken_file(tmp_path):
@@ -64,6 +136,12 @@ def test_export_keeps_llama3_tiktoken_file(tmp_path):
     base.mkdir()
     (base / "tok.model").write_bytes(b"tiktoken ranks")
     model_dir = build_tiny_llama3(tmp_path / "llama", base / "tok.model", vocab_size=256)
-    out = export_hf_dir(model_dir, model_dir, tmp_path / "hf")
+    model = load_hf_model(model_dir)
+    out = export_hf(model, tmp_path / "hf", read_hf_config(model_dir), model_dir)
     assert (out / "original" / "tokenizer.model").read_bytes() == b"tiktoken ranks"
     assert (out / "config.json").read_text() == (model_dir / "config.json").read_text()
+    original = load_file(model_dir / "model.safetensors")
+    exported = load_file(next(out.glob("*.safetensors")))
+    assert exported.keys() == original.keys()
+    for k in original:  # the Llama q/k permutation round-trips exactly
+        assert torch.equal(exported[k], original[k]), k

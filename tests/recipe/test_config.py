@@ -153,3 +153,16 @@ def test_tune_run_dry_run_from_any_directory(tmp_path):
         timeout=300,
     )
     assert bad.returncode != 0 and "rollout.bogus" in bad.stderr
+
+
+def test_generation_devices_overlapping_the_trainers_are_refused(monkeypatch):
+    """qwen2_5_7b: the trainer on GPUs 0-3 (CUDA_VISIBLE_DEVICES), workers on 4-7."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    errors, _ = validate(_load("qwen2_5_7b"))
+    assert not errors, errors
+    errors, _ = validate(_load("qwen2_5_7b", **{"generation.devices": ["4", "5", "3", "7"]}))
+    assert any(
+        "generation.devices[2]='3' uses GPU 3, which the trainer's ranks use" in e for e in errors
+    ), errors

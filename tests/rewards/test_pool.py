@@ -44,7 +44,7 @@ def _delta(pool: RewardPool, before) -> dict:
 NORMAL = [
     ("so \\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", 1.0),
     ("so \\boxed{2}", "\\frac{1}{2}", 0.0),
-    ("The final answer is $204$.", "204", 1.0),
+    ("The final answer is $204$.", "204", 0.0),  # boxed mode: no box, no reward
     ("\\boxed{(2,1)}", "(1,2)", 0.0),
     ("\\boxed{1, -2}", "-2,1", 1.0),
     ("nothing", "3", 0.0),
@@ -147,42 +147,64 @@ def test_sympy_hang_is_killed_at_the_limit(pool):
 
 HOSTILE = [
     "__import__('os').system('touch X')",
+    "eval(\"__import__('os').system('touch X')\")",
     "9**9**9**9",
+    "9^9^9^9",
     "10^{10^{10^{10}}}",
     "\\frac{1}{0}",
     "{" * 100 + "1" + "}" * 100,
+    "(" * 5000 + "1" + ")" * 5000,
     "1" * (1 << 20),
     "2^{2^{2^{2^{2^{2}}}}}",
     "(10^{6})!",
     "\\sum_{k=1}^{10^{9}} k",
     "\\int_0^1 x dx",
 ]
+# Free-form responses for the math_verify mode, whose plain-expression extractor hands
+# regex-limited text to sympy's parse_expr.
+HOSTILE_RESPONSES = [f"The answer is {h}" for h in HOSTILE] + [
+    f"The answer is ${h}$" for h in HOSTILE if len(h) < 1000
+]
 
 
 @pytest.mark.parametrize("pred", HOSTILE, ids=[repr(h)[:30] for h in HOSTILE])
 def test_hostile_prediction_in_process(pred, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert answers_match(pred, "1") is False
+    assert answers_match(pred, "7") is False
+    assert answers_match(pred, "2.5") is False  # a decimal gold evaluates the prediction
     assert not (tmp_path / "X").exists()
 
 
-def test_hostile_inputs_in_pool(tmp_path, monkeypatch):
-    """Raw and boxed hostile answers score 0 well within the limit, run nothing, and leave
-    the pool healthy."""
+@pytest.mark.parametrize("mode", ["boxed", "math_verify"])
+def test_hostile_inputs_in_pool(mode, tmp_path, monkeypatch):
+    """Raw, boxed and free-form hostile answers score 0 within the limit, run nothing, and
+    leave the pool healthy."""
     monkeypatch.chdir(tmp_path)  # workers inherit the cwd: `touch X` would land here
     with (
-        RewardPool(num_workers=2, timeout_s=5.0) as boxed_pool,
+        RewardPool(num_workers=2, timeout_s=5.0, mode=mode) as pool,
         RewardPool(
             num_workers=1, timeout_s=5.0, reward_fn=reward_scripts.prediction_reward
         ) as raw_pool,
     ):
-        responses = [f"The result is $\\boxed{{{h}}}$." for h in HOSTILE]
-        assert boxed_pool.score(responses, ["1"] * len(HOSTILE)) == [0.0] * len(HOSTILE)
-        assert raw_pool.score(HOSTILE, ["1"] * len(HOSTILE)) == [0.0] * len(HOSTILE)
-        for p in (boxed_pool, raw_pool):
-            assert p.stats.timeouts == 0 and p.stats.crashes == 0 and p.stats.errors == 0
-        _check_normal(boxed_pool)
+        responses = [f"The result is $\\boxed{{{h}}}$." for h in HOSTILE] + HOSTILE_RESPONSES
+        start = time.monotonic()
+        assert pool.score(responses, ["7"] * len(responses)) == [0.0] * len(responses)
+        # each check ends by itself or at the limit: never later than the limit (+ slack)
+        assert time.monotonic() - start < len(responses) * (5.0 + 2.0) / 2
+        assert raw_pool.score(HOSTILE, ["7"] * len(HOSTILE)) == [0.0] * len(HOSTILE)
+        for p in (pool, raw_pool):
+            assert p.stats.crashes == 0 and p.stats.errors == 0
+        if mode == "boxed":  # our size guards refuse them before any parsing
+            assert pool.stats.timeouts == 0
+        assert pool.score(["So $\\boxed{4}$.", "\\boxed{5}"], ["4", "4"]) == [1.0, 0.0]
     assert not (tmp_path / "X").exists()
+
+
+def test_math_verify_mode_in_pool():
+    with RewardPool(num_workers=1, timeout_s=5.0, mode="math_verify") as pool:
+        assert pool.mode == "math_verify"
+        responses = ["The final answer is $204$.", "Answer \\[ 9 \\]", "so 1,000.99€", "nothing"]
+        assert pool.score(responses, ["204", "9", "1000.99", "3"]) == [1.0, 1.0, 1.0, 0.0]
 
 
 def test_close_leaves_no_processes():
