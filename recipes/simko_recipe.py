@@ -296,7 +296,9 @@ class SimKORecipe:
                     self._sample, self.batches.peek_batch(), self.step + 1, self.weight_version
                 )
             with _timed(timings, "old_logprobs"):
-                old_logprobs, ref_logprobs = self._old_logprobs(rollout)
+                old_logprobs, ref_logprobs = self._old_logprobs(
+                    rollout, policy=self._needs_old_logprobs()
+                )
             is_weights, is_stats = None, {}
             if cfg.rollout.max_staleness:
                 is_weights, is_stats = truncated_importance_weights(
@@ -422,14 +424,17 @@ class SimKORecipe:
         return not (one_step and cfg.rollout.max_staleness == 0)
 
     @torch.no_grad()
-    def _old_logprobs(self, rollout: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs of the sampled tokens under the policy before this step's update, and
-        under the reference policy when the KL penalty needs them (None otherwise)."""
+    def _old_logprobs(
+        self, rollout: RolloutBatch, policy: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs of the sampled tokens under the policy before this step's update
+        (``policy=False``: none, see :meth:`_needs_old_logprobs`), and under the reference
+        policy when the KL penalty needs them (None otherwise)."""
         from_workers = self.cfg.rollout.old_logprobs == "workers"
         # without a separate pass: the workers' log-probs, or None (the loss's own, detached)
         default_old = rollout.worker_logprobs if from_workers else None
         models = {"ref": self.ref_model} if self.ref_model is not None else {}
-        if not from_workers and self._needs_old_logprobs():
+        if not from_workers and policy:
             models["old"] = self.model
         if not models:
             return default_old, None

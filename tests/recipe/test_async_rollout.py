@@ -105,7 +105,7 @@ def test_staleness_zero_is_the_synchronous_loop(tmp_path, policy_dir):
         for _ in range(2):
             rollout, _ = ref._rollout(ref.batches.next_batch(), {})
             assert bool((rollout.weight_versions == ref.weight_version).all())
-            ref._update(rollout, ref._old_logprobs(rollout))
+            ref._update(rollout, *ref._old_logprobs(rollout))
             ref._publish(ref.weight_version + 1)
             ref.step += 1
             ref_rollouts.append(rollout)
@@ -148,7 +148,7 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(tmp_path, policy_dir)
             return step(*args, **kwargs)
 
         recipe.optimizer.step = capture
-        with_pass = recipe._update(rollout, recipe._old_logprobs(rollout))
+        with_pass = recipe._update(rollout, *recipe._old_logprobs(rollout))
         recipe.model.load_state_dict(start_model)
         recipe.optimizer.load_state_dict(start_optim)
         without_pass = recipe._update(rollout, None)
