@@ -9,7 +9,11 @@ One step of the loop (``SimKORecipe.train``):
   2. sample ``samples_per_prompt`` completions each from the generation workers (rank 0),
      every completion tagged with the weight version that produced it,
   3. score them in the verifier process pool, group advantages (GRPO/SimKO/... rules),
-  4. old log-probs from the policy before the update (or the workers'; mismatch logged),
+     With ``rollout.max_staleness=1`` steps 2-3 for the NEXT step's prompts run in a
+     background thread on rank 0 with the current weights while 4-5 run (one-step-off),
+  4. old (proximal) log-probs from the policy before the update (or the workers'; mismatch
+     logged), skipped when the rollout is on-policy and feeds one optimizer step (then they
+     are the current ones, detached); off-policy rows get truncated importance weights,
   5. PPO updates over mini-batches: micro-batches on every data-parallel rank, the loss
      normalised by the mini-batch's global token (or sequence) count, gradients summed,
      clipped, a NaN/inf guard, AdamW + lr schedule,
@@ -26,6 +30,8 @@ import resource
 import sys
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -44,6 +50,7 @@ from simko_tune.export import export_hf
 from simko_tune.generation import (
     NativeGenerator,
     SamplingConfig,
+    StaleWeightsError,
     VLLMWorkers,
     WeightSync,
     check_versions,
@@ -81,7 +88,17 @@ from simko_tune.parallel import (
 )
 from simko_tune.plan import dry_run, validate
 from simko_tune.rewards import RewardPool
-from simko_tune.rollout import RolloutBatch, build_rollout_batch
+from simko_tune.rollout import RolloutBatch, build_rollout_batch, truncated_importance_weights
+
+
+@dataclass
+class SampledRollout:
+    """Rank 0's scored rollout for one step, before it is shared with the other ranks."""
+
+    indices: list[int]
+    batch: RolloutBatch
+    texts: list[str]
+    timings: dict[str, float]
 
 
 class SimKORecipe:
@@ -96,6 +113,7 @@ class SimKORecipe:
         self.weight_version = 0  # 0 = the checkpoint in model_dir, as the workers load it
         self.generator = None
         self.ref_model = None  # the KL penalty's frozen reference policy, if any
+        self.prefetcher: ThreadPoolExecutor | None = None  # rank 0, one-step-off rollouts
         self.weight_sync = None
         self.reward_pool = None
         self.metric_logger = None
@@ -280,22 +298,49 @@ class SimKORecipe:
         )
         if cfg.eval.before_training and self.step == 0:
             self.evaluate()
+        # One-step-off: rank 0 samples and scores the next step's rollout in this thread while
+        # the trainer updates. The prefetched prompts are only peeked at, never drawn, until
+        # their step comes: a checkpoint taken meanwhile still counts them as unseen.
+        if self.is_rank_zero and cfg.rollout.max_staleness:
+            self.prefetcher = ThreadPoolExecutor(1, "rollout")
+        next_rollout: Future | None = None
         while self.step < cfg.max_steps:
             timings: dict[str, float] = {}
             t_step = time.perf_counter()
             indices = self.batches.next_batch()
 
-            rollout, texts = self._rollout(indices, timings)  # times "generate" and "score"
+            with _timed(timings, "wait_rollout"):  # the time generation did NOT hide
+                sampled = next_rollout.result() if next_rollout is not None else None
+                rollout, texts = self._rollout(indices, timings, sampled)
+            next_rollout = None
+            if self.prefetcher is not None and self.step + 1 < cfg.max_steps:
+                next_rollout = self.prefetcher.submit(
+                    self._sample, self.batches.peek_batch(), self.step + 1, self.weight_version
+                )
             with _timed(timings, "old_logprobs"):
-                old_logprobs, ref_logprobs = self._old_logprobs(rollout)
+                old_logprobs, ref_logprobs = self._old_logprobs(
+                    rollout, policy=self._needs_old_logprobs()
+                )
+            is_weights, is_stats = None, {}
+            if cfg.rollout.max_staleness:
+                is_weights, is_stats = truncated_importance_weights(
+                    old_logprobs, rollout.worker_logprobs, rollout.mask, cfg.rollout.is_cap
+                )
             with _timed(timings, "update"):
-                stats = self._update(rollout, old_logprobs, ref_logprobs)
+                stats = self._update(rollout, old_logprobs, ref_logprobs, is_weights)
+            if next_rollout is not None:  # the workers reload only once they are idle
+                with _timed(timings, "wait_generate"):
+                    next_rollout.exception()
             with _timed(timings, "publish"):
                 self._publish(self.weight_version + 1)
             self.step += 1
 
             if self.is_rank_zero:
                 stats.update(_rollout_stats(rollout, old_logprobs, cfg.rollout.samples_per_prompt))
+                stats.update(is_stats)
+                staleness = (self.weight_version - 1 - rollout.weight_versions).float()
+                stats["rollout/staleness_mean"] = float(staleness.mean())
+                stats["rollout/staleness_max"] = float(staleness.max())
                 stats.update({f"time/{k}": v for k, v in timings.items()})
                 elapsed = time.perf_counter() - t_step
                 stats["time/step"] = elapsed
@@ -330,50 +375,92 @@ class SimKORecipe:
         progress.close()
 
     def _rollout(
-        self, indices: list[int], timings: dict[str, float]
+        self, indices: list[int], timings: dict[str, float], sampled: SampledRollout | None = None
     ) -> tuple[RolloutBatch, list[str]]:
-        """Generate and score on rank 0, then share the packed batch with every rank."""
-        cfg = self.cfg
+        """This step's rollout: the prefetched one (``sampled``, rank 0) or one sampled now,
+        checked against the allowed weight-version window, then shared with every rank."""
         batch, texts = None, []
         if self.is_rank_zero:
-            g = cfg.rollout.samples_per_prompt
-            prompts = [self.prompt_ids[i] for i in indices]
-            sampling = SamplingConfig(
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                max_tokens=cfg.rollout.max_response_tokens,
-                stop_token_ids=self.stop_ids,
-                seed=cfg.seed * 1_000_003 + self.step,
-            )
-            with _timed(timings, "generate"):
-                completions = self.generator.generate(prompts, n=g, sampling=sampling)
-            check_versions(completions, self.weight_version)
-            flat = [c for group in completions for c in group]
-            texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in flat]
-            golds = [self.problems[i].answer for i in indices for _ in range(g)]
-            with _timed(timings, "score"):
-                rewards = self.reward_pool.score(texts, golds)
-            batch = build_rollout_batch(
-                prompts=[p for p in prompts for _ in range(g)],
-                responses=[c.token_ids for c in flat],
-                worker_logprobs=[c.logprobs for c in flat],
-                rewards=rewards,
-                truncated=[c.finish_reason == "length" for c in flat],
-                pad_id=self.stop_ids[0],
-            )
+            if sampled is None:
+                sampled = self._sample(indices, self.step, self.weight_version)
+            elif sampled.indices != indices:
+                raise RuntimeError(
+                    f"step {self.step}: the prefetched rollout is for prompts "
+                    f"{sampled.indices[:4]}..., the sampler drew {indices[:4]}..."
+                )
+            versions = sampled.batch.weight_versions
+            oldest = self.weight_version - self.cfg.rollout.max_staleness
+            if not bool(((versions >= oldest) & (versions <= self.weight_version)).all()):
+                raise StaleWeightsError(
+                    f"step {self.step}: rollout sampled with weight versions "
+                    f"{sorted(set(versions.tolist()))}, allowed {oldest}..{self.weight_version}"
+                )
+            batch, texts = sampled.batch, sampled.texts
+            timings.update(sampled.timings)
         return broadcast_object(batch), texts
 
+    def _sample(self, indices: list[int], step: int, version: int) -> SampledRollout:
+        """Generate and score on rank 0 for ``step``'s prompts with the workers' current
+        weights ``version``; thread-safe against the training loop (it touches only the
+        generator, the reward pool and the tokenizer, which the loop leaves alone meanwhile).
+        The sampling seed follows the step that trains on the rollout, whoever samples it."""
+        cfg = self.cfg
+        timings: dict[str, float] = {}
+        g = cfg.rollout.samples_per_prompt
+        prompts = [self.prompt_ids[i] for i in indices]
+        sampling = SamplingConfig(
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            max_tokens=cfg.rollout.max_response_tokens,
+            stop_token_ids=self.stop_ids,
+            seed=cfg.seed * 1_000_003 + step,
+        )
+        with _timed(timings, "generate"):
+            completions = self.generator.generate(prompts, n=g, sampling=sampling)
+        check_versions(completions, version)
+        flat = [c for group in completions for c in group]
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in flat]
+        golds = [self.problems[i].answer for i in indices for _ in range(g)]
+        with _timed(timings, "score"):
+            rewards = self.reward_pool.score(texts, golds)
+        batch = build_rollout_batch(
+            prompts=[p for p in prompts for _ in range(g)],
+            responses=[c.token_ids for c in flat],
+            worker_logprobs=[c.logprobs for c in flat],
+            rewards=rewards,
+            truncated=[c.finish_reason == "length" for c in flat],
+            pad_id=self.stop_ids[0],
+            weight_versions=[c.weight_version for c in flat],
+        )
+        return SampledRollout(indices, batch, texts, timings)
+
+    def _needs_old_logprobs(self) -> bool:
+        """A separate old-log-prob pass is wasted when the rollout is on-policy and feeds
+        exactly one optimizer step: the ratio's denominator is then the current policy,
+        detached (the loss takes it from its own forward, as TRL and verl do). Off-policy
+        rollouts need the pass: the proximal log-probs enter the importance weights."""
+        cfg = self.cfg
+        one_step = (
+            cfg.ppo.epochs == 1 and cfg.ppo.mini_batch_prompts >= cfg.rollout.prompts_per_step
+        )
+        return not (one_step and cfg.rollout.max_staleness == 0)
+
     @torch.no_grad()
-    def _old_logprobs(self, rollout: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs of the sampled tokens under the policy before this step's update, and
-        under the reference policy when the KL penalty needs them (None otherwise).
-        Forward only: micro-batches of ``ppo.logprob_max_tokens_per_micro_batch`` tokens."""
+    def _old_logprobs(
+        self, rollout: RolloutBatch, policy: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs of the sampled tokens under the policy before this step's update
+        (``policy=False``: none, see :meth:`_needs_old_logprobs`), and under the reference
+        policy when the KL penalty needs them (None otherwise). Forward only: micro-batches
+        of ``ppo.logprob_max_tokens_per_micro_batch`` tokens."""
         from_workers = self.cfg.rollout.old_logprobs == "workers"
-        if from_workers and self.ref_model is None:
-            return rollout.worker_logprobs, None
+        # without a separate pass: the workers' log-probs, or None (the loss's own, detached)
+        default_old = rollout.worker_logprobs if from_workers else None
         models = {"ref": self.ref_model} if self.ref_model is not None else {}
-        if not from_workers:
+        if not from_workers and policy:
             models["old"] = self.model
+        if not models:
+            return default_old, None
         ppo = self.cfg.ppo
         budget = ppo.logprob_max_tokens_per_micro_batch or ppo.max_tokens_per_micro_batch
         shape = rollout.worker_logprobs.shape
@@ -394,15 +481,18 @@ class SimKORecipe:
                 )
         # every rank computed its own rows; sum to share them (rows are disjoint)
         out = {k: all_reduce_sum(v, group=self.dp_group).cpu() for k, v in out.items()}
-        return out.get("old", rollout.worker_logprobs), out.get("ref")
+        return out.get("old", default_old), out.get("ref")
 
     def _update(
         self,
         rollout: RolloutBatch,
-        old_logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
         ref_logprobs: torch.Tensor | None = None,
+        is_weights: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """PPO epochs over mini-batches; one optimizer step per mini-batch.
+        """PPO updates. ``old_logprobs=None``: the current policy's, detached (one update
+        of an on-policy rollout); ``ref_logprobs``: the KL penalty's reference;
+        ``is_weights``: per-token off-policy correction.
 
         Per mini-batch: micro-batches (token budget) forward + backward, gradients reduced
         over data-parallel ranks on the last one only, clip, a NaN/inf guard, the step.
@@ -415,8 +505,10 @@ class SimKORecipe:
             rollout.rewards, g, self.loss_cfg.mode, self.loss_cfg.positive_weight
         )
         rollout, kept = self._kept_rows(rollout)
-        old_logprobs, advantages = old_logprobs[kept], advantages[kept]
-        ref_logprobs = None if ref_logprobs is None else ref_logprobs[kept]
+        advantages = advantages[kept]
+        old_logprobs, ref_logprobs, is_weights = (
+            None if t is None else t[kept] for t in (old_logprobs, ref_logprobs, is_weights)
+        )
         correct = rollout.rewards >= 1.0
         rows_per_update = cfg.ppo.mini_batch_prompts * g
         sums: dict[str, torch.Tensor] = {}  # token-weighted metric sums of this rank's rows
@@ -439,15 +531,14 @@ class SimKORecipe:
                         hidden,
                         full_output_weight(self.model),
                         mb.targets.to(self.device),
-                        old_logprobs[rows, :width].to(self.device),
+                        _rows(old_logprobs, rows, width, self.device),
                         advantages[rows].to(self.device),
                         mb.mask.to(self.device),
                         correct[rows].to(self.device),
                         self.loss_cfg,
-                        ref_logprobs=None
-                        if ref_logprobs is None
-                        else ref_logprobs[rows, :width].to(self.device),
+                        ref_logprobs=_rows(ref_logprobs, rows, width, self.device),
                         normalizer=normalizer,
+                        is_weights=_rows(is_weights, rows, width, self.device),
                     )
                     loss.backward()
                     mini_loss = mini_loss + loss.detach()
@@ -607,6 +698,8 @@ class SimKORecipe:
 
     def close(self) -> None:
         """Release what this rank started (workers, verifier pool, logger); no collectives."""
+        if self.prefetcher is not None:  # before the generator it may still be using closes
+            self.prefetcher.shutdown(wait=True, cancel_futures=True)
         if self.generator is not None:
             self.generator.close()
         if self.weight_sync is not None:
@@ -627,6 +720,10 @@ def _configured(node: DictConfig | None) -> bool:
     """A ``_component_`` section that is present and not switched off (``key=null`` on the
     command line empties its ``_component_``)."""
     return node is not None and node.get("_component_") is not None
+
+
+def _rows(t: torch.Tensor | None, rows: torch.Tensor, width: int, device) -> torch.Tensor | None:
+    return None if t is None else t[rows, :width].to(device)
 
 
 def _model_family(hf_config: dict) -> str:
@@ -651,12 +748,10 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 
 def _rollout_stats(
-    rollout: RolloutBatch, old_logprobs: torch.Tensor, group_size: int
+    rollout: RolloutBatch, old_logprobs: torch.Tensor | None, group_size: int
 ) -> dict[str, float]:
     rewards = rollout.rewards.view(-1, group_size)
-    mask = rollout.mask
-    mismatch = (old_logprobs - rollout.worker_logprobs).abs()[mask]
-    return {
+    stats = {
         "reward/mean": float(rewards.mean()),
         "reward/identical_group_frac": float(
             (rewards.max(1).values == rewards.min(1).values).float().mean()
@@ -664,9 +759,12 @@ def _rollout_stats(
         "response/len_mean": float(rollout.response_lens.float().mean()),
         "response/len_max": float(rollout.response_lens.max()),
         "response/truncated_frac": float(rollout.truncated.float().mean()),
-        "logprob_mismatch/mean_abs": float(mismatch.mean()) if mismatch.numel() else 0.0,
-        "logprob_mismatch/max_abs": float(mismatch.max()) if mismatch.numel() else 0.0,
     }
+    if old_logprobs is not None:  # trainer vs workers (at staleness 1: one update apart)
+        mismatch = (old_logprobs - rollout.worker_logprobs).abs()[rollout.mask]
+        stats["logprob_mismatch/mean_abs"] = float(mismatch.mean()) if mismatch.numel() else 0.0
+        stats["logprob_mismatch/max_abs"] = float(mismatch.max()) if mismatch.numel() else 0.0
+    return stats
 
 
 # ---------------------------------------------------------------------- entry point

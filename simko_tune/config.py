@@ -83,6 +83,11 @@ class RolloutSection:
     # Old log-probs for the PPO ratio: "trainer" recomputes them with the policy before the
     # update (exact), "workers" takes the generator's; the mismatch is logged either way.
     old_logprobs: str = "trainer"
+    # 0: synchronous (generate with the current weights, then update). 1: one-step-off: the
+    # workers sample step t+1's rollout with weights v_t while the trainer updates on step t's,
+    # corrected by truncated importance weights min(exp(proximal - behaviour), is_cap).
+    max_staleness: int = 0
+    is_cap: float = 2.0
 
 
 @dataclass

@@ -363,20 +363,24 @@ def policy_loss(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    old_logprobs: Tensor,
+    old_logprobs: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
     correct: Tensor,
     cfg: LossConfig,
     ref_logprobs: Tensor | None = None,
     normalizer: Tensor | float | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy loss of ``cfg.mode`` from final hidden states, with its diagnostics.
 
     Args:
         hidden: [B, T, D] final hidden states (after the final norm) at response positions.
         weight: [V, D] output projection (a DTensor is gathered with ``full_tensor()``).
-        targets: [B, T] sampled token ids. old_logprobs: [B, T] their rollout log-probs.
+        targets: [B, T] sampled token ids. old_logprobs: [B, T] their log-probs under the
+            policy the PPO ratio is taken against; ``None`` means the current policy,
+            detached (ratio exactly 1: a rollout consumed by one optimizer step needs no
+            separate old-log-prob pass, as in TRL and verl).
         advantages: [B] per-response advantages (see :func:`mode_advantages`).
         mask: [B, T] bool, valid response tokens. correct: [B] bool, reward == 1.
         ref_logprobs: [B, T] reference-policy log-probs, needed when ``cfg.kl_coef > 0``.
@@ -386,6 +390,9 @@ def policy_loss(
             one valid token for the ``seq_mean_*`` aggregations. ``None`` uses the local
             batch's own count. With it, summing the losses (gradients) of N micro-batches on
             R ranks gives exactly the gradient of the one big batch.
+        is_weights: [B, T] per-token importance weights (decoupled PPO's off-policy
+            correction, already truncated by the caller), constants multiplied into each
+            token's loss and hence its gradient; ``None`` means 1.
 
     Aggregation: ``token_mean`` = Σ_tokens ℓ / normalizer; ``seq_mean_token_mean`` =
     Σ_rows mean_tokens(ℓ) / normalizer; ``seq_mean_token_sum_norm`` (Dr. GRPO) =
@@ -411,6 +418,7 @@ def policy_loss(
         ("advantages", advantages, (batch,)),
         ("correct", correct, (batch,)),
         ("ref_logprobs", ref_logprobs, (batch, seq_len)),
+        ("is_weights", is_weights, (batch, seq_len)),
     ):
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
@@ -427,10 +435,11 @@ def policy_loss(
     rows = torch.repeat_interleave(torch.arange(batch, device=hidden.device), counts)
     tokens = {
         "targets": targets.reshape(-1)[valid].long(),
-        "old": old_logprobs.reshape(-1)[valid].float(),
         "adv": advantages.float()[rows],
         "correct": correct.bool()[rows],
     }
+    if old_logprobs is not None:
+        tokens["old"] = old_logprobs.reshape(-1)[valid].float()
     if ref_logprobs is not None:
         tokens["ref"] = ref_logprobs.reshape(-1)[valid].float()
 
@@ -456,6 +465,8 @@ def policy_loss(
         raise ValueError(f"normalizer must be positive, got {normalizer}")
     norm = torch.as_tensor(normalizer, dtype=torch.float32, device=hidden.device)
     tokens["omega"] = per_row[rows] / norm
+    if is_weights is not None:  # a constant per token: scales its loss and gradient alike
+        tokens["omega"] = tokens["omega"] * is_weights.detach().reshape(-1)[valid].float()
 
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.no_grad():
@@ -501,6 +512,8 @@ def _fused_forward(
         z = hc @ weight.t()
         z = z.float() if z.dtype != torch.float32 else z
         lse, logp, entropy, top_logp, top_ids = stats_fn(z, t["targets"], num_ranks)
+        if "old" not in t:  # old = current policy, detached (we are under no_grad)
+            t["old"] = logp
 
         # Entropy gate: above the response's own τ-quantile over its valid tokens.
         lengths = [n for n in counts[row0:row1] if n]

@@ -42,6 +42,10 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
         )
     if r.old_logprobs not in ("trainer", "workers"):
         errors.append(f"rollout.old_logprobs: {r.old_logprobs!r} is not 'trainer' or 'workers'")
+    if r.max_staleness not in (0, 1):
+        errors.append(f"rollout.max_staleness: {r.max_staleness} is not 0 or 1 (one-step-off)")
+    if r.is_cap < 1.0:
+        errors.append(f"rollout.is_cap: {r.is_cap} must be >= 1")
     if g.backend not in ("vllm", "native"):
         errors.append(f"generation.backend: {g.backend!r} is not 'vllm' or 'native'")
     for key, value in (

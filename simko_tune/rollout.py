@@ -25,6 +25,7 @@ class RolloutBatch:
     rewards: torch.Tensor  # [B] float32
     response_lens: torch.Tensor  # [B] long
     truncated: torch.Tensor  # [B] bool: stopped by the length limit
+    weight_versions: torch.Tensor  # [B] long: the weight version that sampled each row
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -45,13 +46,19 @@ def build_rollout_batch(
     rewards: Sequence[float],
     truncated: Sequence[bool],
     pad_id: int,
+    weight_versions: Sequence[int] | None = None,
 ) -> RolloutBatch:
     """Pack ``prompts[i] + responses[i]`` rows (one per completion; the caller repeats each
-    prompt for its samples)."""
+    prompt for its samples). ``weight_versions`` (default: all 0) says which published
+    weights sampled each completion, for the staleness the trainer logs."""
     if not (
         len(prompts) == len(responses) == len(worker_logprobs) == len(rewards) == len(truncated)
     ):
         raise ValueError("prompts, responses, logprobs, rewards and truncated differ in length")
+    if weight_versions is None:
+        weight_versions = [0] * len(prompts)
+    if len(weight_versions) != len(prompts):
+        raise ValueError(f"{len(weight_versions)} weight versions for {len(prompts)} completions")
     width = max(len(p) + len(r) for p, r in zip(prompts, responses)) - 1
     n = len(prompts)
     tokens = torch.full((n, width), pad_id, dtype=torch.long)
@@ -77,4 +84,32 @@ def build_rollout_batch(
         rewards=torch.tensor(rewards, dtype=torch.float32),
         response_lens=torch.tensor([len(r) for r in responses], dtype=torch.long),
         truncated=torch.tensor(truncated, dtype=torch.bool),
+        weight_versions=torch.tensor(weight_versions, dtype=torch.long),
     )
+
+
+def truncated_importance_weights(
+    proximal: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Decoupled PPO's off-policy correction (AReaL; verl's rollout correction): per token
+    ``min(exp(proximal - behaviour), cap)``, where ``behaviour`` are the log-probs of the
+    weights that sampled the token (the workers', a step or more old) and ``proximal`` those
+    of the trainer's weights before this update (the ones the PPO ratio is taken against).
+    Truncation bounds the variance a very unlikely sample would add. Padding gets 0.
+
+    Returns the [B, T] weights and their statistics over valid tokens (mean, max, and the
+    fraction the cap truncated) for the logs.
+    """
+    if cap < 1.0:
+        raise ValueError(f"rollout.is_cap={cap} must be >= 1 (1 would discard the correction)")
+    mask = mask.bool()
+    raw = torch.exp(proximal.float() - behaviour.float())
+    weights = torch.where(mask, raw.clamp(max=cap), torch.zeros_like(raw))
+    valid = weights[mask]
+    if valid.numel() == 0:
+        return weights, {"is_weight/mean": 1.0, "is_weight/max": 1.0, "is_weight/capped_frac": 0.0}
+    return weights, {
+        "is_weight/mean": float(valid.mean()),
+        "is_weight/max": float(valid.max()),
+        "is_weight/capped_frac": float((raw[mask] > cap).float().mean()),
+    }

@@ -57,6 +57,16 @@ class PromptBatches:
         self.offset += len(batch)
         return batch.tolist()
 
+    def peek_batch(self) -> list[int]:
+        """The batch :meth:`next_batch` will return, without moving the position: what a
+        prefetched rollout draws, so that a checkpoint saved meanwhile still counts that
+        batch as unseen (a resumed run neither loses nor repeats it)."""
+        ahead = PromptBatches(
+            self.num_items, self.batch_size, self.seed, self.shuffle, self.drop_last
+        )
+        ahead.load_state_dict(self.state_dict())
+        return ahead.next_batch()
+
     def state_dict(self) -> dict[str, Any]:
         """The position, plus the settings the position is only meaningful with."""
         return {

@@ -93,18 +93,28 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
-def check_versions(completions: Sequence[Sequence[Completion]], expected: int) -> None:
-    """Raise :class:`StaleWeightsError` unless every completion was sampled with ``expected``."""
+def check_versions(
+    completions: Sequence[Sequence[Completion]], expected: int, max_staleness: int = 0
+) -> None:
+    """Raise :class:`StaleWeightsError` unless every completion was sampled with a version in
+    the window ``[expected - max_staleness, expected]`` (0: exactly ``expected``; one-step-off
+    rollouts allow 1). A version outside it is never trained on: too old means the
+    importance correction would be asked to bridge more than it was sized for, newer means
+    the bookkeeping is wrong."""
+    if max_staleness < 0:
+        raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+    oldest = expected - max_staleness
     bad = [
         (i, j, c.weight_version)
         for i, row in enumerate(completions)
         for j, c in enumerate(row)
-        if c.weight_version != expected
+        if not oldest <= c.weight_version <= expected
     ]
     if bad:
         i, j, v = bad[0]
+        window = f"{expected}" if max_staleness == 0 else f"{oldest}..{expected}"
         raise StaleWeightsError(
-            f"{len(bad)} completion(s) were not sampled with weight version {expected}; "
+            f"{len(bad)} completion(s) were not sampled with weight version {window}; "
             f"first: prompt {i} sample {j} has version {v}"
         )
 

@@ -83,3 +83,12 @@ def test_invalid_sizes():
     with pytest.raises(ValueError):
         PromptBatches(3, 0, seed=0)
     assert PromptBatches(3, 4, seed=0, drop_last=False).next_batch() != []
+
+
+def test_peek_shows_the_next_batch_without_consuming_it():
+    s = PromptBatches(10, 4, seed=3)
+    for _ in range(5):  # across epoch boundaries too (10 items, batches of 4, drop_last)
+        state = s.state_dict()
+        peeked = s.peek_batch()
+        assert s.state_dict() == state
+        assert s.next_batch() == peeked

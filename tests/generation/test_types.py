@@ -38,3 +38,18 @@ def test_prompt_length_check_names_prompt_and_lengths():
 def test_sampling_config_rejects_bad_values(kw):
     with pytest.raises(ValueError):
         SamplingConfig(**kw)
+
+
+def test_check_versions_window_for_one_step_off_rollouts():
+    """With ``max_staleness=1`` the previous version is accepted, an older or a newer one is
+    not; the default window stays exact."""
+    check_versions([[_c(3), _c(2)]], expected=3, max_staleness=1)
+    with pytest.raises(StaleWeightsError, match=r"version 2\.\.3.*prompt 0 sample 1 has version 1"):
+        check_versions([[_c(3), _c(1)]], expected=3, max_staleness=1)
+    with pytest.raises(StaleWeightsError, match=r"has version 4"):
+        check_versions([[_c(4)]], expected=3, max_staleness=1)
+    with pytest.raises(StaleWeightsError):
+        check_versions([[_c(2)]], expected=3)
+    check_versions([[_c(1)]], expected=3, max_staleness=2)
+    with pytest.raises(ValueError, match="max_staleness"):
+        check_versions([[_c(3)]], expected=3, max_staleness=-1)

@@ -90,6 +90,8 @@ def test_schema_errors_name_the_key(key, value, message):
         ({"ppo.mini_batch_prompts": 5}, r"rollout\.prompts_per_step=1024 is not a multiple"),
         ({"parallel.tp": 3, "parallel.dp_shard": 1}, "num_attention_heads"),
         ({"generation.backend": "sglang"}, r"generation\.backend"),
+        ({"rollout.max_staleness": 2}, r"rollout\.max_staleness: 2 is not 0 or 1"),
+        ({"rollout.is_cap": 0.5}, r"rollout\.is_cap: 0\.5 must be >= 1"),
     ],
 )
 def test_semantic_errors_name_the_key(overrides, message, monkeypatch):

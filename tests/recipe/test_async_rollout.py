@@ -1,0 +1,301 @@
+"""One-step-off rollouts and the skipped old-log-prob pass, on the real recipe in process
+(native generator, real reward pool, a quickly warm-started Countdown policy so rewards and
+advantages are not all zero)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from simko_tune.config import check_schema, resolve_config_path
+from simko_tune.generation import StaleWeightsError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    from simko_tune.warm_start import WarmStartConfig, build_tiny_policy
+
+    out = tmp_path_factory.mktemp("policy") / "tiny_policy"
+    return build_tiny_policy(
+        out, WarmStartConfig(max_steps=60, target_success=None, sft_problems=300, eval_problems=16)
+    )
+
+
+def make_recipe(out: Path, policy: Path, **overrides):
+    import simko_recipe
+
+    cfg = OmegaConf.load(resolve_config_path("tiny_cpu"))
+    settings = {
+        "output_dir": str(out),
+        "model_dir": str(policy),
+        "prepare_model": None,
+        "generation.backend": "native",
+        "generation.sync_dir": str(out / "sync"),
+        "dataset.n": 32,
+        "rollout.prompts_per_step": 4,
+        "ppo.mini_batch_prompts": 2,
+        "ppo.micro_batch_size": 8,
+        "rollout.samples_per_prompt": 4,
+        "rewards.num_workers": 1,
+        "eval.before_training": False,
+        "eval.every_n_steps": 0,
+        "checkpoint.every_n_steps": 1000,
+        "log.samples_every_n_steps": 0,
+        "max_steps": 2,
+        **overrides,
+    }
+    for key, value in settings.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    recipe = simko_recipe.SimKORecipe(check_schema(cfg))
+    recipe.setup()
+    return recipe
+
+
+def _weights(recipe) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in recipe.model.state_dict().items()}
+
+
+def _spy_updates(recipe) -> list[dict]:
+    """Record every update's rollout, the trainer's weight version and its wall-clock span."""
+    seen, update = [], recipe._update
+
+    def spy(rollout, old, is_weights=None):
+        t0 = time.perf_counter()
+        stats = update(rollout, old, is_weights)
+        seen.append(
+            {
+                "rollout": rollout,
+                "version": recipe.weight_version,
+                "old": old,
+                "is_weights": is_weights,
+                "span": (t0, time.perf_counter()),
+            }
+        )
+        return stats
+
+    recipe._update = spy
+    return seen
+
+
+def _prompts(rollout) -> list[tuple[int, ...]]:
+    """Each row's prompt tokens: the inputs up to and including the position whose target
+    is the first response token."""
+    out = []
+    for i in range(len(rollout)):
+        start = int(rollout.mask[i].nonzero()[0])
+        out.append(tuple(rollout.tokens[i, : start + 1].tolist()))
+    return out
+
+
+def test_staleness_zero_is_the_synchronous_loop(tmp_path, policy_dir):
+    """train() at max_staleness 0 equals the synchronous loop written out plainly here:
+    draw, sample + score with the current weights, old log-probs, update, publish."""
+    ref = make_recipe(tmp_path / "ref", policy_dir)
+    try:
+        initial = _weights(ref)
+        ref_rollouts = []
+        for _ in range(2):
+            rollout, _ = ref._rollout(ref.batches.next_batch(), {})
+            assert bool((rollout.weight_versions == ref.weight_version).all())
+            ref._update(rollout, *ref._old_logprobs(rollout))
+            ref._publish(ref.weight_version + 1)
+            ref.step += 1
+            ref_rollouts.append(rollout)
+        expected = _weights(ref)
+    finally:
+        ref.cleanup()
+
+    run = make_recipe(tmp_path / "run", policy_dir, **{"rollout.max_staleness": 0})
+    try:
+        seen = _spy_updates(run)
+        run.train()
+        got = _weights(run)
+    finally:
+        run.cleanup()
+    assert len(seen) == 2 and all(s["is_weights"] is None for s in seen)
+    assert any(float(r.rewards.std()) > 0 for r in ref_rollouts), "no learning signal"
+    for s, r in zip(seen, ref_rollouts):
+        assert torch.equal(s["rollout"].tokens, r.tokens)
+        assert torch.equal(s["rollout"].rewards, r.rewards)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    assert any(not torch.equal(got[k], initial[k]) for k in got)
+
+
+def test_one_update_per_rollout_skips_the_old_logprob_pass(tmp_path, policy_dir):
+    """Mini-batch = whole batch, one epoch, on-policy: no separate pass, and the loss and the
+    gradients equal those computed with the pass."""
+    recipe = make_recipe(tmp_path / "out", policy_dir, **{"ppo.mini_batch_prompts": 4})
+    try:
+        assert not recipe._needs_old_logprobs()
+        rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
+        rollout.rewards[:] = torch.tensor([1.0, 0.0] * (len(rollout) // 2))  # non-zero advantages
+        start_model = _weights(recipe)
+        start_optim = recipe.optimizer.state_dict()
+        grads: list[dict[str, torch.Tensor]] = []
+        step = recipe.optimizer.step
+
+        def capture(*args, **kwargs):
+            grads.append({n: p.grad.clone() for n, p in recipe.model.named_parameters()})
+            return step(*args, **kwargs)
+
+        recipe.optimizer.step = capture
+        with_pass = recipe._update(rollout, *recipe._old_logprobs(rollout))
+        recipe.model.load_state_dict(start_model)
+        recipe.optimizer.load_state_dict(start_optim)
+        without_pass = recipe._update(rollout, None)
+    finally:
+        recipe.cleanup()
+    assert len(grads) == 2
+    assert with_pass["loss"] == pytest.approx(without_pass["loss"], rel=1e-6, abs=1e-9)
+    assert without_pass["ratio_mean"] == 1.0
+    assert any(g.abs().max() > 0 for g in grads[0].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_train_loop_skips_the_pass_only_when_it_is_wasted(tmp_path, policy_dir):
+    calls = []
+    for name, overrides, expect_pass in (
+        ("one_update", {"ppo.mini_batch_prompts": 4, "max_steps": 1}, False),
+        ("two_updates", {"ppo.mini_batch_prompts": 2, "max_steps": 1}, True),
+        ("two_epochs", {"ppo.mini_batch_prompts": 4, "ppo.epochs": 2, "max_steps": 1}, True),
+        ("off_policy", {"ppo.mini_batch_prompts": 4, "rollout.max_staleness": 1}, True),
+    ):
+        recipe = make_recipe(tmp_path / name, policy_dir, **overrides)
+        try:
+            seen = _spy_updates(recipe)
+            recipe.train()
+        finally:
+            recipe.cleanup()
+        calls.append((name, [s["old"] is not None for s in seen], expect_pass))
+    for name, passes, expect_pass in calls:
+        assert passes and all(p == expect_pass for p in passes), (name, passes)
+
+
+def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
+    recipe = make_recipe(
+        tmp_path / "out", policy_dir, **{"rollout.max_staleness": 1, "max_steps": 3}
+    )
+    try:
+        seen = _spy_updates(recipe)
+        spans, generate = [], recipe.generator.generate
+
+        def timed_generate(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = generate(*args, **kwargs)
+            spans.append((t0, time.perf_counter(), threading.current_thread().name))
+            return out
+
+        recipe.generator.generate = timed_generate
+        proximal_starts, old_logprobs = [], recipe._old_logprobs
+
+        def timed_old_logprobs(rollout):
+            proximal_starts.append(time.perf_counter())
+            return old_logprobs(rollout)
+
+        recipe._old_logprobs = timed_old_logprobs
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    # step 1 samples with the starting weights; steps 2, 3 train on rollouts one version old
+    staleness = [int((s["version"] - s["rollout"].weight_versions).max()) for s in seen]
+    assert staleness == [0, 1, 1]
+    for s, st in zip(seen, staleness):  # every row, not just one
+        assert int((s["version"] - s["rollout"].weight_versions).min()) == st
+    # the importance weights are the truncated proximal/behaviour ratios
+    for s in seen:
+        m = s["rollout"].mask
+        expected = torch.exp(s["old"] - s["rollout"].worker_logprobs).clamp(max=2.0)
+        torch.testing.assert_close(s["is_weights"][m], expected[m])
+    # generation of step t+1 ran in the background thread, overlapping step t's trainer work
+    # (the proximal log-prob pass, then the update)
+    assert len(spans) == 3 and spans[0][2] == "MainThread"
+    for (g0, g1, thread), start, update in zip(spans[1:], proximal_starts, seen[:2]):
+        assert thread != "MainThread"
+        assert g0 < update["span"][1] and g1 > start, "generation did not overlap the trainer"
+
+
+def test_version_window_is_enforced(tmp_path, policy_dir):
+    import simko_recipe
+
+    for staleness in (0, 1):
+        recipe = make_recipe(
+            tmp_path / f"s{staleness}", policy_dir, **{"rollout.max_staleness": staleness}
+        )
+        try:
+            recipe.weight_version = 5  # as after five publications
+            indices = recipe.batches.next_batch()
+            for version in (6, 5, 4, 3):
+                sampled = recipe._sample(indices, recipe.step, recipe.generator.weight_version)
+                sampled.batch.weight_versions[:] = version
+                sampled.batch.weight_versions[0] = 5  # one row in the window is not enough
+                allowed = 5 - staleness <= version <= 5
+                if allowed:
+                    recipe._rollout(indices, {}, sampled)
+                else:
+                    with pytest.raises(StaleWeightsError, match=f"{5 - staleness}..5"):
+                        recipe._rollout(indices, {}, sampled)
+            with pytest.raises(RuntimeError, match="prefetched rollout is for prompts"):
+                recipe._rollout(recipe.batches.peek_batch(), {}, sampled)
+        finally:
+            recipe.cleanup()
+    assert simko_recipe.SampledRollout  # the type the prefetcher hands over
+
+
+def test_kill_and_resume_neither_loses_nor_repeats_a_prompt(tmp_path, policy_dir):
+    """At staleness 1 a checkpoint is taken while the next step's rollout is already
+    sampled. Killed right after it and resumed, the run trains on exactly the prompts an
+    uninterrupted run trains on."""
+    common = {"rollout.max_staleness": 1, "max_steps": 4, "checkpoint.every_n_steps": 2}
+
+    def trained(seen) -> Counter:
+        return Counter(p for s in seen for p in _prompts(s["rollout"]))
+
+    full = make_recipe(tmp_path / "full", policy_dir, **common)
+    try:
+        seen = _spy_updates(full)
+        full.train()
+        expected = trained(seen)
+    finally:
+        full.cleanup()
+
+    out = tmp_path / "killed"
+    first = make_recipe(out, policy_dir, **common)
+    try:
+        seen_first = _spy_updates(first)
+        save = first.save_checkpoint
+        prefetched = []
+
+        def save_then_die():
+            save()
+            prefetched.append(first.batches.peek_batch())
+            raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+        first.save_checkpoint = save_then_die
+        with pytest.raises(KeyboardInterrupt):
+            first.train()
+    finally:
+        first.cleanup()
+    assert first.step == 2 and len(seen_first) == 2
+
+    second = make_recipe(out, policy_dir, **common, resume="auto")
+    try:
+        assert second.step == 2
+        assert second.batches.peek_batch() == prefetched[0]  # the prefetched batch comes again
+        seen_second = _spy_updates(second)
+        second.train()
+    finally:
+        second.cleanup()
+    assert len(seen_second) == 2
+    got = trained(seen_first) + trained(seen_second)
+    assert sum(expected.values()) == 4 * 4 * 4  # steps x prompts x samples
+    assert got == expected

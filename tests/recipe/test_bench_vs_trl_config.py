@@ -1,0 +1,40 @@
+"""tools/bench_vs_trl.py runs the real recipe with overrides: they must stay a valid config
+with the batch the benchmark promises (one optimizer step per rollout, TRL's GRPO loss)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from simko_tune.config import check_schema, resolve_config_path
+from simko_tune.plan import validate
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_vs_trl.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_vs_trl", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_our_overrides_are_a_valid_config_with_the_promised_batch(tmp_path, staleness, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    bench = _bench()
+    cfg = OmegaConf.load(resolve_config_path("tiny_cpu"))
+    overrides = bench.our_overrides(tmp_path / "model", tmp_path / "out", 5, staleness)
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    cfg = check_schema(cfg)
+    errors, _ = validate(cfg)
+    assert not errors, errors
+    assert cfg.rollout.prompts_per_step == cfg.ppo.mini_batch_prompts == 4
+    assert cfg.rollout.samples_per_prompt == 8 and cfg.rollout.max_response_tokens == 32
+    assert cfg.ppo.epochs == 1 and cfg.rollout.max_staleness == staleness
+    assert cfg.loss.mode == "grpo" and cfg.loss.agg == "seq_mean_token_mean"
+    assert cfg.lr_scheduler is None or cfg.lr_scheduler.get("_component_") is None
+    assert cfg.eval.every_n_steps == 0 and not cfg.eval.before_training

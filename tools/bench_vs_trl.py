@@ -1,0 +1,350 @@
+"""Step time side by side: simko-tune's recipe against Hugging Face TRL 1.16's GRPOTrainer.
+
+Both trainers get the same Hugging Face model directory, the same Countdown prompts (the
+``plain`` template; token ids checked equal), the same reward function, and the same batch:
+4 prompts x 8 samples, at most 32 new tokens, temperature 1, top-p 1, GRPO (ratio clip 0.2,
+each response's token mean, then the mean over responses), no KL, fp32, AdamW (lr 1e-3,
+weight decay 0.01, constant), gradient clipping at 1.0, one optimizer step per rollout, and
+2 CPU threads each (``torch.set_num_threads(2)`` for TRL; ``OMP_NUM_THREADS=2`` for our
+trainer, whose one vLLM worker is bound to the same 2 cores).
+
+What one step contains:
+- TRL (``pip install -e .[trl]``): ``model.generate`` of 32 completions (transformers, no
+  vLLM), the reward, one forward + backward over the 32 completions (its old log-probs are
+  the current ones, detached: ``num_iterations=1``; no reference model: ``beta=0``) and one
+  AdamW step. Its defaults that would skew a CPU timing are set explicitly: ``bf16=False``,
+  ``gradient_checkpointing=False``, ``loss_type="grpo"`` (not ``dapo``), a constant lr (not
+  linear decay), ``optim="adamw_torch"``.
+- simko-tune (``tune run simko_recipe --config tiny_cpu`` with the overrides below): generate
+  through a vLLM worker process, score in the verifier process pool, forward + backward +
+  AdamW (the old-log-prob pass is skipped at staleness 0; at staleness 1 it is the proximal
+  pass of the importance weights), publish the weights and wait for the worker to reload.
+  With ``rollout.max_staleness=1`` the next step's generation and scoring run while this one
+  updates. Per-step times are the recipe's ``time/step`` scalars (TensorBoard).
+
+Runs alternate (TRL, ours at staleness 0, ours at staleness 1, then again per round), so
+load on the shared machine hits all alike. Reported: the median step time over the steps
+after the first of each run (pooled over rounds) and the ratios TRL / ours (> 1: ours is
+faster). Models: ``tiny`` is tiny_cpu's warm-started Countdown policy (2 layers, 0.4M
+parameters; built once under ~/.cache/simko_tune); ``0.5b`` is the Qwen2.5-0.5B shape (24
+layers, d 896, 14 heads, 2 KV heads, MLP 4864) with random weights and a 1,000-token
+vocabulary, so its completions run to the 32-token limit.
+
+    python tools/bench_vs_trl.py                 # both models
+    python tools/bench_vs_trl.py --models tiny   # only the tiny one
+
+Prints the figures, then ONE JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = {"prompts": 4, "samples": 8, "max_new_tokens": 32, "lr": 1e-3, "weight_decay": 0.01}
+NUM_PROBLEMS = 64  # the prompt pool both trainers draw from
+THREADS = 2
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def tiny_policy() -> Path:
+    from simko_tune.warm_start import ensure_tiny_policy
+
+    return ensure_tiny_policy(Path.home() / ".cache" / "simko_tune" / "tiny_cpu_policy")
+
+
+def qwen2_5_0_5b_shape(root: Path) -> Path:
+    """Qwen2.5-0.5B's shape, random weights, a 1,000-token byte-level BPE vocabulary trained
+    on the Countdown prompts (Qwen2's pre-tokenizer, like tiny_cpu's)."""
+    from simko_tune.countdown import load_countdown
+    from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
+
+    model = root / "qwen2_5_0_5b_shape"
+    if (model / "config.json").is_file():
+        return model
+    corpus = [f"{p.problem} {p.answer}" for p in load_countdown("train", n=1551, seed=0)]
+    tok = train_tokenizer(corpus, root / "tokenizer_1000", vocab_size=1000)
+    dims = TinyQwen2Dims(
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        embed_dim=896,
+        intermediate_dim=4864,
+        max_seq_len=512,
+    )
+    return build_tiny_qwen2(tok, model, dims, seed=0)
+
+
+def problems():
+    from simko_tune.countdown import load_countdown
+
+    return load_countdown("train", n=NUM_PROBLEMS, seed=0)
+
+
+# ----------------------------------------------------------------------------- TRL side
+
+
+def trl_worker(model_dir: str, steps: int, out: str) -> None:
+    """One TRL run in this (fresh) process; prints ``{"step_s": [...]}`` as its last line."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from simko_tune.countdown import countdown_reward
+    from simko_tune.data import render_prompt
+
+    torch.set_num_threads(THREADS)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    rows = [{"prompt": render_prompt("plain", p.problem), "gold": p.answer} for p in problems()]
+
+    def reward(completions, gold, **_):
+        return [countdown_reward(c, g) for c, g in zip(completions, gold)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.t0, self.step_s = 0.0, []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.step_s.append(time.perf_counter() - self.t0)
+
+    config = GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=BATCH["prompts"] * BATCH["samples"],  # counts completions
+        num_generations=BATCH["samples"],
+        steps_per_generation=1,
+        num_iterations=1,
+        max_completion_length=BATCH["max_new_tokens"],
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        generation_kwargs={"eos_token_id": stop_ids},
+        loss_type="grpo",
+        beta=0.0,
+        epsilon=0.2,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        learning_rate=BATCH["lr"],
+        weight_decay=BATCH["weight_decay"],
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        max_steps=steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    timer = StepTimer()
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    trainer.train()
+    print(json.dumps({"step_s": timer.step_s}))
+
+
+def run_trl(model_dir: Path, steps: int, work: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, __file__, "--trl-worker", str(model_dir), str(steps), str(work)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL run failed:\n{proc.stderr[-4000:]}")
+    return {"step_s": json.loads(proc.stdout.strip().splitlines()[-1])["step_s"]}
+
+
+# ----------------------------------------------------------------------------- our side
+
+
+def our_overrides(model_dir: Path, out: Path, steps: int, staleness: int) -> list[str]:
+    return [
+        f"output_dir={out}",
+        f"model_dir={model_dir}",
+        "prepare_model=null",
+        f"max_steps={steps}",
+        f"dataset.n={NUM_PROBLEMS}",
+        f"rollout.prompts_per_step={BATCH['prompts']}",
+        f"rollout.samples_per_prompt={BATCH['samples']}",
+        f"rollout.max_response_tokens={BATCH['max_new_tokens']}",
+        "rollout.max_prompt_tokens=64",
+        f"rollout.max_staleness={staleness}",
+        f"ppo.mini_batch_prompts={BATCH['prompts']}",
+        f"ppo.micro_batch_size={BATCH['prompts'] * BATCH['samples']}",
+        "loss.mode=grpo",
+        "loss.agg=seq_mean_token_mean",  # TRL's loss_type="grpo"
+        f"optimizer.lr={BATCH['lr']}",
+        f"optimizer.weight_decay={BATCH['weight_decay']}",
+        "lr_scheduler=null",  # constant
+        "eval.every_n_steps=0",
+        "eval.before_training=false",
+        f"checkpoint.every_n_steps={steps + 1}",  # only the final save, after the last step
+        "log.samples_every_n_steps=0",
+        f"generation.sync_dir={out}/sync",
+    ]
+
+
+def run_ours(model_dir: Path, steps: int, staleness: int, work: Path) -> dict:
+    out = work / f"ours_s{staleness}_{time.monotonic_ns()}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONUNBUFFERED": "1"}
+    cmd = ["tune", "run", "simko_recipe", "--config", "tiny_cpu"]
+    cmd += our_overrides(model_dir, out, steps, staleness)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"simko-tune run failed:\n{proc.stderr[-4000:]}")
+    scalars = read_scalars(out / "tb")
+    steps_seen = sorted(scalars["time/step"])
+    phases = ("wait_rollout", "generate", "score", "old_logprobs", "update", "publish")
+    return {
+        "step_s": [scalars["time/step"][s] for s in steps_seen],
+        "phases": {
+            p: [scalars[f"time/{p}"][s] for s in steps_seen if s in scalars.get(f"time/{p}", {})]
+            for p in phases
+        },
+    }
+
+
+def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
+    """TensorBoard v2 tensor summaries back as {tag: {step: value}}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    out: dict[str, dict[int, float]] = {}
+    for run in (p for p in tb_dir.iterdir() if p.is_dir()):
+        acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["tensors"]:
+            for ev in acc.Tensors(tag):
+                value = tensor_util.make_ndarray(ev.tensor_proto)
+                if value.dtype.kind == "f":
+                    out.setdefault(tag, {})[ev.step] = float(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def check_same_prompts(model_dir: Path) -> None:
+    """Both trainers must see the same token ids for every prompt."""
+    from torchtune.models.qwen2_5 import qwen2_5_tokenizer
+    from transformers import AutoTokenizer
+
+    from simko_tune.data import render_prompt, tokenize_prompt
+
+    ours = qwen2_5_tokenizer(
+        str(model_dir / "vocab.json"),
+        str(model_dir / "merges.txt"),
+        special_tokens_path=str(model_dir / "tokenizer.json"),
+    )
+    theirs = AutoTokenizer.from_pretrained(model_dir)
+    for p in problems():
+        a = tokenize_prompt(ours, "plain", p.problem)
+        b = theirs(render_prompt("plain", p.problem), add_special_tokens=False)["input_ids"]
+        if a != b:
+            raise RuntimeError(f"prompt {p.id!r}: simko-tune ids {a} != TRL ids {b}")
+
+
+def median_after_first(runs: list[dict]) -> float:
+    return statistics.median(t for r in runs for t in r["step_s"][1:])
+
+
+def bench_model(name: str, model_dir: Path, steps: int, rounds: int, work: Path) -> dict:
+    check_same_prompts(model_dir)
+    runs: dict[str, list[dict]] = {"trl": [], "ours_s0": [], "ours_s1": []}
+    for r in range(rounds):
+        for key in runs:
+            t0 = time.perf_counter()
+            if key == "trl":
+                runs[key].append(run_trl(model_dir, steps, work / f"trl_{r}"))
+            else:
+                runs[key].append(run_ours(model_dir, steps, int(key[-1]), work))
+            print(
+                f"[{name}] round {r + 1}/{rounds} {key}: steps "
+                + " ".join(f"{t:.3f}" for t in runs[key][-1]["step_s"])
+                + f" s ({time.perf_counter() - t0:.0f} s with start-up)",
+                flush=True,
+            )
+    med = {k: median_after_first(v) for k, v in runs.items()}
+    result = {
+        "trl_step_s": med["trl"],
+        "ours_s0_step_s": med["ours_s0"],
+        "ours_s1_step_s": med["ours_s1"],
+        "speedup_s0_vs_trl": med["trl"] / med["ours_s0"],
+        "speedup_s1_vs_trl": med["trl"] / med["ours_s1"],
+        "steps_per_run": steps,
+        "rounds": rounds,
+    }
+    for key in ("ours_s0", "ours_s1"):
+        result[f"{key}_phases_s"] = {
+            p: statistics.median(v for run in runs[key] for v in run["phases"][p][1:])
+            for p in runs[key][0]["phases"]
+            if any(run["phases"][p][1:] for run in runs[key])
+        }
+    print(
+        f"[{name}] median s/step (steps after the first): TRL {med['trl']:.3f}, "
+        f"simko-tune staleness 0 {med['ours_s0']:.3f} ({result['speedup_s0_vs_trl']:.2f}x TRL), "
+        f"staleness 1 {med['ours_s1']:.3f} ({result['speedup_s1_vs_trl']:.2f}x TRL)"
+    )
+    for key in ("ours_s0", "ours_s1"):
+        phases = ", ".join(f"{p} {v:.3f}" for p, v in result[f"{key}_phases_s"].items())
+        print(f"[{name}]   {key} phases (median s): {phases}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,0.5b", help="comma list of tiny, 0.5b")
+    parser.add_argument("--steps-tiny", type=int, default=12)
+    parser.add_argument("--steps-0-5b", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--tiny-model-dir", default=None, help="another tiny policy (default: tiny_cpu's)"
+    )
+    parser.add_argument("--work-dir", default=None, help="default: a temp dir")
+    parser.add_argument("--trl-worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trl_worker:
+        model_dir, steps, out = args.trl_worker
+        trl_worker(model_dir, int(steps), out)
+        return
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = set(models) - {"tiny", "0.5b"}
+    if unknown:
+        parser.error(f"--models: unknown {sorted(unknown)} (known: tiny, 0.5b)")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_vs_trl_"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work dir {work}; batch {BATCH}; {THREADS} threads per trainer", flush=True)
+    results = {}
+    for name in models:
+        if name == "tiny":
+            model_dir = Path(args.tiny_model_dir) if args.tiny_model_dir else tiny_policy()
+            results[name] = bench_model(name, model_dir, args.steps_tiny, args.rounds, work)
+        else:
+            model_dir = qwen2_5_0_5b_shape(work)
+            results[name] = bench_model(name, model_dir, args.steps_0_5b, args.rounds, work)
+    print(json.dumps({"bench": "vs_trl", "threads": THREADS, **BATCH, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
