@@ -67,9 +67,9 @@ def _spy_updates(recipe) -> list[dict]:
     """Record every update's rollout, the trainer's weight version and its wall-clock span."""
     seen, update = [], recipe._update
 
-    def spy(rollout, old, is_weights=None):
+    def spy(rollout, old, ref=None, is_weights=None):
         t0 = time.perf_counter()
-        stats = update(rollout, old, is_weights)
+        stats = update(rollout, old, ref, is_weights)
         seen.append(
             {
                 "rollout": rollout,
@@ -198,9 +198,9 @@ def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
         recipe.generator.generate = timed_generate
         proximal_starts, old_logprobs = [], recipe._old_logprobs
 
-        def timed_old_logprobs(rollout):
+        def timed_old_logprobs(rollout, **kwargs):
             proximal_starts.append(time.perf_counter())
-            return old_logprobs(rollout)
+            return old_logprobs(rollout, **kwargs)
 
         recipe._old_logprobs = timed_old_logprobs
         recipe.train()
