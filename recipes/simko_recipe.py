@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import resource
 import sys
 import time
-from collections import defaultdict
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -69,12 +68,22 @@ from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.models import read_hf_config
 from simko_tune.parallel import (
     ParallelDims,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
     clip_grad_norm_,
+    dp_coords,
+    dp_group,
     full_output_weight,
     hidden_states,
     init_distributed,
     load_rank0_state_dict,
+    materialize,
+    micro_batches,
     parallelize_model,
+    row_lengths,
+    set_gradient_sync,
     shutdown_distributed,
 )
 from simko_tune.plan import dry_run, validate
@@ -103,6 +112,7 @@ class SimKORecipe:
         self.step = 0
         self.weight_version = 0  # 0 = the checkpoint in model_dir, as the workers load it
         self.generator = None
+        self.ref_model = None  # the KL penalty's frozen reference policy, if any
         self.prefetcher: ThreadPoolExecutor | None = None  # rank 0, one-step-off rollouts
         self.weight_sync = None
         self.reward_pool = None
@@ -112,22 +122,14 @@ class SimKORecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.rank, self.world_size = init_distributed()
-        self.is_rank_zero = self.rank == 0
-        if self.device.type == "cpu":
-            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        training.set_seed(cfg.seed + self.rank)
-        self.mesh = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp).build_mesh(
-            self.device.type
-        )
-        self.dp_rank, self.dp_size = _dp_coords(self.mesh)
+        self._setup_parallel()
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
         if _configured(cfg.prepare_model) and self.is_rank_zero:
             _log(f"prepare_model: {cfg.prepare_model._component_} -> {cfg.model_dir}")
             tt_config.instantiate(cfg.prepare_model)  # builds model_dir once, if missing
-        _barrier()
+        barrier()
         self.hf_config = read_hf_config(cfg.model_dir)
 
         self.model = self._setup_model()
@@ -140,12 +142,7 @@ class SimKORecipe:
             len(self.problems), cfg.rollout.prompts_per_step, seed=cfg.seed, shuffle=True
         )
 
-        self.optimizer = tt_config.instantiate(cfg.optimizer, self.model.parameters())
-        self.lr_scheduler = (
-            tt_config.instantiate(cfg.lr_scheduler, self.optimizer)
-            if _configured(cfg.lr_scheduler)
-            else None
-        )
+        self._setup_optimizer()
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last
         )
@@ -180,7 +177,26 @@ class SimKORecipe:
             # the workers start from model_dir: give them the resumed weights
             self._publish(self.weight_version)
 
+    def _setup_parallel(self) -> None:
+        """Process groups (the main one for collectives, a CPU one for waits), the mesh."""
+        cfg = self.cfg
+        self.rank, self.world_size = init_distributed(
+            timeout_s=cfg.parallel.collective_timeout_s,
+            wait_timeout_s=cfg.parallel.wait_timeout_s,
+        )
+        self.is_rank_zero = self.rank == 0
+        if self.device.type == "cpu":
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        training.set_seed(cfg.seed + self.rank)
+        self.mesh = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp).build_mesh(
+            self.device.type
+        )
+        self.dp_rank, self.dp_size = dp_coords(self.mesh)
+        self.dp_group = dp_group(self.mesh)
+
     def _setup_model(self) -> torch.nn.Module:
+        """Build on the meta device, parallelize, allocate on ``cfg.device``, load the
+        checkpoint (rank 0 reads it, every rank keeps its shard)."""
         cfg = self.cfg
         with training.set_default_dtype(torch.float32), torch.device("meta"):
             model = tt_config.instantiate(cfg.model)
@@ -193,20 +209,26 @@ class SimKORecipe:
             mixed_precision=cfg.parallel.mixed_precision,
             reshard_after_forward=cfg.parallel.reshard_after_forward,
         )
-        model.to_empty(device=self.device)
+        materialize(model, self.device)
         state = {}  # only rank 0 reads the checkpoint: one full copy per node, not per rank
         if self.is_rank_zero:
             state = tt_config.instantiate(cfg.checkpointer).load_checkpoint()[training.MODEL_KEY]
         if self.mesh is None:
             model.load_state_dict(state, strict=True)
         else:
+            barrier()  # the other ranks wait for the read on the CPU group, not in a broadcast
             load_rank0_state_dict(model, state)
         del state
-        with torch.no_grad():  # buffers (RoPE caches) were created on the meta device
-            for module in model.modules():
-                if hasattr(module, "rope_init"):
-                    module.rope_init()
         return model
+
+    def _setup_optimizer(self) -> None:
+        cfg = self.cfg
+        self.optimizer = tt_config.instantiate(cfg.optimizer, self.model.parameters())
+        self.lr_scheduler = (
+            tt_config.instantiate(cfg.lr_scheduler, self.optimizer)
+            if _configured(cfg.lr_scheduler)
+            else None
+        )
 
     def _weight_dtype(self) -> torch.dtype:
         """Publications are written in the generation engine's dtype (bf16 on GPU: half the
@@ -375,7 +397,7 @@ class SimKORecipe:
                 )
             batch, texts = sampled.batch, sampled.texts
             timings.update(sampled.timings)
-        return _broadcast_object(batch), texts
+        return broadcast_object(batch), texts
 
     def _sample(self, indices: list[int], step: int, version: int) -> SampledRollout:
         """Generate and score on rank 0 for ``step``'s prompts with the workers' current
@@ -429,7 +451,8 @@ class SimKORecipe:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Log-probs of the sampled tokens under the policy before this step's update
         (``policy=False``: none, see :meth:`_needs_old_logprobs`), and under the reference
-        policy when the KL penalty needs them (None otherwise)."""
+        policy when the KL penalty needs them (None otherwise). Forward only: micro-batches
+        of ``ppo.logprob_max_tokens_per_micro_batch`` tokens."""
         from_workers = self.cfg.rollout.old_logprobs == "workers"
         # without a separate pass: the workers' log-probs, or None (the loss's own, detached)
         default_old = rollout.worker_logprobs if from_workers else None
@@ -438,25 +461,26 @@ class SimKORecipe:
             models["old"] = self.model
         if not models:
             return default_old, None
-        out = {name: torch.zeros_like(rollout.worker_logprobs) for name in models}
-        for rows in self._my_micro_batches(range(len(rollout))):
+        ppo = self.cfg.ppo
+        budget = ppo.logprob_max_tokens_per_micro_batch or ppo.max_tokens_per_micro_batch
+        shape = rollout.worker_logprobs.shape
+        out = {name: torch.zeros(shape, device=self.device) for name in models}
+        for rows in self._micro_batches(rollout, range(len(rollout)), budget):
             mb = rollout.select(rows)
             for name, model in models.items():
                 hidden = hidden_states(model, mb.tokens.to(self.device))
-                lp = (
-                    token_logprobs(
-                        hidden,
-                        full_output_weight(model),
-                        mb.targets.to(self.device),
-                        temperature=self.loss_cfg.temperature,
-                        chunk_size=self.loss_cfg.chunk_size,
-                    )
-                    .float()
-                    .cpu()
+                lp = token_logprobs(
+                    hidden,
+                    full_output_weight(model),
+                    mb.targets.to(self.device),
+                    temperature=self.loss_cfg.temperature,
+                    chunk_size=self.loss_cfg.chunk_size,
                 )
-                out[name][rows, : lp.shape[1]] = lp * mb.mask
+                out[name][rows.to(self.device), : lp.shape[1]] = lp.float() * mb.mask.to(
+                    self.device
+                )
         # every rank computed its own rows; sum to share them (rows are disjoint)
-        out = {k: _all_reduce_sum(v, self.device, group=self._dp_group()) for k, v in out.items()}
+        out = {k: all_reduce_sum(v, group=self.dp_group).cpu() for k, v in out.items()}
         return out.get("old", default_old), out.get("ref")
 
     def _update(
@@ -468,7 +492,13 @@ class SimKORecipe:
     ) -> dict[str, float]:
         """PPO updates. ``old_logprobs=None``: the current policy's, detached (one update
         of an on-policy rollout); ``ref_logprobs``: the KL penalty's reference;
-        ``is_weights``: per-token off-policy correction."""
+        ``is_weights``: per-token off-policy correction.
+
+        Per mini-batch: micro-batches (token budget) forward + backward, gradients reduced
+        over data-parallel ranks on the last one only, clip, a NaN/inf guard, the step.
+        Metrics stay on the device; the guard's flag is the loop's one host sync per
+        mini-batch (the loss itself still reads each micro-batch's row lengths).
+        """
         cfg = self.cfg
         g = cfg.rollout.samples_per_prompt
         advantages = mode_advantages(
@@ -481,15 +511,19 @@ class SimKORecipe:
         )
         correct = rollout.rewards >= 1.0
         rows_per_update = cfg.ppo.mini_batch_prompts * g
-        sums: dict[str, float] = defaultdict(float)
-        ratio_max = 0.0
+        sums: dict[str, torch.Tensor] = {}  # token-weighted metric sums of this rank's rows
+        loss_sum = grad_norm_sum = ratio_max = torch.zeros((), device=self.device)
         num_updates = skipped = 0
         for _ in range(cfg.ppo.epochs):
             for start in range(0, len(rollout), rows_per_update):
                 mini = range(start, min(start + rows_per_update, len(rollout)))
                 normalizer = self._normalizer(rollout, mini)
-                finite = True
-                for rows in self._my_micro_batches(mini):
+                mini_loss = torch.zeros((), device=self.device)
+                micro = self._micro_batches(rollout, mini, cfg.ppo.max_tokens_per_micro_batch)
+                for i, rows in enumerate(micro):
+                    set_gradient_sync(
+                        self.model, not cfg.ppo.defer_grad_sync or i == len(micro) - 1
+                    )
                     mb = rollout.select(rows)
                     width = mb.tokens.shape[1]
                     hidden = hidden_states(self.model, mb.tokens.to(self.device))
@@ -507,20 +541,17 @@ class SimKORecipe:
                         is_weights=_rows(is_weights, rows, width, self.device),
                     )
                     loss.backward()
-                    value = loss.item()
-                    finite &= math.isfinite(value)
-                    sums["loss"] += value
-                    n_tok = float(mb.mask.sum())
-                    ratio_max = max(ratio_max, float(metrics.pop("ratio_max")))
+                    mini_loss = mini_loss + loss.detach()
+                    n_tok = metrics.pop("num_tokens")
+                    ratio_max = torch.maximum(ratio_max, metrics.pop("ratio_max").detach())
                     for k, v in metrics.items():
-                        if k != "num_tokens":
-                            sums[k] += float(v) * n_tok
-                    sums["_tokens"] += n_tok
+                        sums[k] = sums.get(k, 0.0) + v.detach() * n_tok
+                    sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
                 grad_norm = clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
                 # A NaN/inf loss or gradient on any rank skips the update on every rank: a
                 # clipped loss can be NaN with finite gradients, so both are checked.
-                bad = torch.tensor([0.0 if finite and torch.isfinite(grad_norm) else 1.0])
-                if _all_reduce_sum(bad, self.device).item() == 0:
+                bad = (~torch.isfinite(mini_loss) | ~torch.isfinite(grad_norm)).float()
+                if all_reduce_sum(bad).item() == 0:  # the mini-batch's one host sync
                     self.optimizer.step()
                 else:
                     skipped += 1
@@ -528,24 +559,19 @@ class SimKORecipe:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step()
-                sums["grad_norm_mean"] += float(grad_norm)  # before clipping
+                loss_sum = loss_sum + mini_loss
+                grad_norm_sum = grad_norm_sum + grad_norm.to(self.device)  # before clipping
                 num_updates += 1
-        # loss and metrics as token-weighted means over this rank's rows, then over ranks
-        tokens = max(sums.pop("_tokens"), 1.0)
-        stats = {k: v / tokens for k, v in sums.items() if k not in ("loss", "grad_norm_mean")}
-        reduced = _all_reduce_sum(
-            torch.tensor([sums["loss"]] + [stats[k] * tokens for k in sorted(stats)] + [tokens]),
-            self.device,
-            group=self._dp_group(),
-        )
-        total_tokens = float(reduced[-1])
-        out = {k: float(reduced[1 + i]) / total_tokens for i, k in enumerate(sorted(stats))}
-        out["loss"] = float(reduced[0]) / max(num_updates, 1)
-        out["grad_norm_mean"] = sums["grad_norm_mean"] / max(num_updates, 1)
+        # metrics: token-weighted means over all ranks' rows; loss: summed over dp ranks
+        names = sorted(k for k in sums if k != "_tokens")
+        local = torch.stack([loss_sum] + [sums[k] for k in names] + [sums["_tokens"]])
+        reduced = all_reduce_sum(local.float(), group=self.dp_group).tolist()
+        total_tokens = max(reduced[-1], 1.0)
+        out = {k: reduced[1 + i] / total_tokens for i, k in enumerate(names)}
+        out["loss"] = reduced[0] / max(num_updates, 1)
+        out["grad_norm_mean"] = float(grad_norm_sum) / max(num_updates, 1)
         # a maximum over every micro-batch of every rank, not a mean of maxima
-        out["ratio_max"] = float(
-            _all_reduce_max(torch.tensor([ratio_max]), self.device, group=self._dp_group())
-        )
+        out["ratio_max"] = float(all_reduce_max(ratio_max, group=self.dp_group))
         out["updates_skipped_nonfinite"] = float(skipped)
         out["kept_responses"] = float(len(kept))
         return out
@@ -569,19 +595,25 @@ class SimKORecipe:
             return float(mask.sum())
         return float(len(rows))
 
-    def _my_micro_batches(self, rows: range):
-        """This data-parallel rank's contiguous share of ``rows``, in micro-batches."""
-        per_rank = len(rows) // self.dp_size
-        start = rows.start + self.dp_rank * per_rank
-        mbs = self.cfg.ppo.micro_batch_size
-        for s in range(start, start + per_rank, mbs):
-            yield torch.arange(s, min(s + mbs, start + per_rank))
+    def _micro_batches(
+        self, rollout: RolloutBatch, rows: range, max_tokens: int | None
+    ) -> list[torch.Tensor]:
+        """This data-parallel rank's rows of ``rows``, in micro-batches (a token budget, or
+        ``ppo.micro_batch_size`` rows when ``max_tokens`` is None)."""
+        return micro_batches(
+            rows,
+            row_lengths(rollout.mask),
+            self.dp_rank,
+            self.dp_size,
+            max_rows=self.cfg.ppo.micro_batch_size,
+            max_tokens=max_tokens,
+        )
 
     def _publish(self, version: int) -> None:
         """Weights → safetensors + manifest (ranks share the writing) → workers ack → prune."""
         self.weight_sync.publish(self.model, version)
         self.weight_version = version
-        _barrier()
+        barrier()
 
     # ------------------------------------------------------------------ eval, logs, checkpoints
     def evaluate(self) -> None:
@@ -618,7 +650,7 @@ class SimKORecipe:
                     f"eval {name}: "
                     + " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in scores.items())
                 )
-        _barrier()
+        barrier()
 
     def _eval_sets(self) -> dict[str, tuple[list, list[list[int]]]]:
         """The evaluation problems and their prompt ids, loaded and tokenised once."""
@@ -659,6 +691,13 @@ class SimKORecipe:
         )
 
     def cleanup(self) -> None:
+        """After a normal end: release this rank's resources, then leave the process group
+        together with the other ranks."""
+        self.close()
+        shutdown_distributed()
+
+    def close(self) -> None:
+        """Release what this rank started (workers, verifier pool, logger); no collectives."""
         if self.prefetcher is not None:  # before the generator it may still be using closes
             self.prefetcher.shutdown(wait=True, cancel_futures=True)
         if self.generator is not None:
@@ -669,12 +708,6 @@ class SimKORecipe:
             self.reward_pool.close()
         if self.metric_logger is not None:
             self.metric_logger.close()
-        shutdown_distributed()
-
-    def _dp_group(self):
-        if self.mesh is None:
-            return None
-        return self.mesh["dp_shard"].get_group()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -689,44 +722,8 @@ def _configured(node: DictConfig | None) -> bool:
     return node is not None and node.get("_component_") is not None
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast_object(obj: Any) -> Any:
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _rows(t: torch.Tensor | None, rows: torch.Tensor, width: int, device) -> torch.Tensor | None:
     return None if t is None else t[rows, :width].to(device)
-
-
-def _all_reduce_sum(t: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
-    if not dist.is_initialized() or (group is not None and dist.get_world_size(group) == 1):
-        return t
-    t = t.to(device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t.cpu()
-
-
-def _all_reduce_max(t: torch.Tensor, device: torch.device, group=None) -> torch.Tensor:
-    if not dist.is_initialized() or (group is not None and dist.get_world_size(group) == 1):
-        return t
-    t = t.to(device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.cpu()
-
-
-def _dp_coords(mesh) -> tuple[int, int]:
-    if mesh is None:
-        return 0, 1
-    dp = mesh["dp_shard"]
-    return dp.get_local_rank(), dp.size()
 
 
 def _model_family(hf_config: dict) -> str:
@@ -787,8 +784,36 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         recipe.setup()
         recipe.train()
-    finally:
-        recipe.cleanup()
+    except BaseException:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            _fail_fast(recipe)
+        recipe.close()
+        raise
+    recipe.cleanup()
+
+
+def _fail_fast(recipe: SimKORecipe) -> NoReturn:
+    """End this rank now, non-zero, after an exception.
+
+    Its peers may sit in a collective it will never join (an all-gather of the publication,
+    a broadcast of the rollout), so waiting on any barrier would hang until a timeout.
+    Instead: log the cause, release what this rank started (generation workers, verifier
+    pool), and exit without the interpreter's teardown. torchrun's agent then stops the other
+    ranks within seconds (gloo peers also fail at once on the closed connections).
+    """
+    rank = dist.get_rank()
+    print(
+        f"[rank {rank}] failed, ending every rank:\n{traceback.format_exc()}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        recipe.close()
+    except Exception as e:  # the exit matters more than a clean close
+        print(f"[rank {rank}] cleanup after failure failed too: {e!r}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from simko_tune.parallel.collectives import barrier, broadcast_object
 from simko_tune.paths import STEP_DIR, checksum_file, replace_dir, step_dir_name
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,6 @@ CHECKSUM = "xxh3_64"
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_states() -> dict[str, Any]:
@@ -184,7 +180,7 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save(
@@ -198,17 +194,17 @@ class CheckpointManager:
             _save_synced({"extra": extra, "lr_scheduler": scheduler_sd}, tmp / "extra.pt")
         if write_more is not None:
             write_more(tmp)
-        _barrier()
+        barrier()
 
         names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        names = _broadcast(names)  # every rank hashes its share of rank 0's listing
+        names = broadcast_object(names)  # every rank hashes its share of rank 0's listing
         digests = _checksums(tmp, names)
         if rank == 0:
             files = {n: {"bytes": (tmp / n).stat().st_size, CHECKSUM: digests[n]} for n in names}
             _fsync_write(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
             replace_dir(tmp, final, fsync=True)
             self._prune()
-        _barrier()
+        barrier()
         return final
 
     def _prune(self) -> None:
@@ -312,14 +308,6 @@ class CheckpointManager:
                 "resume=auto: no complete checkpoint loads:\n  " + "\n  ".join(failures)
             )
         return None
-
-
-def _broadcast(obj: Any) -> Any:
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def resolve_resume(resume: str | bool | None, output_dir: str | Path) -> Path | None:

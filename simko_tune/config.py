@@ -124,6 +124,14 @@ class PPOSection:
     micro_batch_size: int = 8  # rows per forward/backward on each data-parallel rank
     epochs: int = 1
     max_grad_norm: float = 1.0
+    # Micro-batches by token budget (prompt + response positions, padding included), rows
+    # grouped by length; null: micro_batch_size rows per micro-batch.
+    max_tokens_per_micro_batch: int | None = None
+    # The forward-only old-log-prob pass keeps no activations: a larger budget (null: the above).
+    logprob_max_tokens_per_micro_batch: int | None = None
+    # Reduce gradients over data-parallel ranks once per mini-batch (its last micro-batch),
+    # not per micro-batch; costs one unsharded gradient copy per rank.
+    defer_grad_sync: bool = True
 
 
 @dataclass
@@ -134,6 +142,10 @@ class ParallelSection:
     compile_model: bool = False
     mixed_precision: str | None = None  # "bf16" on GPU
     reshard_after_forward: bool = True
+    collective_timeout_s: float = 1800.0  # the main (NCCL) group: real collectives only
+    # Barriers and broadcasts that wait for rank-0-only work (worker start, generation,
+    # scoring, evaluation) run on a CPU gloo group with this timeout instead.
+    wait_timeout_s: float = 14400.0
 
 
 @dataclass

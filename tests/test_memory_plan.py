@@ -80,7 +80,12 @@ def test_tensor_parallel_divides_what_it_shards():
 
 def test_too_big_setting_warns(capsys):
     plan = dry_run(
-        _cfg("qwen2_5_7b", "ppo.micro_batch_size=8", "parallel.activation_checkpointing=false")
+        _cfg(
+            "qwen2_5_7b",
+            "ppo.micro_batch_size=8",
+            "ppo.max_tokens_per_micro_batch=32768",  # the config's budget is 2 rows' worth
+            "parallel.activation_checkpointing=false",
+        )
     )["memory"]
     out = capsys.readouterr().out
     assert plan["total"] > 79 * 2**30

@@ -48,6 +48,7 @@ from torch import nn
 
 from simko_tune.generation.types import GenerationError
 from simko_tune.models import tune_to_hf_converter
+from simko_tune.parallel.collectives import barrier, broadcast_object, full_tensor
 from simko_tune.paths import checksum_file, replace_dir
 
 MANIFEST = "manifest.json"
@@ -111,15 +112,6 @@ def prepare_sync_dir(path: str | Path) -> Path:
 
 def version_dir(sync_dir: str | Path, version: int) -> Path:
     return Path(sync_dir) / f"v{version:06d}"
-
-
-def _full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every rank (a collective for FSDP2/TP DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach()
 
 
 def _clean_name(name: str) -> str:
@@ -224,8 +216,7 @@ def write_shards(
     to_hf = tune_to_hf_converter(hf_config)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-    if distributed:
-        dist.barrier()
+    barrier()
 
     state = model.state_dict()
     sizes = [
@@ -244,7 +235,7 @@ def write_shards(
         shard, shard_bytes = {}, 0
 
     for (name, value), owner in zip(state.items(), owners):
-        full = _full_tensor(value)  # a collective: every rank takes part
+        full = full_tensor(value)  # a collective: every rank takes part
         if rank != owner:
             continue
         for hf_name, t in to_hf({_clean_name(name): full}).items():
@@ -646,11 +637,7 @@ class WeightSync:
 def _agree_on_error(error: BaseException | None) -> bool:
     """Whether rank 0 hit ``error`` (a collective: the other ranks must not walk into the
     next gather while rank 0 raises)."""
-    if not dist.is_initialized():
-        return error is not None
-    box = [error is not None]
-    dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return bool(broadcast_object(error is not None))
 
 
 def parse_weight_dtype(name: str | None, engine_kwargs: dict, hf_config: dict) -> torch.dtype:

@@ -1,5 +1,6 @@
-"""Trainer parallelism: process group and 2-D (dp_shard × tp) mesh, tensor-parallel plans,
-and ``parallelize_model`` (TP → activation checkpointing → compile → FSDP2)."""
+"""Trainer parallelism: process groups and the collectives the loop uses, the 2-D
+(dp_shard × tp) mesh, tensor-parallel plans, and ``parallelize_model`` (TP → activation
+checkpointing → compile → FSDP2)."""
 
 from simko_tune.parallel.apply import (
     apply_ac,
@@ -9,30 +10,50 @@ from simko_tune.parallel.apply import (
     full_output_weight,
     hidden_states,
     load_rank0_state_dict,
+    materialize,
     parallelize_model,
+    set_gradient_sync,
 )
-from simko_tune.parallel.mesh import (
-    ParallelDims,
+from simko_tune.parallel.collectives import (
+    all_reduce_max,
     all_reduce_sum,
-    clip_grad_norm_,
+    barrier,
+    broadcast_object,
+    dp_coords,
+    dp_group,
+    full_tensor,
     init_distributed,
     shutdown_distributed,
+    wait_group,
 )
+from simko_tune.parallel.mesh import ParallelDims, clip_grad_norm_
+from simko_tune.parallel.microbatch import micro_batches, row_lengths
 from simko_tune.parallel.tp_plans import get_tp_plan
 
 __all__ = [
     "ParallelDims",
+    "all_reduce_max",
     "all_reduce_sum",
     "apply_ac",
     "apply_compile",
     "apply_fsdp",
     "apply_tp",
+    "barrier",
+    "broadcast_object",
     "clip_grad_norm_",
+    "dp_coords",
+    "dp_group",
     "full_output_weight",
+    "full_tensor",
     "get_tp_plan",
     "hidden_states",
     "init_distributed",
     "load_rank0_state_dict",
+    "materialize",
+    "micro_batches",
     "parallelize_model",
+    "row_lengths",
+    "set_gradient_sync",
     "shutdown_distributed",
+    "wait_group",
 ]

@@ -152,6 +152,36 @@ def apply_fsdp(
     register_fsdp_forward_method(model, FSDP_HIDDEN_METHOD)
 
 
+def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Allocate a model built on the ``meta`` device on ``device`` (uninitialised; load
+    weights next) and rebuild its computed buffers (RoPE caches) there too.
+
+    ``to_empty`` leaves buffers uninitialised, and ``rope_init`` computes them with
+    ``torch.arange``, which lands on the default device (CPU) unless a device context says
+    otherwise: the first forward on CUDA would then fail. Works on parallelized models
+    (FSDP2/TP parameters are DTensors; RoPE buffers stay plain, replicated tensors).
+    """
+    device = torch.device(device)
+    model.to_empty(device=device)
+    with torch.device(device), torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "rope_init"):
+                module.rope_init()
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Whether the next backward reduces gradients over the data-parallel ranks (FSDP2).
+
+    Off for all but the last micro-batch of a mini-batch, the reduce-scatter runs once per
+    optimizer step instead of once per micro-batch; meanwhile each rank accumulates
+    unsharded gradients (memory: one full gradient copy per rank, in the reduce dtype).
+    A no-op on a model that FSDP2 did not shard.
+    """
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+
+
 def hidden_states(
     model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor | None = None
 ) -> torch.Tensor:

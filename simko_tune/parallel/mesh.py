@@ -1,4 +1,4 @@
-"""Process group, device mesh and the one collective the loss needs.
+"""The 2-D device mesh and gradient clipping across its meshes.
 
 The trainer's ranks form a 2-D mesh: ``dp_shard`` ranks hold different data and shard
 parameters with FSDP2; the ``tp`` ranks of one data-parallel group hold the same data and
@@ -7,40 +7,11 @@ split each matmul. A single process started without torchrun has no process grou
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
-    """Join the process group torchrun describes (``RANK``/``WORLD_SIZE`` in the environment)
-    and return ``(rank, world_size)``; ``(0, 1)`` with no process group when not under torchrun.
-
-    The backend defaults to NCCL when CUDA is available, else gloo (CPU).
-    """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    if not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group cleanly: wait for every rank, then destroy it.
-
-    Without the barrier a rank that finishes first tears down its gloo pairs while a peer
-    still has traffic in flight, and the peer aborts at exit ("terminate called without an
-    active exception"). A no-op without a process group.
-    """
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 @dataclass
@@ -77,25 +48,6 @@ class ParallelDims:
             return None
         dp_shard, tp = self.resolve(dist.get_world_size())
         return init_device_mesh(device_type, (dp_shard, tp), mesh_dim_names=("dp_shard", "tp"))
-
-
-def all_reduce_sum(x: torch.Tensor | float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum of ``x`` over the ranks of ``group`` (a new tensor; ``x`` is left untouched).
-
-    Used for the global token count that normalises the loss: pass the data-parallel group
-    (``mesh["dp_shard"].get_group()``), since the tensor-parallel ranks of one group hold the
-    same tokens and summing over them would count each token ``tp`` times.
-    """
-    if isinstance(x, torch.Tensor):
-        out = x.detach().clone()
-    else:
-        out = torch.tensor(x, dtype=torch.float64)
-    if not dist.is_initialized():
-        return out
-    if dist.get_backend(group) == "nccl":
-        out = out.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-    return out
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:

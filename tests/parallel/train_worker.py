@@ -31,6 +31,9 @@ GLOBAL_BATCH = 5
 SEQ_LEN = 12
 LENGTHS = (12, 7, 10, 4, 9)  # valid tokens per row, right padded
 DP_SLICES = {1: [(0, 5)], 2: [(0, 2), (2, 5)]}  # uneven rows per data-parallel rank
+# eps well above the noise of near-zero gradients (k biases: softmax ignores them); the
+# tests derive the parameters' tolerance from these (``adam_first_step_tolerance``).
+ADAM_LR, ADAM_EPS, ADAM_WEIGHT_DECAY = 1e-2, 1e-4, 0.01
 
 
 def build_model(spec: str) -> torch.nn.Module:
@@ -104,9 +107,9 @@ def train_step(
         compile_blocks=compile_blocks,
         mixed_precision=mixed_precision,
     )
-    # eps well above the noise of near-zero gradients (k biases: softmax ignores them), so the
-    # first Adam update compares stably across summation orders.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, eps=1e-4)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=ADAM_LR, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS
+    )
 
     dp_group = mesh["dp_shard"].get_group() if mesh is not None else None
     dp_rank = mesh["dp_shard"].get_local_rank() if mesh is not None else 0

@@ -204,10 +204,15 @@ def test_kill_and_resume_gives_identical_metrics_and_weights(tmp_path, policy_di
     ids=["fsdp2", "tp2", "fsdp2xtp2"],
 )
 def test_torchrun_ranks_match_one_process(tmp_path, policy_dir, nproc, layout):
+    """The parallel run also takes the efficient update (micro-batches by a small token
+    budget, one gradient sync per mini-batch), the single process the plain one (fixed rows,
+    sync every micro-batch): same loss and weights."""
     common = ("generation.backend=native", "max_steps=1", "checkpoint.every_n_steps=1")
+    plain = ("ppo.max_tokens_per_micro_batch=null", "ppo.defer_grad_sync=false")
+    efficient = ("ppo.max_tokens_per_micro_batch=100", "ppo.defer_grad_sync=true")
     single, multi = tmp_path / "single", tmp_path / "multi"
-    _tune_run(tmp_path, _args(single, policy_dir, *common))
-    _tune_run(tmp_path, _args(multi, policy_dir, *common, *layout), nproc=nproc)
+    _tune_run(tmp_path, _args(single, policy_dir, *common, *plain))
+    _tune_run(tmp_path, _args(multi, policy_dir, *common, *layout, *efficient), nproc=nproc)
     a, b = _scalars(single / "tb"), _scalars(multi / "tb")
     for tag in ("loss", "reward/mean", "logprob_top1_mean", "entropy_mean", "grad_norm_mean"):
         assert b[tag][1] == pytest.approx(a[tag][1], rel=1e-4, abs=1e-6), tag

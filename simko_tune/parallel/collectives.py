@@ -1,0 +1,139 @@
+"""The process group and the few collectives the trainer uses, in one place (torchtitan's
+``distributed/utils.py``).
+
+Two process groups live side by side:
+
+- the main (default) group: NCCL on GPUs, gloo on CPU. It carries the real collectives
+  (FSDP2/TP traffic, loss sums, gradient norms) and its timeout is
+  ``parallel.collective_timeout_s``.
+- a CPU (gloo) group for *waits*: barriers and object broadcasts that cover work only rank 0
+  does (starting workers, generation, scoring, evaluation, writing exports). Those can take
+  far longer than any collective; on the main group NCCL's watchdog would kill the job
+  (torchtitan and torchforge keep such waits off NCCL the same way). Its timeout is
+  ``parallel.wait_timeout_s``.
+
+Every helper is a no-op (or the identity) in a single process started without torchrun.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+_wait_group: dist.ProcessGroup | None = None
+
+
+def init_distributed(
+    backend: str | None = None,
+    *,
+    timeout_s: float = 1800.0,
+    wait_timeout_s: float = 4 * 3600.0,
+) -> tuple[int, int]:
+    """Join the process group torchrun describes (``RANK``/``WORLD_SIZE`` in the environment),
+    create the CPU wait group, and return ``(rank, world_size)``; ``(0, 1)`` with no process
+    group when not under torchrun.
+
+    The backend defaults to NCCL when CUDA is available, else gloo (CPU).
+    """
+    global _wait_group
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        _wait_group = dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=wait_timeout_s)
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wait_group() -> dist.ProcessGroup | None:
+    """The CPU group for waits on rank-0-only work (the default group if none was made)."""
+    return _wait_group
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly: wait for every rank, then destroy it.
+
+    Only for a run that ended normally: after a failure, a peer may never reach the barrier
+    (the recipe then exits without it, see ``recipe_main``). Without the barrier a rank that
+    finishes first tears down its gloo pairs while a peer still has traffic in flight, and the
+    peer aborts at exit ("terminate called without an active exception").
+    """
+    global _wait_group
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+    _wait_group = None
+
+
+def barrier() -> None:
+    """Wait for every rank, on the CPU wait group: the usual reason to wait is rank 0's work."""
+    if dist.is_initialized():
+        dist.barrier(group=_wait_group)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (pickled, over the CPU wait group, so the wait
+    for ``src`` to produce it never meets the accelerator's watchdog)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_wait_group)
+    return box[0]
+
+
+def all_reduce_sum(x: torch.Tensor | float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks of ``group`` (a new tensor; ``x`` is left untouched), on
+    the device the group's backend needs (CUDA for NCCL) — the result stays there.
+
+    For token counts and metric sums pass the data-parallel group (``dp_group(mesh)``): the
+    tensor-parallel ranks of one group hold the same tokens, and summing over them would
+    count each token ``tp`` times.
+    """
+    return _all_reduce(x, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max(x: torch.Tensor | float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Maximum of ``x`` over the ranks of ``group``, as ``all_reduce_sum`` returns a sum."""
+    return _all_reduce(x, dist.ReduceOp.MAX, group)
+
+
+def _all_reduce(x: torch.Tensor | float, op, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        out = x.detach().clone()
+    else:
+        out = torch.tensor(x, dtype=torch.float64)
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return out
+    if dist.get_backend(group) == "nccl" and out.device.type != "cuda":
+        out = out.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+def dp_group(mesh) -> dist.ProcessGroup | None:
+    """The data-parallel process group of the ("dp_shard", "tp") mesh (None: one process)."""
+    return None if mesh is None else mesh["dp_shard"].get_group()
+
+
+def dp_coords(mesh) -> tuple[int, int]:
+    """``(data-parallel rank, data-parallel size)``; TP ranks of one group share them."""
+    if mesh is None:
+        return 0, 1
+    dp = mesh["dp_shard"]
+    return dp.get_local_rank(), dp.size()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, detached (a collective for FSDP2/TP DTensors: every rank calls it)."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach()
