@@ -286,7 +286,7 @@ def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path, shared_data):
          "checkpointer.checkpoint_files=[model.safetensors]", f"generation.sync_dir={out}/sync",
          "generation.backend=native", "generation.num_workers=1", "generation.devices=null",
          "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
-         "rollout.max_response_tokens=8", "ppo.mini_batch_prompts=2", "ppo.micro_batch_size=4",
+         "rollout.max_response_tokens=8", "ppo.mini_batch_prompts=1", "ppo.micro_batch_size=4",
          "loss.compile=false", "loss.entropy_coef=0.01", "optimizer.lr=1e-3",
          "parallel.dp_shard=2", "parallel.compile_model=false", "parallel.mixed_precision=null",
          "rewards.num_workers=1", "max_steps=2", "checkpoint.every_n_steps=2",
@@ -295,7 +295,8 @@ def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path, shared_data):
     )  # fmt: skip
     scalars = _scalars(out / "tb")
     assert scalars["weight_version"] == {1: 1.0, 2: 2.0}
-    # step 2 samples from the published step-1 update: same weights as the trainer's
+    # step 2 samples from the published step-1 updates: same weights as the trainer's (two
+    # mini-batches per step, so the old-log-prob pass that measures this runs)
     assert scalars["logprob_mismatch/mean_abs"][2] < 1e-4
 
     hf_dir = out / "checkpoints" / "step_00000002" / "hf"
