@@ -48,6 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from simko_tune.metrics.tensorboard import read_scalars
+
 BATCH = {"prompts": 4, "samples": 8, "max_new_tokens": 32, "lr": 1e-3, "weight_decay": 0.01}
 NUM_PROBLEMS = 64  # the prompt pool both trainers draw from
 THREADS = 2
@@ -222,23 +224,6 @@ def run_ours(model_dir: Path, steps: int, staleness: int, work: Path) -> dict:
             for p in phases
         },
     }
-
-
-def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """TensorBoard v2 tensor summaries back as {tag: {step: value}}."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.util import tensor_util
-
-    out: dict[str, dict[int, float]] = {}
-    for run in (p for p in tb_dir.iterdir() if p.is_dir()):
-        acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
-        acc.Reload()
-        for tag in acc.Tags()["tensors"]:
-            for ev in acc.Tensors(tag):
-                value = tensor_util.make_ndarray(ev.tensor_proto)
-                if value.dtype.kind == "f":
-                    out.setdefault(tag, {})[ev.step] = float(value)
-    return out
 
 
 # ----------------------------------------------------------------------------- main

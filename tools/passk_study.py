@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simko_tune.metrics.tensorboard import read_scalars
+
 BASE = "base"
 # method name -> the loss overrides of its runs
 METHODS: dict[str, tuple[str, ...]] = {
@@ -106,28 +108,6 @@ def train(directory: Path, overrides: list[str], timeout_s: float) -> None:
         )
     if proc.returncode != 0:
         raise RuntimeError(f"{directory}: tune run failed ({proc.returncode}); see train.log")
-
-
-def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    """Every scalar of a TensorBoard folder: tag -> {step: value} (torch's writer stores
-    scalars as v2 tensor summaries; old-style scalars are read too)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.util import tensor_util
-
-    out: dict[str, dict[int, float]] = {}
-    runs = sorted({p.parent for p in tb_dir.rglob("events.out.tfevents.*")})
-    for run in runs:
-        acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
-        for tag in acc.Tags()["tensors"]:
-            for event in acc.Tensors(tag):
-                value = tensor_util.make_ndarray(event.tensor_proto)
-                if value.dtype.kind in "fiu" and value.size == 1:
-                    out.setdefault(tag, {})[event.step] = float(value)
-        for tag in acc.Tags()["scalars"]:
-            for event in acc.Scalars(tag):
-                out.setdefault(tag, {})[event.step] = event.value
-    return out
 
 
 def summarise_run(directory: Path, steps: int) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from simko_tune.metrics.tensorboard import read_scalars
+
 pytestmark = pytest.mark.slow
 
 SCALARS = {
@@ -79,25 +81,6 @@ def _tune_run(cwd: Path, args: list[str], nproc: int = 1, timeout: int = 600):
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def _scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.util import tensor_util
-
-    out: dict[str, dict[int, float]] = {}
-    for run in sorted(p for p in tb_dir.iterdir() if p.is_dir()):
-        acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
-        for tag in acc.Tags()["tensors"]:  # new-style scalars are stored as tensors
-            for ev in acc.Tensors(tag):
-                value = tensor_util.make_ndarray(ev.tensor_proto)
-                if value.dtype.kind in "fiu" and value.size == 1:
-                    out.setdefault(tag, {})[ev.step] = float(value)
-        for tag in acc.Tags()["scalars"]:
-            for ev in acc.Scalars(tag):
-                out.setdefault(tag, {})[ev.step] = ev.value
-    return out
-
-
 def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     shards = sorted(hf_dir.glob("*.safetensors"))
     assert shards and (hf_dir / "model.safetensors.index.json").is_file(), list(hf_dir.iterdir())
@@ -115,7 +98,7 @@ def test_tiny_cpu_two_steps_with_vllm_logs_everything(tmp_path, policy_dir):
         _args(out, policy_dir, "max_steps=2", "checkpoint.every_n_steps=2", "eval.every_n_steps=2",
               "eval.before_training=true", "eval.sets.countdown_test.n=8"),
     )  # fmt: skip
-    scalars = _scalars(out / "tb")
+    scalars = read_scalars(out / "tb")
     missing = SCALARS - set(scalars)
     assert not missing, f"missing TensorBoard scalars: {sorted(missing)}"
     assert set(scalars["loss"]) == {1, 2}
@@ -181,11 +164,11 @@ def test_kill_and_resume_gives_identical_metrics_and_weights(tmp_path, policy_di
     new_runs = [p for p in (resumed / "tb").iterdir() if p.name not in tb_before]
     assert len(new_runs) == 1
 
-    ref = _comparable(_scalars(full / "tb"), [3, 4])
+    ref = _comparable(read_scalars(full / "tb"), [3, 4])
     tb = resumed / "tb_resumed_only"
     tb.mkdir()
     (tb / new_runs[0].name).symlink_to(new_runs[0])
-    got = _comparable(_scalars(tb), [3, 4])
+    got = _comparable(read_scalars(tb), [3, 4])
     assert set(ref) == set(got) and "reward/mean" in got and "loss" in got
     for tag in ref:
         assert got[tag] == pytest.approx(ref[tag], rel=1e-6, abs=1e-7), tag
@@ -213,7 +196,7 @@ def test_torchrun_ranks_match_one_process(tmp_path, policy_dir, nproc, layout):
     single, multi = tmp_path / "single", tmp_path / "multi"
     _tune_run(tmp_path, _args(single, policy_dir, *common, *plain))
     _tune_run(tmp_path, _args(multi, policy_dir, *common, *layout, *efficient), nproc=nproc)
-    a, b = _scalars(single / "tb"), _scalars(multi / "tb")
+    a, b = read_scalars(single / "tb"), read_scalars(multi / "tb")
     for tag in ("loss", "reward/mean", "logprob_top1_mean", "entropy_mean", "grad_norm_mean"):
         assert b[tag][1] == pytest.approx(a[tag][1], rel=1e-4, abs=1e-6), tag
     wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
@@ -293,7 +276,7 @@ def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path, shared_data):
          "eval.every_n_steps=0", "eval.before_training=false"],
         nproc=2,
     )  # fmt: skip
-    scalars = _scalars(out / "tb")
+    scalars = read_scalars(out / "tb")
     assert scalars["weight_version"] == {1: 1.0, 2: 2.0}
     # step 2 samples from the published step-1 updates: same weights as the trainer's (two
     # mini-batches per step, so the old-log-prob pass that measures this runs)
@@ -341,7 +324,7 @@ def test_every_mode_trains_through_tune_run(tmp_path, policy_dir, name):
         "ppo.mini_batch_prompts=4",
     )  # fmt: skip
     _tune_run(tmp_path, _args(out, policy_dir, *steps, *MODE_RUNS[name]))
-    scalars = _scalars(out / "tb")
+    scalars = read_scalars(out / "tb")
     assert set(scalars["loss"]) == {1, 2}
     assert all(math.isfinite(v) for v in scalars["loss"].values())
     rows = 4 * 8  # rollout.prompts_per_step x samples_per_prompt
