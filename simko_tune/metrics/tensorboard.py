@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -14,7 +15,11 @@ def read_scalars(tb_dir: str | Path) -> dict[str, dict[int, float]]:
     from tensorboard.util import tensor_util
 
     out: dict[str, dict[int, float]] = {}
-    runs = sorted({p.parent for p in Path(tb_dir).rglob("events.out.tfevents.*")})
+    runs = sorted(  # os.walk, unlike Path.rglob before 3.13, follows linked run folders
+        Path(root)
+        for root, _, files in os.walk(tb_dir, followlinks=True)
+        if any(f.startswith("events.out.tfevents.") for f in files)
+    )
     for run in runs:
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
         acc.Reload()
