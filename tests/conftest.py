@@ -35,7 +35,7 @@ TINY_CORPUS = [
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2 Hugging Face directory (byte-level BPE, 2 layers, tied embeddings),
     built once per test session; tests must not modify it."""
-    from simko_tune.tiny import build_tiny_qwen2, train_tokenizer
+    from simko_tune.demo.tiny import build_tiny_qwen2, train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_qwen2")
     tok = train_tokenizer(TINY_CORPUS, root / "tokenizer", vocab_size=384)

@@ -25,7 +25,7 @@ CORPUS = [
 
 
 def build_model(root: Path) -> Path:
-    from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
+    from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
 
     tok = train_tokenizer(CORPUS, root / "tokenizer", vocab_size=384)
     dims = TinyQwen2Dims(

@@ -40,8 +40,8 @@ def build_model_dir(out: Path, layers: int, vocab: int) -> Path:
     from safetensors.torch import save_file
     from torchtune.models.qwen2 import qwen2
 
+    from simko_tune.demo.tiny import TinyQwen2Dims, _random_init, hf_qwen2_config
     from simko_tune.models import tune_to_hf_converter
-    from simko_tune.tiny import TinyQwen2Dims, _random_init, hf_qwen2_config
 
     dims = TinyQwen2Dims(
         num_layers=layers,

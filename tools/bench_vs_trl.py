@@ -59,7 +59,7 @@ THREADS = 2
 
 
 def tiny_policy() -> Path:
-    from simko_tune.warm_start import ensure_tiny_policy
+    from simko_tune.demo.warm_start import ensure_tiny_policy
 
     return ensure_tiny_policy(Path.home() / ".cache" / "simko_tune" / "tiny_cpu_policy")
 
@@ -67,8 +67,8 @@ def tiny_policy() -> Path:
 def qwen2_5_0_5b_shape(root: Path) -> Path:
     """Qwen2.5-0.5B's shape, random weights, a 1,000-token byte-level BPE vocabulary trained
     on the Countdown prompts (Qwen2's pre-tokenizer, like tiny_cpu's)."""
-    from simko_tune.countdown import load_countdown
-    from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
+    from simko_tune.demo.countdown import load_countdown
+    from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
 
     model = root / "qwen2_5_0_5b_shape"
     if (model / "config.json").is_file():
@@ -87,7 +87,7 @@ def qwen2_5_0_5b_shape(root: Path) -> Path:
 
 
 def problems():
-    from simko_tune.countdown import load_countdown
+    from simko_tune.demo.countdown import load_countdown
 
     return load_countdown("train", n=NUM_PROBLEMS, seed=0)
 
@@ -102,8 +102,8 @@ def trl_worker(model_dir: str, steps: int, out: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from simko_tune.countdown import countdown_reward
     from simko_tune.data import render_prompt
+    from simko_tune.demo.countdown import countdown_reward
 
     torch.set_num_threads(THREADS)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from simko_tune.warm_start import WarmStartConfig, build_tiny_policy
+from simko_tune.demo.warm_start import WarmStartConfig, build_tiny_policy
 
 
 def main() -> None:

@@ -256,8 +256,8 @@ def _init_single_rank(device) -> None:
 # ---------------------------------------------------------------------------- (a) the recipe
 def build_small_model(out: Path, width: int) -> Path:
     """A random Qwen2-shaped model with a Countdown tokenizer, as an HF directory."""
-    from simko_tune.countdown import STOP_TOKEN, make_countdown_problems
-    from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
+    from simko_tune.demo.countdown import STOP_TOKEN, make_countdown_problems
+    from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
 
     corpus = [p.problem + p.answer + STOP_TOKEN for p in make_countdown_problems(300, 0, "train")]
     tok_dir = train_tokenizer(corpus, out / "tokenizer", vocab_size=320)

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from simko_tune.config import resolve_config_path
 from simko_tune.data import DataError, load_benchmark, stop_token_ids, tokenize_prompt
+from simko_tune.demo.tiny import tokenizer_files
 from simko_tune.rewards import extract_answer, math_reward
-from simko_tune.tiny import tokenizer_files
 
 ROW_FIELDS = {
     "benchmark",

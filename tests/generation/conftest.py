@@ -24,7 +24,7 @@ ENGINE_KWARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": MAX
 @pytest.fixture(scope="session")
 def gen_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny random Qwen2 directory (head_dim 32, tokenizer of ``tiny_model_dir``)."""
-    from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2
+    from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2
 
     dims = TinyQwen2Dims(**GEN_DIMS, max_seq_len=MAX_MODEL_LEN)
     return build_tiny_qwen2(

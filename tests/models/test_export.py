@@ -130,7 +130,7 @@ def test_export_from_the_model_indexes_every_shard(tmp_path, tiny_model_dir, dty
 def test_export_keeps_llama3_tiktoken_file(tmp_path):
     """Llama 3 releases keep the tokenizer at original/tokenizer.model, where the llama3
     configs look: an export of a Llama policy must carry it."""
-    from simko_tune.tiny import build_tiny_llama3
+    from simko_tune.demo.tiny import build_tiny_llama3
 
     base = tmp_path / "base"
     base.mkdir()

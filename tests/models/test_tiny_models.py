@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from simko_tune.models import final_hidden, model_from_hf_config, output_weight, read_hf_config
-from simko_tune.tiny import (
+from simko_tune.demo.tiny import (
     LLAMA3_ROPE_SCALING,
     TinyQwen2Dims,
     build_tiny_llama3,
     build_tiny_qwen2,
     tokenizer_files,
 )
+from simko_tune.models import final_hidden, model_from_hf_config, output_weight, read_hf_config
 
 TEXTS = [
     "<|im_start|>user\nWhat is 123+4? 3*5+7<|im_end|>\n",

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
-    from simko_tune.warm_start import WarmStartConfig, build_tiny_policy
+    from simko_tune.demo.warm_start import WarmStartConfig, build_tiny_policy
 
     out = tmp_path_factory.mktemp("policy") / "tiny_policy"
     return build_tiny_policy(

@@ -36,7 +36,7 @@ VOLATILE = ("time/", "throughput/", "memory/")
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
     """A quickly warm-started Countdown policy (few SFT steps: rewards low but not all zero)."""
-    from simko_tune.warm_start import WarmStartConfig, build_tiny_policy
+    from simko_tune.demo.warm_start import WarmStartConfig, build_tiny_policy
 
     out = tmp_path_factory.mktemp("policy") / "tiny_policy"
     return build_tiny_policy(
@@ -256,7 +256,7 @@ def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path, shared_data):
     update), HF export."""
     from transformers import AutoModelForCausalLM
 
-    from simko_tune.tiny import build_tiny_llama3
+    from simko_tune.demo.tiny import build_tiny_llama3
 
     tiktoken_file = shared_data / "tokenizers" / "llama3" / "tokenizer.model"
     # weights large enough that the logits are far from uniform: a wrong publication shows

@@ -59,7 +59,7 @@ def test_collect_and_verdict_from_numbers():
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end_and_resumes(tmp_path):
-    from simko_tune.warm_start import WarmStartConfig, build_tiny_policy
+    from simko_tune.demo.warm_start import WarmStartConfig, build_tiny_policy
 
     policy = build_tiny_policy(
         tmp_path / "policy",

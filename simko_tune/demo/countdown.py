@@ -332,6 +332,6 @@ def load_countdown(
     max_target: int = 50,
     min_solutions: int = 2,
 ) -> list[MathProblem]:
-    """Dataset entry point for configs (``_component_: simko_tune.countdown.load_countdown``)."""
+    """Dataset entry point for configs (``_component_: simko_tune.demo.countdown.load_countdown``)."""
     spec = CountdownSpec(num_count, max_number, max_target, min_solutions)
     return make_countdown_problems(n, seed, split, spec)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchtune.modules import TransformerDecoder
 
-from simko_tune.countdown import (
+from simko_tune.demo.countdown import (
     STOP_TOKEN,
     CountdownSpec,
     countdown_reward,
@@ -29,9 +29,9 @@ from simko_tune.countdown import (
     parse_gold,
     solve,
 )
+from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer, write_hf_dir
 from simko_tune.models import load_hf_model, read_hf_config, tune_to_hf_converter
 from simko_tune.paths import replace_dir
-from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer, write_hf_dir
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simko_tune.countdown import countdown_reward, make_countdown_problems, parse_gold, solve
-from simko_tune.models import load_hf_model
-from simko_tune.warm_start import (
+from simko_tune.demo.countdown import countdown_reward, make_countdown_problems, parse_gold, solve
+from simko_tune.demo.warm_start import (
     MARKER,
     CountdownTokens,
     WarmStartConfig,
@@ -24,6 +23,7 @@ from simko_tune.warm_start import (
     ensure_tiny_policy,
     sample_answers,
 )
+from simko_tune.models import load_hf_model
 
 REPO = Path(__file__).resolve().parents[2]
 FEW_STEPS = WarmStartConfig(
@@ -76,7 +76,7 @@ def test_transformers_loads_it_with_identical_ids_and_logits(policy_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from simko_tune.data import tokenize_prompt
-    from simko_tune.tiny import tokenizer_files
+    from simko_tune.demo.tiny import tokenizer_files
 
     tokens = CountdownTokens(policy_dir)
     hf_tok = AutoTokenizer.from_pretrained(policy_dir)

@@ -11,7 +11,7 @@ from fractions import Fraction
 
 import pytest
 
-from simko_tune.countdown import (
+from simko_tune.demo.countdown import (
     MAX_PAREN_DEPTH,
     CountdownSpec,
     ExpressionError,
