@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import child_env, run_process, run_torchrun
 
 from simko_tune.checkpoint import (
     MARKER,
@@ -23,7 +24,6 @@ from simko_tune.checkpoint import (
     CheckpointManager,
     resolve_resume,
 )
-from simko_tune.paths import free_port
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 TIMEOUT_S = 150
@@ -34,13 +34,6 @@ def _load_worker():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def child_env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 def assert_resumed_exactly(resumed: dict, saved: dict) -> None:
@@ -75,13 +68,8 @@ def test_round_trip_fsdp2_two_ranks(tmp_path):
     results = {}
     for mode in ("save", "load"):
         out = tmp_path / f"{mode}.pt"
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER),
-            "--mode", mode, "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(out),
-        ]  # fmt: skip
-        r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        args = ["--mode", mode, "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(out)]
+        run_torchrun(2, WORKER, args, timeout_s=TIMEOUT_S)
         results[mode] = torch.load(out)
     assert len(results["save"]["draws"]) == 2
     assert not torch.equal(results["save"]["draws"][0][0], results["save"]["draws"][1][0])
@@ -176,9 +164,9 @@ KILLED_WRITER = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_point", ["before_marker", "before_rename"])
 def test_killed_writer_leaves_previous_checkpoint(tmp_path, kill_point):
-    r = subprocess.run(
+    r = run_process(
         [sys.executable, "-c", KILLED_WRITER, str(WORKER), str(tmp_path), kill_point],
-        env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+        timeout_s=TIMEOUT_S, check=False,
     )  # fmt: skip
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert (tmp_path / "step_00000002.tmp").is_dir()
@@ -192,7 +180,7 @@ def test_writer_killed_at_any_moment_leaves_a_loadable_latest(tmp_path):
     then returns loads."""
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(WORKER), str(tmp_path), "loop"],
-        env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + TIMEOUT_S

@@ -4,13 +4,12 @@ through ``tune run simko_eval`` with a vLLM worker."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import simko_eval
+from harness import TUNE_RUN, run_process
 from omegaconf import OmegaConf
 
 from simko_tune.config import resolve_config_path
@@ -381,19 +380,11 @@ def test_cli_end_to_end_with_vllm(tiny_model_dir, tmp_path, shared_data):
     out = tmp_path / "out"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [
-        "tune",
-        "run",
-        "simko_eval",
-        "--config",
-        "eval_tiny_cpu",
-        f"model_dir={tiny_model_dir}",
-        f"output_dir={out}",
-        f"data_dir={shared_data}",
-    ]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        *TUNE_RUN, "simko_eval", "--config", "eval_tiny_cpu", f"model_dir={tiny_model_dir}",
+        f"output_dir={out}", f"data_dir={shared_data}",
+    ]  # fmt: skip
+    run_process(cmd, cwd=cwd, timeout_s=600)
 
     cfg = OmegaConf.load(resolve_config_path("eval_tiny_cpu"))
     problems = load_benchmark("math500", data_dir=shared_data, limit=cfg.limit)

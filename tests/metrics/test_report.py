@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from harness import run_process
 
 from simko_tune.data import DataError
 from simko_tune.metrics import passk_report
@@ -166,7 +166,7 @@ def test_cli_writes_the_report(tmp_path):
     write_samples(tmp_path / "a.jsonl", RUN_A)
     write_samples(tmp_path / "b.jsonl", RUN_B)
     out = tmp_path / "cli"
-    result = subprocess.run(
+    result = run_process(
         [
             sys.executable,
             str(REPO / "tools" / "passk_report.py"),
@@ -177,10 +177,7 @@ def test_cli_writes_the_report(tmp_path):
             "--out",
             str(out),
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        timeout_s=120,
     )
-    assert result.returncode == 0, result.stderr
     assert "| grpo | b1 | 3 | 4 | 25.0 | 44.4 | 66.7 | 25.0 | 33.3 |" in result.stdout
     assert {p.name for p in out.iterdir()} == {"passk.md", "passk.csv", "passk.png"}

@@ -9,16 +9,13 @@ wrong dp averaging would hide in the weights alone.
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run_torchrun
 
 from simko_tune.parallel import ParallelDims, all_reduce_sum, get_tp_plan, parallelize_model
-from simko_tune.paths import free_port
 
 WORKER = Path(__file__).with_name("train_worker.py")
 TIMEOUT_S = 150
@@ -35,26 +32,12 @@ _WORKER = _load_worker()
 ADAM_LR, ADAM_EPS, ADAM_WEIGHT_DECAY = _WORKER.ADAM_LR, _WORKER.ADAM_EPS, _WORKER.ADAM_WEIGHT_DECAY
 
 
-def child_env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_BACKEND": "aot_eager"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
-def check(result, returncode: int, out: Path) -> dict:
-    assert returncode == 0, f"workers failed:\n{result}"
+def train_ranks(nproc: int, worker_args: list[str], out: Path, nnodes: int = 1) -> dict:
+    """The step on ``nproc`` torchrun ranks per node; what rank 0 saved to ``out``."""
+    run_torchrun(
+        nproc, WORKER, [*worker_args, "--out", str(out)], nnodes=nnodes, timeout_s=TIMEOUT_S
+    )
     return torch.load(out)
-
-
-def run_torchrun(nproc: int, worker_args: list[str], out: Path) -> dict:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(WORKER), *worker_args, "--out", str(out),
-    ]  # fmt: skip
-    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    return check(r.stdout[-4000:] + r.stderr[-4000:], r.returncode, out)
 
 
 # Gradients: the parallel runs sum the same float32 terms in another order (TP splits the
@@ -153,33 +136,33 @@ def test_reference_step_moves_every_parameter(qwen2_reference):
 
 @pytest.mark.slow
 def test_fsdp2_two_ranks_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
-    got = run_torchrun(2, ["--model", qwen2_spec, "--family", "qwen2"], tmp_path / "r.pt")
+    got = train_ranks(2, ["--model", qwen2_spec, "--family", "qwen2"], tmp_path / "r.pt")
     assert_same_step(got, qwen2_reference)
 
 
 @pytest.mark.slow
 def test_tp2_qwen2_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
     args = ["--model", qwen2_spec, "--family", "qwen2", "--tp", "2"]
-    assert_same_step(run_torchrun(2, args, tmp_path / "r.pt"), qwen2_reference)
+    assert_same_step(train_ranks(2, args, tmp_path / "r.pt"), qwen2_reference)
 
 
 @pytest.mark.slow
 def test_2d_mesh_qwen2_with_activation_checkpointing(qwen2_spec, qwen2_reference, tmp_path):
     args = ["--model", qwen2_spec, "--family", "qwen2", "--dp", "2", "--tp", "2", "--ac"]
-    assert_same_step(run_torchrun(4, args, tmp_path / "r.pt"), qwen2_reference)
+    assert_same_step(train_ranks(4, args, tmp_path / "r.pt"), qwen2_reference)
 
 
 @pytest.mark.slow
 def test_tp2_llama3_untied_with_compile_and_ac(llama3_reference, tmp_path):
     """Compiled blocks under TP: the embedding must still get its gradient."""
     args = ["--model", "llama3", "--family", "llama3", "--tp", "2", "--compile", "--ac"]
-    assert_same_step(run_torchrun(2, args, tmp_path / "r.pt"), llama3_reference)
+    assert_same_step(train_ranks(2, args, tmp_path / "r.pt"), llama3_reference)
 
 
 @pytest.mark.slow
 def test_2d_mesh_llama3(llama3_reference, tmp_path):
     args = ["--model", "llama3", "--family", "llama3", "--dp", "2", "--tp", "2"]
-    assert_same_step(run_torchrun(4, args, tmp_path / "r.pt"), llama3_reference)
+    assert_same_step(train_ranks(4, args, tmp_path / "r.pt"), llama3_reference)
 
 
 @pytest.mark.slow
@@ -189,7 +172,7 @@ def test_bf16_mixed_precision_keeps_fp32_gradients_and_weights(
     """bf16 forward/backward with fp32 reduction and master weights: gradients arrive in fp32
     and agree with the fp32 reference to bf16 accuracy."""
     args = ["--model", qwen2_spec, "--family", "qwen2", "--mixed-precision", "bf16"]
-    got = run_torchrun(2, args, tmp_path / "r.pt")
+    got = train_ranks(2, args, tmp_path / "r.pt")
     torch.testing.assert_close(got["loss"], qwen2_reference["loss"], rtol=1e-3, atol=0)
     for name, ref in qwen2_reference["grads"].items():
         assert got["grads"][name].dtype == got["params"][name].dtype == torch.float32
@@ -200,51 +183,8 @@ def test_bf16_mixed_precision_keeps_fp32_gradients_and_weights(
 @pytest.mark.slow
 def test_two_node_launch_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
     """Two torchrun agents (one rank each) rendezvous over c10d like two machines would."""
-    out = tmp_path / "r.pt"
-    endpoint = f"127.0.0.1:{free_port()}"
-    agents = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(node),
-                "--rdzv_backend",
-                "c10d",
-                "--rdzv_endpoint",
-                endpoint,
-                "--rdzv_id",
-                "simko-two-node",
-                str(WORKER),
-                "--model",
-                qwen2_spec,
-                "--family",
-                "qwen2",
-                "--out",
-                str(out),
-            ],
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for node in (0, 1)
-    ]
-    logs = []
-    try:
-        for agent in agents:
-            logs.append(agent.communicate(timeout=TIMEOUT_S)[0][-4000:])
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
-    failed = [log for agent, log in zip(agents, logs) if agent.returncode != 0]
-    assert_same_step(check("\n".join(failed), len(failed), out), qwen2_reference)
+    got = train_ranks(1, ["--model", qwen2_spec, "--family", "qwen2"], tmp_path / "r.pt", nnodes=2)
+    assert_same_step(got, qwen2_reference)
 
 
 def test_parallel_dims_resolve_and_errors():

@@ -3,11 +3,11 @@ config errors name the key."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 import tomllib
+from harness import TUNE_RUN, run_process
 from omegaconf import OmegaConf
 
 from simko_tune.config import ConfigError, check_schema, packaged_configs, resolve_config_path
@@ -192,38 +192,17 @@ def test_packages_listed_in_pyproject():
 @pytest.mark.slow
 def test_tune_run_dry_run_from_any_directory(tmp_path):
     """The real CLI: `tune run simko_recipe --config NAME dry_run=true` from an unrelated cwd."""
-    out = subprocess.run(
-        [
-            "tune",
-            "run",
-            "simko_recipe",
-            "--config",
-            "qwen2_5_math_7b",
-            "dry_run=true",
-            f"output_dir={tmp_path}/out",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_process(
+        [*TUNE_RUN, "simko_recipe", "--config", "qwen2_5_math_7b", "dry_run=true",
+         f"output_dir={tmp_path}/out"],
+        cwd=tmp_path, timeout_s=300,
+    )  # fmt: skip
     assert "config is valid" in out.stdout and "dp_shard" in out.stdout
-    bad = subprocess.run(
-        [
-            "tune",
-            "run",
-            "simko_recipe",
-            "--config",
-            "qwen2_5_math_7b",
-            "dry_run=true",
-            "rollout.bogus=1",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    bad = run_process(
+        [*TUNE_RUN, "simko_recipe", "--config", "qwen2_5_math_7b", "dry_run=true",
+         "rollout.bogus=1"],
+        cwd=tmp_path, timeout_s=300, check=False,
+    )  # fmt: skip
     assert bad.returncode != 0 and "rollout.bogus" in bad.stderr
 
 

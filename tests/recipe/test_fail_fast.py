@@ -4,30 +4,24 @@ rank quickly, non-zero, with the cause in the log, instead of hanging in a colle
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-
-from simko_tune.paths import free_port
+from harness import child_env, run_torchrun
 
 pytestmark = pytest.mark.slow
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
-HANG_S = 240  # far beyond the fail-fast bound: reaching it means a rank hung
+HANG_S = 240  # far beyond the fail-fast bound: reaching it means a rank hung (the test fails)
 FAILED = "[rank 0] failed, ending every rank"
 
 
 def _run(tmp_path: Path, model_dir: Path, *extra: str, env: dict[str, str]):
+    """Two ranks through the recipe: exit code, output, when rank 0 reported its failure
+    (None if it did not), when every rank had ended."""
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(RUNNER),
+    args = [
         "--config", "tiny_cpu", f"output_dir={out}", f"model_dir={model_dir}",
         "prepare_model=null", "generation.backend=native", "dataset.n=16",
         "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "ppo.mini_batch_prompts=2",
@@ -35,30 +29,19 @@ def _run(tmp_path: Path, model_dir: Path, *extra: str, env: dict[str, str]):
         "log.samples_every_n_steps=0", "max_steps=1", "checkpoint.every_n_steps=1",
         f"generation.sync_dir={out}/sync", *extra,
     ]  # fmt: skip
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(key, None)
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+    failed_at = []
+
+    def note_failure(line: str) -> None:
+        if FAILED in line:
+            failed_at.append(time.time())
+
+    result = run_torchrun(
+        2, RUNNER, args, cwd=tmp_path, env=child_env(**env), timeout_s=HANG_S, check=False,
+        on_line=note_failure,
     )  # fmt: skip
-    lines: list[str] = []
-    failed_at = None  # when rank 0 reported its failure
-    timer = threading.Timer(HANG_S, os.killpg, (proc.pid, signal.SIGKILL))
-    timer.start()
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if failed_at is None and FAILED in line:
-                failed_at = time.time()
-        proc.wait()
-    finally:
-        timer.cancel()
     ended_at = time.time()
-    log = "".join(lines)
-    if proc.returncode == -signal.SIGKILL:
-        pytest.fail(f"ranks hung for {HANG_S} s:\n{log[-6000:]}")
-    return proc.returncode, log, failed_at, ended_at
+    log = result.stdout + result.stderr
+    return result.returncode, log, min(failed_at, default=None), ended_at
 
 
 def test_generation_longer_than_the_collective_timeout_completes(tmp_path, tiny_model_dir):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import TUNE_RUN, child_env, run_process, run_torchrun
 from safetensors.torch import load_file
 
 from simko_tune.metrics.tensorboard import read_scalars
@@ -44,12 +45,6 @@ def policy_dir(tmp_path_factory) -> Path:
     )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 def _args(out: Path, policy: Path, *extra: str) -> list[str]:
     return [
         "--config", "tiny_cpu", f"output_dir={out}", f"model_dir={policy}", "prepare_model=null",
@@ -61,24 +56,10 @@ def _args(out: Path, policy: Path, *extra: str) -> list[str]:
 
 
 def _tune_run(cwd: Path, args: list[str], nproc: int = 1, timeout: int = 600):
-    launcher = ["tune", "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else [])
-    proc = subprocess.Popen(
-        launcher + ["simko_recipe", *args],
-        cwd=cwd,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # on timeout the whole tree goes, ranks included
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"tune run timed out after {timeout} s:\n{stdout[-2000:]}{stderr[-4000:]}")
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    """``tune run simko_recipe args``: one process, or ``nproc`` torchrun ranks."""
+    if nproc == 1:
+        return run_process([*TUNE_RUN, "simko_recipe", *args], cwd=cwd, timeout_s=timeout)
+    return run_torchrun(nproc, "simko_recipe", args, launcher=TUNE_RUN, cwd=cwd, timeout_s=timeout)
 
 
 def _load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -146,8 +127,8 @@ def test_kill_and_resume_gives_identical_metrics_and_weights(tmp_path, policy_di
 
     resumed = tmp_path / "resumed"
     proc = subprocess.Popen(
-        ["tune", "run", "simko_recipe", *_args(resumed, policy_dir, *native)],
-        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [*TUNE_RUN, "simko_recipe", *_args(resumed, policy_dir, *native)],
+        cwd=tmp_path, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     marker = resumed / "checkpoints" / "step_00000002" / "hf" / "model.safetensors.index.json"
@@ -208,42 +189,11 @@ def test_torchrun_ranks_match_one_process(tmp_path, policy_dir, nproc, layout):
 def test_two_node_launch_matches_one_process(tmp_path, policy_dir):
     """Two torchrun agents (`--nnodes 2 --nproc_per_node 1`) meeting through c10d rendezvous on
     127.0.0.1, as on two machines, train a step with the one-process result."""
-    from simko_tune.paths import free_port
-
     common = ("generation.backend=native", "max_steps=1", "checkpoint.every_n_steps=1")
     single, multi = tmp_path / "single", tmp_path / "multi"
     _tune_run(tmp_path, _args(single, policy_dir, *common))
-    port = free_port()
-    agents = [
-        subprocess.Popen(
-            [
-                "tune",
-                "run",
-                "--nnodes",
-                "2",
-                "--nproc_per_node",
-                "1",
-                "--node_rank",
-                str(node),
-                "--rdzv_backend",
-                "c10d",
-                "--rdzv_endpoint",
-                f"127.0.0.1:{port}",
-                "--rdzv_id",
-                "simko",
-                "simko_recipe",
-                *_args(multi, policy_dir, *common, "parallel.dp_shard=2"),
-            ],
-            cwd=tmp_path,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for node in (0, 1)
-    ]
-    logs = [a.communicate(timeout=600)[0] for a in agents]
-    assert all(a.returncode == 0 for a in agents), "\n".join(log[-3000:] for log in logs)
+    args = _args(multi, policy_dir, *common, "parallel.dp_shard=2")
+    run_torchrun(1, "simko_recipe", args, nnodes=2, launcher=TUNE_RUN, cwd=tmp_path)
     wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)

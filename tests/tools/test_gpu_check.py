@@ -12,13 +12,13 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from harness import child_env, output_tail, run_process
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "gpu_check.py"
@@ -35,19 +35,18 @@ def gpu_check():
 
 
 def _env(gpu_machine: bool = True) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """The child environment, with the GPU machine's image first on PYTHONPATH."""
     paths = [str(GPU_SITE)] if gpu_machine else []
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).strip(os.pathsep)
-    return env
+    pythonpath = os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]).strip(os.pathsep)
+    return child_env(PYTHONPATH=pythonpath)
 
 
 def _check(*args: str, timeout: int = 900, cmd=None, env=None) -> tuple[dict, str]:
-    proc = subprocess.run(
-        cmd or [sys.executable, str(SCRIPT), *args],
-        cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    proc = run_process(
+        cmd or [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env or _env(), timeout_s=timeout
+    )
     lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert lines, output_tail(proc)
     return json.loads(lines[-1]), proc.stderr
 
 
@@ -200,7 +199,7 @@ def test_shell_script_installs_wheels_then_runs_a_part(tmp_path):
     assert report["env"]["datasets_stub"] is False
     assert "imports failed" not in stderr
     env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}"
-    assert subprocess.run([sys.executable, "-c", probe], env=env).returncode == 0
+    run_process([sys.executable, "-c", probe], env=env, timeout_s=300)
 
 
 def _cp312_manylinux_tags():
@@ -237,10 +236,10 @@ def test_downloaded_wheels_fit_the_gpu_machine_and_import(tmp_path):
         if wheel_tags & here:
             installable_here.append(str(wheel))
     site = tmp_path / "site"
-    subprocess.run(
+    run_process(
         [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
          "--no-cache-dir", "--target", str(site), *installable_here],
-        check=True, timeout=600,
+        timeout_s=600,
     )  # fmt: skip
     code = (
         "import torchtune, omegaconf, datasets, math_verify, antlr4, simko_tune.generation\n"
@@ -251,10 +250,7 @@ def test_downloaded_wheels_fit_the_gpu_machine_and_import(tmp_path):
     )
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(GPU_SITE), str(site), str(ROOT), env["PYTHONPATH"]])
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_process([sys.executable, "-c", code], env=env, timeout_s=300)
 
 
 # ---------------------------------------------------------------------------- the parts

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from harness import run_process
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "passk_study.py"
@@ -75,9 +74,7 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path):
             "eval.sets.countdown_test.n=8", "log.samples_every_n_steps=0",
         )),
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    first = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    first = run_process(command, timeout_s=1500)
     summary = json.loads(first.stdout.strip().splitlines()[-1])
     assert summary["methods"] == ["base", "grpo", "simko"] and summary["n"] == 4
     assert set(summary["mean"]) == {"base", "grpo", "simko"}
@@ -91,6 +88,5 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path):
         assert needle in text, needle
     for png in ("passk_study_passk.png", "passk_study_lambda.png"):
         assert (docs.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = run_process(command, timeout_s=600)
     assert again.stdout.count("[skip]") == 2 and "[run ]" not in again.stdout
