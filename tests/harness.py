@@ -1,9 +1,9 @@
 """How tests start the processes they check: one child environment, one launcher.
 
-Every child runs in its own session so that a timeout ends the whole tree (torchrun agents,
-their ranks, generation and reward workers), and its output is captured, stdout and stderr
-apart, and shown when the run fails. Importable from any test as ``harness`` (pytest puts
-``tests/`` on ``sys.path``: ``pythonpath`` in pyproject.toml).
+A run that times out is ended with every process under it (torchrun agents, their ranks,
+generation and reward workers), and so is whatever a run leaves in its session. Output is
+captured, stdout and stderr apart, and shown when a run fails. Tests import this module as
+``harness`` (pytest puts ``tests/`` on ``sys.path``: ``pythonpath`` in pyproject.toml).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 
 from simko_tune.paths import free_port
@@ -26,6 +27,7 @@ TUNE_RUN = ("tune", "run")  # torchtune's CLI: torchrun's options, then a recipe
 # Set by torchrun in its ranks; a child that inherited them would join the wrong group.
 _RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _TAIL = 4000  # characters of each stream shown on failure
+_READ_GRACE_S = 10  # for the pipes to close once every process of a run has ended
 
 
 def child_env(**overrides: str) -> dict[str, str]:
@@ -76,17 +78,37 @@ class _Child:
             pass
 
     def finish(self) -> subprocess.CompletedProcess:
-        """End whatever still runs in the child's session (the child itself if it is still
-        running, orphans that would keep the pipes open) and collect its output."""
+        """End the child if it still runs, with every process under it (torchrun starts each
+        rank in a session of its own, so ending the child's session alone would leave them
+        holding the pipes), end whatever it left in its session, and collect its output."""
+        if self.proc.poll() is None:
+            _kill_tree(self.proc.pid)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait()
-        for reader in self.readers:
-            reader.join()
+        for reader in self.readers:  # a process that escaped both may still hold a pipe
+            reader.join(timeout=_READ_GRACE_S)
         stdout, stderr = ("".join(lines) for lines in self.lines)
+        if any(reader.is_alive() for reader in self.readers):
+            stderr += "\n[harness: output may be cut: a process outlived the child, pipes open]\n"
         return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, stdout, stderr)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants, listed first (once the parent is gone, they are
+    no longer reachable through it)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _run_together(

@@ -3,6 +3,8 @@ process tree, one failed process ends the others, and children get a clean envir
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,19 +50,40 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def test_timeout_ends_the_whole_tree_and_shows_the_output(tmp_path):
-    pid_file = tmp_path / "grandchild.pid"
+def _spawner(pid_file: Path, then: str) -> list[str]:
+    """A child that starts two sleeping grandchildren, one in its session and one in a new
+    session as torchrun starts its ranks, writes their pids, prints, then runs ``then``."""
     code = (
         "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "sleep = [sys.executable, '-c', 'import time; time.sleep(600)']\n"
+        "kids = [subprocess.Popen(sleep), subprocess.Popen(sleep, start_new_session=True)]\n"
+        f"open({str(pid_file)!r}, 'w').write(' '.join(str(k.pid) for k in kids))\n"
         "print('started', flush=True)\n"
-        "time.sleep(600)\n"
+        f"{then}\n"
     )
+    return [sys.executable, "-c", code]
+
+
+def test_timeout_ends_the_whole_tree_and_shows_the_output(tmp_path):
+    pid_file = tmp_path / "grandchildren.pid"
     with pytest.raises(pytest.fail.Exception, match="timed out after 20 s") as failure:
-        harness.run_process([sys.executable, "-c", code], timeout_s=20)
+        harness.run_process(_spawner(pid_file, "time.sleep(600)"), timeout_s=20)
     assert "started" in str(failure.value)
-    assert _gone(int(pid_file.read_text()))
+    for pid in pid_file.read_text().split():
+        assert _gone(int(pid)), pid
+
+
+def test_a_process_outliving_the_child_does_not_hang_the_run(tmp_path):
+    """The grandchild in its own session keeps the pipes open after the child exits: the
+    run still returns, says so, and its session's grandchild is ended."""
+    pid_file = tmp_path / "grandchildren.pid"
+    run = harness.run_process(_spawner(pid_file, "sys.exit(0)"), timeout_s=60)
+    same_session, own_session = (int(pid) for pid in pid_file.read_text().split())
+    try:
+        assert run.stdout == "started\n" and "output may be cut" in run.stderr
+        assert _gone(same_session)
+    finally:
+        os.kill(own_session, signal.SIGKILL)
 
 
 def test_one_failed_process_ends_the_others(tmp_path):
