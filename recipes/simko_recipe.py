@@ -82,6 +82,7 @@ from simko_tune.parallel import (
     materialize,
     micro_batches,
     parallelize_model,
+    reshard,
     row_lengths,
     set_gradient_sync,
     shutdown_distributed,
@@ -479,6 +480,8 @@ class SimKORecipe:
                 out[name][rows.to(self.device), : lp.shape[1]] = lp.float() * mb.mask.to(
                     self.device
                 )
+        if self.ref_model is not None:
+            reshard(self.ref_model)  # forward only: its root's compute copy is not needed again
         # every rank computed its own rows; sum to share them (rows are disjoint)
         out = {k: all_reduce_sum(v, group=self.dp_group).cpu() for k, v in out.items()}
         return out.get("old", default_old), out.get("ref")

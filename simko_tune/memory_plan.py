@@ -8,6 +8,9 @@ the meta device) and the config, so that a setting that cannot fit is caught in 
 - FSDP2's unsharded compute copies in the compute dtype: the root (embedding, output
   projection; it is not resharded after forward) and two gathered blocks (one in use, one
   prefetched);
+- with ``loss.kl_coef > 0``, the frozen reference policy: built and sharded like the policy
+  (fp32, over the same ranks) but parameters only, no gradients or optimizer state; the
+  recipe reshards it after its forward-only pass, so it keeps no compute copies;
 - with ``ppo.defer_grad_sync`` over several data-parallel ranks, the unsharded fp32
   gradients each rank accumulates until the mini-batch's last micro-batch;
 - activations of one micro-batch (``ppo.max_tokens_per_micro_batch`` tokens, or
@@ -88,6 +91,7 @@ class MemoryPlan:
     gradients: int
     optimizer_state: int
     compute_copies: int
+    reference: int  # the KL penalty's frozen reference policy (loss.kl_coef > 0)
     deferred_gradients: int  # unsharded fp32 gradients while sync waits for the last micro-batch
     activations_checkpointed: int
     activations_full: int
@@ -110,6 +114,7 @@ class MemoryPlan:
             + self.gradients
             + self.optimizer_state
             + self.compute_copies
+            + self.reference
             + self.deferred_gradients
             + self.activations
             + self.loss_chunk
@@ -147,6 +152,7 @@ class MemoryPlan:
             f"gradients (fp32)       {gib(self.gradients)}",
             f"optimizer state        {gib(self.optimizer_state)}   {self.notes['optimizer']}",
             f"compute copies         {gib(self.compute_copies)}   {self.notes['compute']}",
+            f"reference model        {gib(self.reference)}   {self.notes['reference']}",
             f"deferred gradients     {gib(self.deferred_gradients)}   {self.notes['deferred']}",
             f"activations, AC        {gib(self.activations_checkpointed)}   {self.notes['tokens']}",
             f"activations, no AC     {gib(self.activations_full)}",
@@ -238,6 +244,14 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         publication_note = "engine dtype auto: bf16 checkpoints assumed"
     publication = shape.num_params * _dtype_bytes(engine_dtype, "generation.engine_kwargs.dtype")
 
+    # loss.kl_coef > 0: the recipe builds the reference like the policy (fp32, sharded over
+    # the same ranks) and keeps only its parameters
+    with_reference = float(cfg.loss.get("kl_coef", 0.0)) > 0
+    reference = shape.num_params * MASTER_BYTES // shards if with_reference else 0
+    reference_note = (
+        f"loss.kl_coef > 0: fp32 parameters over {shards} ranks" if with_reference else "none"
+    )
+
     # ppo.defer_grad_sync: FSDP2 accumulates unsharded gradients (reduce dtype fp32) on each
     # rank until the mini-batch's last micro-batch reduces them
     deferred = bool(cfg.ppo.get("defer_grad_sync", False)) and dp > 1
@@ -250,6 +264,7 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         gradients=parameters,
         optimizer_state=optimizer_state,
         compute_copies=compute_copies,
+        reference=reference,
         deferred_gradients=deferred_gradients,
         activations_checkpointed=activations_checkpointed,
         activations_full=activations_full,
@@ -260,6 +275,7 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         notes={
             "optimizer": optimizer_note,
             "compute": compute_note,
+            "reference": reference_note,
             "deferred": deferred_note,
             "tokens": tokens_note,
             "loss": f"{chunk} x {shape.vocab_size} fp32 logits + grads, [V, D] fp32 grad",

@@ -12,6 +12,7 @@ from simko_tune.parallel.apply import (
     load_rank0_state_dict,
     materialize,
     parallelize_model,
+    reshard,
     set_gradient_sync,
 )
 from simko_tune.parallel.collectives import (
@@ -52,6 +53,7 @@ __all__ = [
     "materialize",
     "micro_batches",
     "parallelize_model",
+    "reshard",
     "row_lengths",
     "set_gradient_sync",
     "shutdown_distributed",

@@ -182,6 +182,15 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters of ``model``. The root does not reshard after
+    forward (see ``apply_fsdp``) and only backward reshards it, so a model that runs forward
+    only (the KL reference) would otherwise keep its root's compute copy for good. A no-op
+    on a model that FSDP2 did not shard."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def hidden_states(
     model: nn.Module, tokens: torch.Tensor, input_pos: torch.Tensor | None = None
 ) -> torch.Tensor:

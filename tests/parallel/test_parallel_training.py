@@ -155,6 +155,8 @@ def test_reference_step_moves_every_parameter(qwen2_reference):
 def test_fsdp2_two_ranks_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
     got = run_torchrun(2, ["--model", qwen2_spec, "--family", "qwen2"], tmp_path / "r.pt")
     assert_same_step(got, qwen2_reference)
+    # the recipe reshards the forward-only KL reference: without it the root stays gathered
+    assert got["root_kept_after_forward_only"] and got["root_freed_by_reshard"]
 
 
 @pytest.mark.slow

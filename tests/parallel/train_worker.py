@@ -24,6 +24,7 @@ from simko_tune.parallel import (
     hidden_states,
     init_distributed,
     parallelize_model,
+    reshard,
     shutdown_distributed,
 )
 
@@ -118,11 +119,7 @@ def train_step(
     lo, hi = DP_SLICES[dp_size][dp_rank]
     tokens, valid = tokens[lo:hi], valid[lo:hi]
 
-    try:  # the FSDP guard: before hidden_states the weight is dp-sharded
-        full_output_weight(model)
-        guard_raised = False
-    except RuntimeError:
-        guard_raised = True
+    guard_raised = root_sharded(model)  # the FSDP guard: before hidden_states it raises
     h = hidden_states(model, tokens[:, :-1])
     weight = full_output_weight(model)
     logp = F.log_softmax(h.float() @ weight.float().T, dim=-1)
@@ -135,9 +132,31 @@ def train_step(
     optimizer.step()
     params = {clean(n): full(q) for n, q in model.named_parameters()}
     global_loss = all_reduce_sum(loss.detach(), group=dp_group)
+    # a forward-only pass (the KL reference's) keeps the root unsharded until reshard()
+    with torch.no_grad():
+        hidden_states(model, tokens[:, :-1])
+    root_kept = not root_sharded(model)
+    reshard(model)
+    root_freed = root_sharded(model)
     if rank != 0:
         return None
-    return {"loss": global_loss, "grads": grads, "params": params, "guard_raised": guard_raised}
+    return {
+        "loss": global_loss,
+        "grads": grads,
+        "params": params,
+        "guard_raised": guard_raised,
+        "root_kept_after_forward_only": root_kept,
+        "root_freed_by_reshard": root_freed,
+    }
+
+
+def root_sharded(model: torch.nn.Module) -> bool:
+    """Whether the output weight is FSDP-sharded now (``full_output_weight`` raises)."""
+    try:
+        full_output_weight(model)
+        return False
+    except RuntimeError:
+        return True
 
 
 def main() -> None:
