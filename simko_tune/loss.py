@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from simko_tune.parallel.collectives import unshard
+
 MODES = ("simko", "grpo", "dr_grpo", "psr", "nsr", "w_reinforce", "forking_only")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_TYPES = ("k1", "k2", "k3")
@@ -313,11 +315,6 @@ def _token_terms(
     return terms
 
 
-def _full(x: Tensor) -> Tensor:
-    """The global tensor behind a DTensor (differentiably), or ``x`` itself."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
 def _row_chunks(counts: list[int], chunk_size: int) -> list[tuple[int, int, int, int]]:
     """Group whole rows into ``(row_start, row_end, token_start, token_end)`` chunks of at
     most ``chunk_size`` valid tokens; a row longer than that is a chunk on its own."""
@@ -376,7 +373,7 @@ def policy_loss(
 
     Args:
         hidden: [B, T, D] final hidden states (after the final norm) at response positions.
-        weight: [V, D] output projection (a DTensor is gathered with ``full_tensor()``).
+        weight: [V, D] output projection (a DTensor is gathered by ``unshard``).
         targets: [B, T] sampled token ids. old_logprobs: [B, T] their log-probs under the
             policy the PPO ratio is taken against; ``None`` means the current policy,
             detached (ratio exactly 1: a rollout consumed by one optimizer step needs no
@@ -405,7 +402,7 @@ def policy_loss(
     the local valid tokens, ``gate_threshold_mean`` over local non-empty responses, and
     ``num_tokens`` to weight them when reducing across ranks.
     """
-    hidden, weight = _full(hidden), _full(weight)
+    hidden, weight = unshard(hidden), unshard(weight)
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"hidden {tuple(hidden.shape)} must be [B, T, D] and weight {tuple(weight.shape)} [V, D]"
@@ -588,7 +585,7 @@ def token_logprobs(
     """[B, T] fp32 log-probs of ``targets`` under ``hidden @ weight.T / temperature``, without
     gradient and chunked over tokens (old-policy and reference log-probs in the recipe).
     Padding positions get values too; the caller masks them."""
-    hidden, weight = _full(hidden), _full(weight)
+    hidden, weight = unshard(hidden), unshard(weight)
     batch, seq_len, dim = hidden.shape
     flat_h = hidden.reshape(-1, dim)
     flat_t = targets.reshape(-1).long()

@@ -35,6 +35,7 @@ from torchtune.modules import TransformerDecoder, TransformerSelfAttentionLayer
 from torchtune.modules.tied_linear import TiedLinear
 
 from simko_tune.models import final_hidden, output_weight
+from simko_tune.parallel.collectives import unshard
 from simko_tune.parallel.tp_plans import get_tp_plan
 
 # Name of the FSDP forward method ``apply_fsdp`` binds on the model.
@@ -222,7 +223,7 @@ def full_output_weight(model: nn.Module) -> torch.Tensor:
             "full_output_weight: the output weight is FSDP-sharded; call it after "
             "hidden_states(model, tokens) in the same forward, before backward"
         )
-    return weight.full_tensor()
+    return unshard(weight)
 
 
 def load_rank0_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

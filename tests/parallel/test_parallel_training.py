@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from simko_tune.parallel import ParallelDims, all_reduce_sum, get_tp_plan, parallelize_model
+from simko_tune.parallel import (
+    ParallelDims,
+    all_gather_object,
+    all_reduce_sum,
+    get_tp_plan,
+    hostnames,
+    parallelize_model,
+    unshard,
+)
 from simko_tune.paths import free_port
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -157,6 +166,8 @@ def test_fsdp2_two_ranks_matches_one_process(qwen2_spec, qwen2_reference, tmp_pa
     assert_same_step(got, qwen2_reference)
     # the recipe reshards the forward-only KL reference: without it the root stays gathered
     assert got["root_kept_after_forward_only"] and got["root_freed_by_reshard"]
+    assert got["gathered"] == [{"rank": 0}, {"rank": 1}]  # every rank's object, in rank order
+    assert got["hostnames"] == [socket.gethostname()] * 2
 
 
 @pytest.mark.slow
@@ -269,6 +280,9 @@ def test_single_process_has_no_mesh_and_plain_sums():
     total = all_reduce_sum(x)
     assert torch.equal(total, x) and total is not x
     assert all_reduce_sum(3).item() == 3
+    assert all_gather_object({"a": 1}) == [{"a": 1}]
+    assert hostnames() == [socket.gethostname()]
+    assert unshard(x) is x
 
 
 def test_tp_plans():

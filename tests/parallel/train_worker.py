@@ -19,9 +19,11 @@ from torch.distributed.tensor import DTensor
 from simko_tune.models import model_from_hf_config, output_weight, read_hf_config
 from simko_tune.parallel import (
     ParallelDims,
+    all_gather_object,
     all_reduce_sum,
     full_output_weight,
     hidden_states,
+    hostnames,
     init_distributed,
     parallelize_model,
     reshard,
@@ -138,6 +140,8 @@ def train_step(
     root_kept = not root_sharded(model)
     reshard(model)
     root_freed = root_sharded(model)
+    gathered = all_gather_object({"rank": rank})
+    hosts = hostnames()
     if rank != 0:
         return None
     return {
@@ -147,6 +151,8 @@ def train_step(
         "guard_raised": guard_raised,
         "root_kept_after_forward_only": root_kept,
         "root_freed_by_reshard": root_freed,
+        "gathered": gathered,
+        "hostnames": hosts,
     }
 
 
