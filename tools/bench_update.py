@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import string
 import subprocess
 import sys
 import tempfile
@@ -36,13 +38,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_model_dir(out: Path, layers: int, vocab: int) -> Path:
-    """A random Qwen2.5-0.5B-shaped Hugging Face directory (config + safetensors)."""
-    from safetensors.torch import save_file
-    from torchtune.models.qwen2 import qwen2
+    """A random Qwen2.5-0.5B-shaped Hugging Face directory, made by ``simko_tune.tiny``'s
+    builder. Its tokenizer is trained on random words to exactly ``vocab`` ids: the
+    benchmark needs the vocabulary's size, not its words."""
+    from simko_tune.models import read_hf_config
+    from simko_tune.tiny import SPECIAL_TOKENS, TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
 
-    from simko_tune.models import tune_to_hf_converter
-    from simko_tune.tiny import TinyQwen2Dims, _random_init, hf_qwen2_config
-
+    rng = random.Random(0)
+    words = [
+        "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 7)))
+        for _ in range(3 * vocab)
+    ]
+    texts = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(vocab // 4)]
+    tok_dir = train_tokenizer(texts, out / "tokenizer", vocab_size=vocab - len(SPECIAL_TOKENS))
     dims = TinyQwen2Dims(
         num_layers=layers,
         num_heads=14,
@@ -52,24 +60,11 @@ def build_model_dir(out: Path, layers: int, vocab: int) -> Path:
         max_seq_len=1024,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    model = qwen2(
-        vocab_size=vocab,
-        num_layers=dims.num_layers,
-        num_heads=dims.num_heads,
-        num_kv_heads=dims.num_kv_heads,
-        embed_dim=dims.embed_dim,
-        intermediate_dim=dims.intermediate_dim,
-        max_seq_len=dims.max_seq_len,
-        tie_word_embeddings=True,
-    )
-    _random_init(model, 0.02)
-    config = hf_qwen2_config(vocab, dims, eos_token_id=vocab - 1, pad_token_id=vocab - 2)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in tune_to_hf_converter(config)(model.state_dict()).items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    model_dir = build_tiny_qwen2(tok_dir, out / "model", dims, seed=0)
+    built = read_hf_config(model_dir)["vocab_size"]
+    if built != vocab:
+        raise RuntimeError(f"the tokenizer reached {built} ids, not {vocab}: more words needed")
+    return model_dir
 
 
 def synthetic_rollout(args):
@@ -187,7 +182,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_update_") as tmp:
         tmp = Path(tmp)
-        model_dir = build_model_dir(tmp / "model", args.layers, args.vocab)
+        model_dir = build_model_dir(tmp / "build", args.layers, args.vocab)
         result = tmp / "result.json"
         cmd = [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
