@@ -177,10 +177,15 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     Off for all but the last micro-batch of a mini-batch, the reduce-scatter runs once per
     optimizer step instead of once per micro-batch; meanwhile each rank accumulates
     unsharded gradients (memory: one full gradient copy per rank, in the reduce dtype).
+    The parameters gathered in that backward stay gathered too (FSDP2's
+    ``set_reshard_after_backward``), so the next micro-batch's forward all-gathers nothing:
+    one more unsharded copy of the parameters, in the compute dtype, between micro-batches.
+    The last micro-batch (``enabled``) reshards them before the optimizer steps the shards.
     A no-op on a model that FSDP2 did not shard.
     """
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
+        model.set_reshard_after_backward(enabled)
 
 
 def reshard(model: nn.Module) -> None:

@@ -171,6 +171,17 @@ def test_fsdp2_two_ranks_matches_one_process(qwen2_spec, qwen2_reference, tmp_pa
 
 
 @pytest.mark.slow
+def test_fsdp2_deferred_gradient_sync_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
+    """Micro-batches with the gradient sync on the last only (ppo.defer_grad_sync): the same
+    step, with the gathered parameters kept between micro-batches and resharded at the end."""
+    args = ["--model", qwen2_spec, "--family", "qwen2", "--micro-batches", "2"]
+    got = run_torchrun(2, args, tmp_path / "r.pt")
+    assert_same_step(got, qwen2_reference)
+    assert got["held_between_micro_batches"] == [True]
+    assert got["sharded_after_last"]
+
+
+@pytest.mark.slow
 def test_tp2_qwen2_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
     args = ["--model", qwen2_spec, "--family", "qwen2", "--tp", "2"]
     assert_same_step(run_torchrun(2, args, tmp_path / "r.pt"), qwen2_reference)

@@ -27,6 +27,7 @@ from simko_tune.parallel import (
     init_distributed,
     parallelize_model,
     reshard,
+    set_gradient_sync,
     shutdown_distributed,
 )
 
@@ -97,8 +98,10 @@ def train_step(
     ac: bool = False,
     compile_blocks: bool = False,
     mixed_precision: str | None = None,
+    micro_batches: int = 1,
 ) -> dict | None:
-    """One AdamW step; rank 0 (or the single process) returns the results."""
+    """One AdamW step; rank 0 (or the single process) returns the results. With several
+    ``micro_batches`` each rank splits its rows and syncs gradients on the last one only."""
     rank, _ = init_distributed()
     mesh = ParallelDims(dp_shard=dp, tp=tp).build_mesh("cpu")
     model = build_model(model_spec)
@@ -122,13 +125,22 @@ def train_step(
     tokens, valid = tokens[lo:hi], valid[lo:hi]
 
     guard_raised = root_sharded(model)  # the FSDP guard: before hidden_states it raises
-    h = hidden_states(model, tokens[:, :-1])
-    weight = full_output_weight(model)
-    logp = F.log_softmax(h.float() @ weight.float().T, dim=-1)
-    nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
     token_count = all_reduce_sum(valid.sum(), group=dp_group)
-    loss = (nll * valid).sum() / token_count
-    loss.backward()
+    loss = torch.zeros(())
+    held = []  # after each deferred backward: are the gathered parameters kept?
+    parts = torch.arange(len(tokens)).tensor_split(micro_batches)
+    for i, rows in enumerate(parts):
+        set_gradient_sync(model, i == len(parts) - 1)
+        h = hidden_states(model, tokens[rows, :-1])
+        weight = full_output_weight(model)
+        logp = F.log_softmax(h.float() @ weight.float().T, dim=-1)
+        nll = -logp.gather(-1, tokens[rows, 1:, None]).squeeze(-1)
+        part = (nll * valid[rows]).sum() / token_count
+        part.backward()
+        loss = loss + part.detach()
+        if i < len(parts) - 1:
+            held.append(not root_sharded(model))
+    sharded_after_last = root_sharded(model)  # before the optimizer steps the shards
 
     grads = {clean(n): full(q.grad) for n, q in model.named_parameters()}
     optimizer.step()
@@ -149,6 +161,8 @@ def train_step(
         "grads": grads,
         "params": params,
         "guard_raised": guard_raised,
+        "held_between_micro_batches": held,
+        "sharded_after_last": sharded_after_last,
         "root_kept_after_forward_only": root_kept,
         "root_freed_by_reshard": root_freed,
         "gathered": gathered,
@@ -174,11 +188,19 @@ def main() -> None:
     p.add_argument("--ac", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--mixed-precision", default=None)
+    p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
     result = train_step(
-        args.model, args.family, args.dp, args.tp, args.ac, args.compile, args.mixed_precision
+        args.model,
+        args.family,
+        args.dp,
+        args.tp,
+        args.ac,
+        args.compile,
+        args.mixed_precision,
+        args.micro_batches,
     )
     shutdown_distributed()
     if result is not None:
