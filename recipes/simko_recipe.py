@@ -82,6 +82,7 @@ from simko_tune.parallel import (
     materialize,
     micro_batches,
     parallelize_model,
+    reshard,
     row_lengths,
     set_gradient_sync,
     shutdown_distributed,
@@ -475,10 +476,11 @@ class SimKORecipe:
                     mb.targets.to(self.device),
                     temperature=self.loss_cfg.temperature,
                     chunk_size=self.loss_cfg.chunk_size,
+                    mask=mb.mask,  # on the host: response positions only, no device sync
                 )
-                out[name][rows.to(self.device), : lp.shape[1]] = lp.float() * mb.mask.to(
-                    self.device
-                )
+                out[name][rows.to(self.device), : lp.shape[1]] = lp
+        if self.ref_model is not None:
+            reshard(self.ref_model)  # forward only: its root's compute copy is not needed again
         # every rank computed its own rows; sum to share them (rows are disjoint)
         out = {k: all_reduce_sum(v, group=self.dp_group).cpu() for k, v in out.items()}
         return out.get("old", default_old), out.get("ref")
@@ -497,7 +499,7 @@ class SimKORecipe:
         Per mini-batch: micro-batches (token budget) forward + backward, gradients reduced
         over data-parallel ranks on the last one only, clip, a NaN/inf guard, the step.
         Metrics stay on the device; the guard's flag is the loop's one host sync per
-        mini-batch (the loss itself still reads each micro-batch's row lengths).
+        mini-batch (the loss reads row lengths off the host mask).
         """
         cfg = self.cfg
         g = cfg.rollout.samples_per_prompt
@@ -533,7 +535,7 @@ class SimKORecipe:
                         mb.targets.to(self.device),
                         _rows(old_logprobs, rows, width, self.device),
                         advantages[rows].to(self.device),
-                        mb.mask.to(self.device),
+                        mb.mask,  # on the host: the loss reads row lengths off it, no sync
                         correct[rows].to(self.device),
                         self.loss_cfg,
                         ref_logprobs=_rows(ref_logprobs, rows, width, self.device),

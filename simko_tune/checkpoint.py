@@ -35,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from simko_tune.parallel.collectives import barrier, broadcast_object
+from simko_tune.parallel.collectives import all_gather_object, barrier, broadcast_object
 from simko_tune.paths import STEP_DIR, checksum_file, replace_dir, step_dir_name
 
 log = logging.getLogger(__name__)
@@ -94,11 +94,7 @@ def _checksums(root: Path, names: list[str]) -> dict[str, str]:
     """xxh3 of each file, the files spread over the ranks (collective); every rank gets all."""
     rank, world = _world()
     mine = {n: checksum_file(root / n) for i, n in enumerate(names) if i % world == rank}
-    if world == 1:
-        return mine
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
+    return {k: v for part in all_gather_object(mine) for k, v in part.items()}
 
 
 def _marker_files(path: Path) -> dict[str, dict]:

@@ -130,7 +130,8 @@ class PPOSection:
     # The forward-only old-log-prob pass keeps no activations: a larger budget (null: the above).
     logprob_max_tokens_per_micro_batch: int | None = None
     # Reduce gradients over data-parallel ranks once per mini-batch (its last micro-batch),
-    # not per micro-batch; costs one unsharded gradient copy per rank.
+    # not per micro-batch, and keep the gathered parameters between its micro-batches; costs
+    # one unsharded gradient copy (fp32) and one parameter copy (compute dtype) per rank.
     defer_grad_sync: bool = True
 
 

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from simko_tune.parallel.collectives import unshard
+
 MODES = ("simko", "grpo", "dr_grpo", "psr", "nsr", "w_reinforce", "forking_only")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_TYPES = ("k1", "k2", "k3")
@@ -313,11 +315,6 @@ def _token_terms(
     return terms
 
 
-def _full(x: Tensor) -> Tensor:
-    """The global tensor behind a DTensor (differentiably), or ``x`` itself."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
 def _row_chunks(counts: list[int], chunk_size: int) -> list[tuple[int, int, int, int]]:
     """Group whole rows into ``(row_start, row_end, token_start, token_end)`` chunks of at
     most ``chunk_size`` valid tokens; a row longer than that is a chunk on its own."""
@@ -376,13 +373,14 @@ def policy_loss(
 
     Args:
         hidden: [B, T, D] final hidden states (after the final norm) at response positions.
-        weight: [V, D] output projection (a DTensor is gathered with ``full_tensor()``).
+        weight: [V, D] output projection (a DTensor is gathered by ``unshard``).
         targets: [B, T] sampled token ids. old_logprobs: [B, T] their log-probs under the
             policy the PPO ratio is taken against; ``None`` means the current policy,
             detached (ratio exactly 1: a rollout consumed by one optimizer step needs no
             separate old-log-prob pass, as in TRL and verl).
         advantages: [B] per-response advantages (see :func:`mode_advantages`).
-        mask: [B, T] bool, valid response tokens. correct: [B] bool, reward == 1.
+        mask: [B, T] bool, valid response tokens, best on the host (its row lengths and
+            positions are read there without a device sync). correct: [B] bool, reward == 1.
         ref_logprobs: [B, T] reference-policy log-probs, needed when ``cfg.kl_coef > 0``.
         normalizer: denominator of the aggregation over the WHOLE batch, all micro-batches
             and data-parallel ranks together, supplied (all-reduced) by the caller: the
@@ -405,7 +403,7 @@ def policy_loss(
     the local valid tokens, ``gate_threshold_mean`` over local non-empty responses, and
     ``num_tokens`` to weight them when reducing across ranks.
     """
-    hidden, weight = _full(hidden), _full(weight)
+    hidden, weight = unshard(hidden), unshard(weight)
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
         raise ValueError(
             f"hidden {tuple(hidden.shape)} must be [B, T, D] and weight {tuple(weight.shape)} [V, D]"
@@ -428,11 +426,15 @@ def policy_loss(
     if weight.shape[0] < num_ranks:
         raise ValueError(f"vocabulary of {weight.shape[0]} is smaller than top_k={num_ranks}")
 
+    # The row lengths and valid positions are worked out where the mask lives: a host mask
+    # (the recipe's) costs no device sync, where a device one needs several per call.
     mask = mask.bool()
     counts = mask.sum(dim=1)
     valid = mask.reshape(-1).nonzero().squeeze(1)  # row-major: each row's tokens contiguous
+    rows = torch.repeat_interleave(torch.arange(batch, device=mask.device), counts)
+    host_counts = counts.tolist()
+    counts, valid, rows = (t.to(hidden.device) for t in (counts, valid, rows))
     h = hidden.reshape(batch * seq_len, dim).index_select(0, valid)
-    rows = torch.repeat_interleave(torch.arange(batch, device=hidden.device), counts)
     tokens = {
         "targets": targets.reshape(-1)[valid].long(),
         "adv": advantages.float()[rows],
@@ -447,7 +449,7 @@ def policy_loss(
     if cfg.agg == "token_mean":
         local_count, per_row = valid.numel(), torch.ones_like(counts, dtype=torch.float32)
     else:
-        local_count = int((counts > 0).sum())
+        local_count = sum(1 for n in host_counts if n)
         if cfg.agg == "seq_mean_token_mean":
             divisor = counts
         elif cfg.max_response_len is None:
@@ -474,7 +476,7 @@ def policy_loss(
             h.detach(),
             weight.detach(),
             tokens,
-            counts.tolist(),
+            host_counts,
             cfg,
             num_ranks,
             grad_hidden=needs_grad and hidden.requires_grad,
@@ -584,20 +586,32 @@ def token_logprobs(
     targets: Tensor,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """[B, T] fp32 log-probs of ``targets`` under ``hidden @ weight.T / temperature``, without
     gradient and chunked over tokens (old-policy and reference log-probs in the recipe).
-    Padding positions get values too; the caller masks them."""
-    hidden, weight = _full(hidden), _full(weight)
+
+    ``mask`` [B, T]: only these positions are projected to the vocabulary, the others (a
+    rollout's prompt and padding: a third or more of its positions) get 0. Pass it on the
+    host, as the rollout holds it, and finding the positions costs no device sync. Without
+    it every position is projected and the caller masks the result."""
+    hidden, weight = unshard(hidden), unshard(weight)
     batch, seq_len, dim = hidden.shape
     flat_h = hidden.reshape(-1, dim)
     flat_t = targets.reshape(-1).long()
-    out = torch.empty(flat_t.shape, dtype=torch.float32, device=hidden.device)
+    positions = None
+    if mask is not None:
+        positions = mask.reshape(-1).bool().nonzero().squeeze(1).to(hidden.device)
+        flat_h, flat_t = flat_h.index_select(0, positions), flat_t.index_select(0, positions)
+    picked_logp = torch.empty(flat_t.shape, dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for start in range(0, flat_t.numel(), chunk_size):
             end = min(start + chunk_size, flat_t.numel())
             z = (flat_h[start:end] / temperature) @ weight.detach().t()
             z = z.float() if z.dtype != torch.float32 else z
             picked = z.gather(1, flat_t[start:end, None]).squeeze(1)
-            out[start:end] = picked - torch.logsumexp(z, dim=-1)
-    return out.view(batch, seq_len)
+            picked_logp[start:end] = picked - torch.logsumexp(z, dim=-1)
+    if positions is None:
+        return picked_logp.view(batch, seq_len)
+    out = torch.zeros(batch * seq_len, dtype=torch.float32, device=hidden.device)
+    return out.index_copy_(0, positions, picked_logp).view(batch, seq_len)

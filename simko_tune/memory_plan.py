@@ -8,8 +8,13 @@ the meta device) and the config, so that a setting that cannot fit is caught in 
 - FSDP2's unsharded compute copies in the compute dtype: the root (embedding, output
   projection; it is not resharded after forward) and two gathered blocks (one in use, one
   prefetched);
+- with ``loss.kl_coef > 0``, the frozen reference policy: built and sharded like the policy
+  (fp32, over the same ranks) but parameters only, no gradients or optimizer state; the
+  recipe reshards it after its forward-only pass, so it keeps no compute copies;
 - with ``ppo.defer_grad_sync`` over several data-parallel ranks, the unsharded fp32
-  gradients each rank accumulates until the mini-batch's last micro-batch;
+  gradients each rank accumulates until the mini-batch's last micro-batch, and the gathered
+  compute copies of the other blocks, kept between micro-batches so that no forward
+  all-gathers them again;
 - activations of one micro-batch (``ppo.max_tokens_per_micro_batch`` tokens, or
   ``micro_batch_size`` rows padded to prompt + response tokens), with and without
   activation checkpointing;
@@ -88,7 +93,9 @@ class MemoryPlan:
     gradients: int
     optimizer_state: int
     compute_copies: int
+    reference: int  # the KL penalty's frozen reference policy (loss.kl_coef > 0)
     deferred_gradients: int  # unsharded fp32 gradients while sync waits for the last micro-batch
+    deferred_parameters: int  # the blocks' gathered compute copies kept meanwhile
     activations_checkpointed: int
     activations_full: int
     loss_chunk: int
@@ -110,7 +117,9 @@ class MemoryPlan:
             + self.gradients
             + self.optimizer_state
             + self.compute_copies
+            + self.reference
             + self.deferred_gradients
+            + self.deferred_parameters
             + self.activations
             + self.loss_chunk
         )
@@ -147,7 +156,9 @@ class MemoryPlan:
             f"gradients (fp32)       {gib(self.gradients)}",
             f"optimizer state        {gib(self.optimizer_state)}   {self.notes['optimizer']}",
             f"compute copies         {gib(self.compute_copies)}   {self.notes['compute']}",
+            f"reference model        {gib(self.reference)}   {self.notes['reference']}",
             f"deferred gradients     {gib(self.deferred_gradients)}   {self.notes['deferred']}",
+            f"deferred parameters    {gib(self.deferred_parameters)}",
             f"activations, AC        {gib(self.activations_checkpointed)}   {self.notes['tokens']}",
             f"activations, no AC     {gib(self.activations_full)}",
             f"loss chunk             {gib(self.loss_chunk)}   {self.notes['loss']}",
@@ -238,11 +249,29 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         publication_note = "engine dtype auto: bf16 checkpoints assumed"
     publication = shape.num_params * _dtype_bytes(engine_dtype, "generation.engine_kwargs.dtype")
 
+    # loss.kl_coef > 0: the recipe builds the reference like the policy (fp32, sharded over
+    # the same ranks) and keeps only its parameters
+    with_reference = float(cfg.loss.get("kl_coef", 0.0)) > 0
+    reference = shape.num_params * MASTER_BYTES // shards if with_reference else 0
+    reference_note = (
+        f"loss.kl_coef > 0: fp32 parameters over {shards} ranks" if with_reference else "none"
+    )
+
     # ppo.defer_grad_sync: FSDP2 accumulates unsharded gradients (reduce dtype fp32) on each
     # rank until the mini-batch's last micro-batch reduces them
     deferred = bool(cfg.ppo.get("defer_grad_sync", False)) and dp > 1
     deferred_gradients = shape.num_params * FP32 // tp if deferred else 0
-    deferred_note = "ppo.defer_grad_sync: unsharded fp32" if deferred else "none"
+    # ... and keeps the parameters it gathered (set_gradient_sync): every block's compute
+    # copy, of which two are counted in compute_copies already
+    other_blocks = shape.num_layers - 2
+    deferred_parameters = (
+        max(other_blocks, 0) * shape.block_params * compute_bytes // tp if deferred else 0
+    )
+    deferred_note = (
+        f"ppo.defer_grad_sync: unsharded fp32 grads, gathered {compute_bytes} B/param blocks"
+        if deferred
+        else "none"
+    )
 
     device_memory, device_note = device_memory_bytes(cfg)
     return MemoryPlan(
@@ -250,7 +279,9 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         gradients=parameters,
         optimizer_state=optimizer_state,
         compute_copies=compute_copies,
+        reference=reference,
         deferred_gradients=deferred_gradients,
+        deferred_parameters=deferred_parameters,
         activations_checkpointed=activations_checkpointed,
         activations_full=activations_full,
         loss_chunk=loss_chunk,
@@ -260,6 +291,7 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         notes={
             "optimizer": optimizer_note,
             "compute": compute_note,
+            "reference": reference_note,
             "deferred": deferred_note,
             "tokens": tokens_note,
             "loss": f"{chunk} x {shape.vocab_size} fp32 logits + grads, [V, D] fp32 grad",

@@ -61,7 +61,8 @@ def test_7b_plan_matches_hand_arithmetic(plan_7b):
     assert plan_7b["loss_chunk"] == 2 * 3072 * V * 4 + V * D * 4
     assert plan_7b["publication"] == N_7B * 2  # bf16 engines: 15.2 GB
     assert plan_7b["activation_checkpointing"] is True
-    assert plan_7b["deferred_gradients"] == 0
+    assert plan_7b["deferred_gradients"] == plan_7b["deferred_parameters"] == 0
+    assert plan_7b["reference"] == 0  # loss.kl_coef: 0.0, no reference policy is built
     total = sharded + plan_7b["compute_copies"] + plan_7b["activations_checkpointed"]
     assert plan_7b["total"] == total + plan_7b["loss_chunk"]
     assert plan_7b["total"] == pytest.approx(43 * GB, rel=0.02)  # "About 43 GB ... of 80"
@@ -155,6 +156,45 @@ def test_token_budget_and_deferred_gradient_sync():
     per_token_block = 6 * D + 2 * KV + 4 * FF
     assert plan.activations_checkpointed == 16384 * D * L * 2 + 16384 * per_token_block * 2
     assert plan.deferred_gradients == N_7B * 4  # the comment's "+30 GB" per rank
+    # the blocks' bf16 copies stay gathered between micro-batches; 2 are in compute_copies
+    assert plan.deferred_parameters == (L - 2) * BLOCK * 2
+    assert plan.total == (
+        plan.parameters + plan.gradients + plan.optimizer_state + plan.compute_copies
+        + N_7B * 4 + (L - 2) * BLOCK * 2 + plan.activations_checkpointed + plan.loss_chunk
+    )  # fmt: skip
     assert plan.loss_chunk == 2 * 3072 * V * 4 + V * D * 4
     single = estimate_memory(shape, raw, dp=1, tp=1)
-    assert single.deferred_gradients == 0  # nothing to reduce over one rank
+    assert single.deferred_gradients == single.deferred_parameters == 0  # one rank: no sync
+
+
+def test_kl_reference_adds_its_sharded_fp32_parameters(capsys):
+    """loss.kl_coef > 0 builds a frozen copy of the policy, sharded like it: fp32 parameters
+    over the 4 ranks, no gradients, no optimizer state, no kept compute copies."""
+    base = dry_run(_cfg("qwen2_5_7b"))["memory"]
+    capsys.readouterr()
+    kl = dry_run(_cfg("qwen2_5_7b", "loss.kl_coef=0.05"))["memory"]
+    assert kl["reference"] == N_7B * 4 // 4  # 7.6 GB
+    assert kl["total"] == base["total"] + N_7B * 4 // 4
+    for key in ("parameters", "gradients", "optimizer_state", "compute_copies"):
+        assert kl[key] == base[key]
+    assert kl["notes"]["reference"] == "loss.kl_coef > 0: fp32 parameters over 4 ranks"
+    assert "reference model" in capsys.readouterr().out
+    tp = dry_run(_cfg("qwen2_5_7b", "loss.kl_coef=0.05", "parallel.tp=2", "parallel.dp_shard=2"))
+    assert tp["memory"]["reference"] == N_7B * 4 // 4  # TP x FSDP: still 4 shards
+
+
+@pytest.mark.parametrize(
+    "name", ["qwen2_5_7b", "qwen2_5_math_7b", "llama3_2_3b", "qwen2_5_1_5b", "qwen2_5_0_5b"]
+)
+def test_config_comment_states_the_plans_total(name, capsys):
+    """Each GPU config's header says "About N GB (X GiB) of 80": the plan's total, with the
+    config's own settings (ppo.defer_grad_sync included where it is on)."""
+    import re
+
+    lines = (CONFIGS / f"{name}.yaml").read_text().splitlines()
+    header = " ".join(line.lstrip("# ") for line in lines if line.startswith("#"))
+    stated = re.search(r"About \d+ GB \(([\d.]+) GiB\) of 80", header)
+    assert stated, f"{name}.yaml states no total"
+    plan = dry_run(_cfg(name))["memory"]
+    capsys.readouterr()
+    assert f"{plan['total'] / 2**30:.1f}" == stated.group(1)

@@ -31,7 +31,6 @@ import mmap
 import os
 import re
 import shutil
-import socket
 import stat
 import tempfile
 import threading
@@ -39,7 +38,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -48,7 +47,13 @@ from torch import nn
 
 from simko_tune.generation.types import GenerationError
 from simko_tune.models import tune_to_hf_converter
-from simko_tune.parallel.collectives import barrier, broadcast_object, full_tensor
+from simko_tune.parallel.collectives import (
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    full_tensor,
+    hostnames,
+)
 from simko_tune.paths import checksum_file, replace_dir
 
 MANIFEST = "manifest.json"
@@ -165,8 +170,7 @@ def _publication_writers() -> list[int]:
     node-local /dev/shm on a multi-node trainer). Collective."""
     if not dist.is_initialized():
         return [0]
-    hosts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
+    hosts = hostnames()
     return [r for r, h in enumerate(hosts) if h == hosts[0]]
 
 
@@ -250,9 +254,7 @@ def write_shards(
     if shard:
         flush()
     if distributed:  # every shard is written before rank 0 lists them
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, files)
-        files = [f for rank_files in gathered for f in rank_files]
+        files = [f for rank_files in all_gather_object(files) for f in rank_files]
     return files
 
 

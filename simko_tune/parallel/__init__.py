@@ -12,9 +12,11 @@ from simko_tune.parallel.apply import (
     load_rank0_state_dict,
     materialize,
     parallelize_model,
+    reshard,
     set_gradient_sync,
 )
 from simko_tune.parallel.collectives import (
+    all_gather_object,
     all_reduce_max,
     all_reduce_sum,
     barrier,
@@ -22,8 +24,10 @@ from simko_tune.parallel.collectives import (
     dp_coords,
     dp_group,
     full_tensor,
+    hostnames,
     init_distributed,
     shutdown_distributed,
+    unshard,
     wait_group,
 )
 from simko_tune.parallel.mesh import ParallelDims, clip_grad_norm_
@@ -32,6 +36,7 @@ from simko_tune.parallel.tp_plans import get_tp_plan
 
 __all__ = [
     "ParallelDims",
+    "all_gather_object",
     "all_reduce_max",
     "all_reduce_sum",
     "apply_ac",
@@ -47,13 +52,16 @@ __all__ = [
     "full_tensor",
     "get_tp_plan",
     "hidden_states",
+    "hostnames",
     "init_distributed",
     "load_rank0_state_dict",
     "materialize",
     "micro_batches",
     "parallelize_model",
+    "reshard",
     "row_lengths",
     "set_gradient_sync",
     "shutdown_distributed",
+    "unshard",
     "wait_group",
 ]

@@ -35,6 +35,7 @@ from torchtune.modules import TransformerDecoder, TransformerSelfAttentionLayer
 from torchtune.modules.tied_linear import TiedLinear
 
 from simko_tune.models import final_hidden, output_weight
+from simko_tune.parallel.collectives import unshard
 from simko_tune.parallel.tp_plans import get_tp_plan
 
 # Name of the FSDP forward method ``apply_fsdp`` binds on the model.
@@ -176,10 +177,24 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     Off for all but the last micro-batch of a mini-batch, the reduce-scatter runs once per
     optimizer step instead of once per micro-batch; meanwhile each rank accumulates
     unsharded gradients (memory: one full gradient copy per rank, in the reduce dtype).
+    The parameters gathered in that backward stay gathered too (FSDP2's
+    ``set_reshard_after_backward``), so the next micro-batch's forward all-gathers nothing:
+    one more unsharded copy of the parameters, in the compute dtype, between micro-batches.
+    The last micro-batch (``enabled``) reshards them before the optimizer steps the shards.
     A no-op on a model that FSDP2 did not shard.
     """
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(enabled)
+        model.set_reshard_after_backward(enabled)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters of ``model``. The root does not reshard after
+    forward (see ``apply_fsdp``) and only backward reshards it, so a model that runs forward
+    only (the KL reference) would otherwise keep its root's compute copy for good. A no-op
+    on a model that FSDP2 did not shard."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
 
 
 def hidden_states(
@@ -213,7 +228,7 @@ def full_output_weight(model: nn.Module) -> torch.Tensor:
             "full_output_weight: the output weight is FSDP-sharded; call it after "
             "hidden_states(model, tokens) in the same forward, before backward"
         )
-    return weight.full_tensor()
+    return unshard(weight)
 
 
 def load_rank0_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from typing import Any
 
 import torch
@@ -90,6 +91,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (pickled, over the CPU wait group:
+    ranks may reach it after unequal shares of work, such as writing files)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_wait_group)
+    return out
+
+
+def hostnames() -> list[str]:
+    """Each rank's host name, in rank order: which ranks share a node (and its files)."""
+    return all_gather_object(socket.gethostname())
+
+
 def all_reduce_sum(x: torch.Tensor | float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum of ``x`` over the ranks of ``group`` (a new tensor; ``x`` is left untouched), on
     the device the group's backend needs (CUDA for NCCL) — the result stays there.
@@ -132,8 +148,13 @@ def dp_coords(mesh) -> tuple[int, int]:
     return dp.get_local_rank(), dp.size()
 
 
+def unshard(t: torch.Tensor) -> torch.Tensor:
+    """The global tensor behind a DTensor (FSDP2/TP), differentiably: the gradient goes back
+    to each rank's shard. A plain tensor is returned as it is. A collective for a DTensor:
+    every rank of its mesh calls it."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor, detached (a collective for FSDP2/TP DTensors: every rank calls it)."""
-    if isinstance(t, DTensor):
-        t = t.full_tensor()
-    return t.detach()
+    return unshard(t).detach()

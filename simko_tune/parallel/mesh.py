@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from simko_tune.parallel.collectives import unshard
+
 
 @dataclass
 class ParallelDims:
@@ -71,9 +73,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     squares = []
     for group in groups.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squares.append(norm.float() ** 2)
+        squares.append(unshard(norm).float() ** 2)
     total = torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0)
     for group in groups.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)

@@ -417,8 +417,16 @@ def test_token_logprobs_matches_log_softmax(batch_factory):
     got = token_logprobs(b["hidden"], b["weight"], b["targets"], temperature=0.9, chunk_size=7)
     with torch.no_grad():
         logp = torch.log_softmax(b["hidden"] @ b["weight"].T / 0.9, -1)
-    close(got, logp.gather(-1, b["targets"][..., None]).squeeze(-1))
+    expected = logp.gather(-1, b["targets"][..., None]).squeeze(-1)
+    close(got, expected)
     assert not got.requires_grad
+    # with a mask only its positions are projected; the rest are 0
+    mask = b["mask"].bool()
+    masked = token_logprobs(
+        b["hidden"], b["weight"], b["targets"], temperature=0.9, chunk_size=7, mask=mask
+    )
+    close(masked, torch.where(mask, expected, torch.zeros_like(expected)))
+    assert 0 < int(mask.sum()) < mask.numel()
 
 
 def test_config_validation_names_the_field():

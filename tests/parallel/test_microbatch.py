@@ -64,3 +64,37 @@ def test_uneven_ranks_split_until_counts_agree():
 def test_rows_must_split_over_ranks():
     with pytest.raises(ValueError, match="5 rows do not split evenly over 2"):
         micro_batches(range(5), torch.ones(5), 0, 2, max_rows=1, max_tokens=10)
+
+
+def _naive_best_packing(sizes: list[int], budget: int) -> tuple[int, int]:
+    """(bins, padded positions) of the best split of the sorted rows into consecutive bins,
+    by trying every split: fewest bins first, then least padding."""
+    sizes = sorted(sizes, reverse=True)
+    best = None
+    for cuts in range(2 ** (len(sizes) - 1)):  # bit k set: a bin ends after row k
+        bins, start = [], 0
+        for k in range(len(sizes)):
+            if k == len(sizes) - 1 or cuts >> k & 1:
+                bins.append(sizes[start : k + 1])
+                start = k + 1
+        if all(len(b) == 1 or len(b) * b[0] <= budget for b in bins):
+            cost = (len(bins), sum(len(b) * b[0] for b in bins))
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_packing_pads_less_than_greedy_filling_with_as_many_bins():
+    # greedy fills [100, 60] then [59, 58]: 318 positions; [100] + [60, 59, 58] pads 280
+    lengths = torch.tensor([100, 60, 59, 58])
+    plan = micro_batches(range(4), lengths, 0, 1, max_rows=1, max_tokens=200)
+    assert [sorted(lengths[mb].tolist()) for mb in plan] == [[100], [58, 59, 60]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_packing_matches_exhaustive_search(seed):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(10, 300, (10,), generator=gen)
+    budget = int(torch.randint(250, 1200, (1,), generator=gen))
+    plan = micro_batches(range(10), lengths, 0, 1, max_rows=1, max_tokens=budget)
+    padded = sum(len(mb) * int(lengths[mb].max()) for mb in plan)
+    assert (len(plan), padded) == _naive_best_packing(lengths.tolist(), budget)

@@ -9,13 +9,22 @@ wrong dp averaging would hide in the weights alone.
 from __future__ import annotations
 
 import importlib.util
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 from harness import run_torchrun
 
-from simko_tune.parallel import ParallelDims, all_reduce_sum, get_tp_plan, parallelize_model
+from simko_tune.parallel import (
+    ParallelDims,
+    all_gather_object,
+    all_reduce_sum,
+    get_tp_plan,
+    hostnames,
+    parallelize_model,
+    unshard,
+)
 
 WORKER = Path(__file__).with_name("train_worker.py")
 TIMEOUT_S = 150
@@ -138,6 +147,21 @@ def test_reference_step_moves_every_parameter(qwen2_reference):
 def test_fsdp2_two_ranks_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
     got = train_ranks(2, ["--model", qwen2_spec, "--family", "qwen2"], tmp_path / "r.pt")
     assert_same_step(got, qwen2_reference)
+    # the recipe reshards the forward-only KL reference: without it the root stays gathered
+    assert got["root_kept_after_forward_only"] and got["root_freed_by_reshard"]
+    assert got["gathered"] == [{"rank": 0}, {"rank": 1}]  # every rank's object, in rank order
+    assert got["hostnames"] == [socket.gethostname()] * 2
+
+
+@pytest.mark.slow
+def test_fsdp2_deferred_gradient_sync_matches_one_process(qwen2_spec, qwen2_reference, tmp_path):
+    """Micro-batches with the gradient sync on the last only (ppo.defer_grad_sync): the same
+    step, with the gathered parameters kept between micro-batches and resharded at the end."""
+    args = ["--model", qwen2_spec, "--family", "qwen2", "--micro-batches", "2"]
+    got = train_ranks(2, args, tmp_path / "r.pt")
+    assert_same_step(got, qwen2_reference)
+    assert got["held_between_micro_batches"] == [True]
+    assert got["sharded_after_last"]
 
 
 @pytest.mark.slow
@@ -207,6 +231,9 @@ def test_single_process_has_no_mesh_and_plain_sums():
     total = all_reduce_sum(x)
     assert torch.equal(total, x) and total is not x
     assert all_reduce_sum(3).item() == 3
+    assert all_gather_object({"a": 1}) == [{"a": 1}]
+    assert hostnames() == [socket.gethostname()]
+    assert unshard(x) is x
 
 
 def test_tp_plans():

@@ -19,11 +19,15 @@ from torch.distributed.tensor import DTensor
 from simko_tune.models import model_from_hf_config, output_weight, read_hf_config
 from simko_tune.parallel import (
     ParallelDims,
+    all_gather_object,
     all_reduce_sum,
     full_output_weight,
     hidden_states,
+    hostnames,
     init_distributed,
     parallelize_model,
+    reshard,
+    set_gradient_sync,
     shutdown_distributed,
 )
 
@@ -94,8 +98,10 @@ def train_step(
     ac: bool = False,
     compile_blocks: bool = False,
     mixed_precision: str | None = None,
+    micro_batches: int = 1,
 ) -> dict | None:
-    """One AdamW step; rank 0 (or the single process) returns the results."""
+    """One AdamW step; rank 0 (or the single process) returns the results. With several
+    ``micro_batches`` each rank splits its rows and syncs gradients on the last one only."""
     rank, _ = init_distributed()
     mesh = ParallelDims(dp_shard=dp, tp=tp).build_mesh("cpu")
     model = build_model(model_spec)
@@ -118,26 +124,59 @@ def train_step(
     lo, hi = DP_SLICES[dp_size][dp_rank]
     tokens, valid = tokens[lo:hi], valid[lo:hi]
 
-    try:  # the FSDP guard: before hidden_states the weight is dp-sharded
-        full_output_weight(model)
-        guard_raised = False
-    except RuntimeError:
-        guard_raised = True
-    h = hidden_states(model, tokens[:, :-1])
-    weight = full_output_weight(model)
-    logp = F.log_softmax(h.float() @ weight.float().T, dim=-1)
-    nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    guard_raised = root_sharded(model)  # the FSDP guard: before hidden_states it raises
     token_count = all_reduce_sum(valid.sum(), group=dp_group)
-    loss = (nll * valid).sum() / token_count
-    loss.backward()
+    loss = torch.zeros(())
+    held = []  # after each deferred backward: are the gathered parameters kept?
+    parts = torch.arange(len(tokens)).tensor_split(micro_batches)
+    for i, rows in enumerate(parts):
+        set_gradient_sync(model, i == len(parts) - 1)
+        h = hidden_states(model, tokens[rows, :-1])
+        weight = full_output_weight(model)
+        logp = F.log_softmax(h.float() @ weight.float().T, dim=-1)
+        nll = -logp.gather(-1, tokens[rows, 1:, None]).squeeze(-1)
+        part = (nll * valid[rows]).sum() / token_count
+        part.backward()
+        loss = loss + part.detach()
+        if i < len(parts) - 1:
+            held.append(not root_sharded(model))
+    sharded_after_last = root_sharded(model)  # before the optimizer steps the shards
 
     grads = {clean(n): full(q.grad) for n, q in model.named_parameters()}
     optimizer.step()
     params = {clean(n): full(q) for n, q in model.named_parameters()}
     global_loss = all_reduce_sum(loss.detach(), group=dp_group)
+    # a forward-only pass (the KL reference's) keeps the root unsharded until reshard()
+    with torch.no_grad():
+        hidden_states(model, tokens[:, :-1])
+    root_kept = not root_sharded(model)
+    reshard(model)
+    root_freed = root_sharded(model)
+    gathered = all_gather_object({"rank": rank})
+    hosts = hostnames()
     if rank != 0:
         return None
-    return {"loss": global_loss, "grads": grads, "params": params, "guard_raised": guard_raised}
+    return {
+        "loss": global_loss,
+        "grads": grads,
+        "params": params,
+        "guard_raised": guard_raised,
+        "held_between_micro_batches": held,
+        "sharded_after_last": sharded_after_last,
+        "root_kept_after_forward_only": root_kept,
+        "root_freed_by_reshard": root_freed,
+        "gathered": gathered,
+        "hostnames": hosts,
+    }
+
+
+def root_sharded(model: torch.nn.Module) -> bool:
+    """Whether the output weight is FSDP-sharded now (``full_output_weight`` raises)."""
+    try:
+        full_output_weight(model)
+        return False
+    except RuntimeError:
+        return True
 
 
 def main() -> None:
@@ -149,11 +188,19 @@ def main() -> None:
     p.add_argument("--ac", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--mixed-precision", default=None)
+    p.add_argument("--micro-batches", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(1)
     result = train_step(
-        args.model, args.family, args.dp, args.tp, args.ac, args.compile, args.mixed_precision
+        args.model,
+        args.family,
+        args.dp,
+        args.tp,
+        args.ac,
+        args.compile,
+        args.mixed_precision,
+        args.micro_batches,
     )
     shutdown_distributed()
     if result is not None:
