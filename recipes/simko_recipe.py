@@ -371,7 +371,8 @@ class SimKORecipe:
 
             if cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0:
                 self.evaluate()
-            if self.step % cfg.checkpoint.every_n_steps == 0 or self.step == cfg.max_steps:
+            every = cfg.checkpoint.every_n_steps  # 0: only the final save
+            if (every and self.step % every == 0) or self.step == cfg.max_steps:
                 self.save_checkpoint()
         progress.close()
 

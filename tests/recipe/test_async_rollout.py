@@ -113,14 +113,21 @@ def test_staleness_zero_is_the_synchronous_loop(tmp_path, policy_dir):
     finally:
         ref.cleanup()
 
-    run = make_recipe(tmp_path / "run", policy_dir, **{"rollout.max_staleness": 0})
+    run = make_recipe(
+        tmp_path / "run",
+        policy_dir,
+        **{"rollout.max_staleness": 0, "checkpoint.every_n_steps": 0},  # 0: the final save only
+    )
     try:
         seen = _spy_updates(run)
+        saved, save = [], run.save_checkpoint
+        run.save_checkpoint = lambda: (saved.append(run.step), save())
         run.train()
         got = _weights(run)
     finally:
         run.cleanup()
     assert len(seen) == 2 and all(s["is_weights"] is None for s in seen)
+    assert saved == [2]
     assert any(float(r.rewards.std()) > 0 for r in ref_rollouts), "no learning signal"
     for s, r in zip(seen, ref_rollouts):
         assert torch.equal(s["rollout"].tokens, r.tokens)
