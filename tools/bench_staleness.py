@@ -83,16 +83,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--last", type=int, default=40, help="steps the reward is averaged over")
     parser.add_argument("--seeds", default="0", help="comma list")
+    parser.add_argument("--staleness", default="0,1", help="comma list of 0, 1 (default both)")
     parser.add_argument("--work-dir", default=None, help="default: a temp dir")
     args = parser.parse_args()
     if not 2 <= args.last <= args.steps:
         parser.error("--last must be between 2 and --steps")
     seeds = [int(s) for s in args.seeds.split(",")]
+    levels = [int(s) for s in args.staleness.split(",")]
+    if not set(levels) <= {0, 1}:
+        parser.error("--staleness: 0 and/or 1")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_staleness_"))
     print(f"work dir {work}; {args.steps} steps, seeds {seeds}", flush=True)
     runs = []
     for seed in seeds:
-        for staleness in (0, 1):
+        for staleness in levels:
             r = run(work / f"s{staleness}_seed{seed}", args.steps, staleness, seed, args.last)
             runs.append(r)
             print(
@@ -101,6 +105,20 @@ def main() -> None:
                 f"last {args.last} {r['reward_last_mean']:.4f} ± {r['reward_last_sem']:.4f}",
                 flush=True,
             )
+
+    if len(levels) < 2:  # one level alone: its runs, no comparison
+        print(
+            json.dumps(
+                {
+                    "bench": "staleness",
+                    "steps": args.steps,
+                    "last": args.last,
+                    "seeds": seeds,
+                    "runs": runs,
+                }
+            )
+        )
+        return
 
     def pooled(staleness: int, key: str) -> float:
         return statistics.fmean(r[key] for r in runs if r["staleness"] == staleness)
