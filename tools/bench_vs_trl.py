@@ -66,19 +66,22 @@ def tiny_policy() -> Path:
     return ensure_tiny_policy(Path.home() / ".cache" / "simko_tune" / "tiny_cpu_policy")
 
 
-def qwen2_5_0_5b_shape(root: Path) -> Path:
-    """Qwen2.5-0.5B's shape, random weights, a 1,000-token byte-level BPE vocabulary trained
-    on the Countdown prompts (Qwen2's pre-tokenizer, like tiny_cpu's)."""
+def qwen2_5_0_5b_shape(root: Path, layers: int = 24) -> Path:
+    """Qwen2.5-0.5B's shape (``layers`` of its 24 blocks), random weights, a 1,000-token
+    byte-level BPE vocabulary trained on the Countdown prompts (Qwen2's pre-tokenizer, like
+    tiny_cpu's)."""
     from simko_tune.countdown import load_countdown
     from simko_tune.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
 
-    model = root / "qwen2_5_0_5b_shape"
+    model = root / ("qwen2_5_0_5b_shape" + ("" if layers == 24 else f"_{layers}_layers"))
     if (model / "config.json").is_file():
         return model
-    corpus = [f"{p.problem} {p.answer}" for p in load_countdown("train", n=1551, seed=0)]
-    tok = train_tokenizer(corpus, root / "tokenizer_1000", vocab_size=1000)
+    tok = root / "tokenizer_1000"
+    if not (tok / "tokenizer.json").is_file():
+        corpus = [f"{p.problem} {p.answer}" for p in load_countdown("train", n=1551, seed=0)]
+        tok = train_tokenizer(corpus, tok, vocab_size=1000)
     dims = TinyQwen2Dims(
-        num_layers=24,
+        num_layers=layers,
         num_heads=14,
         num_kv_heads=2,
         embed_dim=896,
