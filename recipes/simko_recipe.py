@@ -337,7 +337,8 @@ class SimKORecipe:
             self.step += 1
 
             if self.is_rank_zero:
-                stats.update(_rollout_stats(rollout, old_logprobs, cfg.rollout.samples_per_prompt))
+                measured = old_logprobs if cfg.rollout.old_logprobs == "trainer" else None
+                stats.update(_rollout_stats(rollout, measured, cfg.rollout.samples_per_prompt))
                 stats.update(is_stats)
                 staleness = (self.weight_version - 1 - rollout.weight_versions).float()
                 stats["rollout/staleness_mean"] = float(staleness.mean())
@@ -371,7 +372,8 @@ class SimKORecipe:
 
             if cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0:
                 self.evaluate()
-            if self.step % cfg.checkpoint.every_n_steps == 0 or self.step == cfg.max_steps:
+            every = cfg.checkpoint.every_n_steps  # 0: only the final save
+            if (every and self.step % every == 0) or self.step == cfg.max_steps:
                 self.save_checkpoint()
         progress.close()
 
@@ -496,6 +498,10 @@ class SimKORecipe:
         of an on-policy rollout); ``ref_logprobs``: the KL penalty's reference;
         ``is_weights``: per-token off-policy correction.
 
+        Without ``old_logprobs`` no separate pass measured the generator-vs-trainer mismatch,
+        so the first mini-batch's loss measures it: its current log-probs precede any
+        optimizer step of this update, so they are the pre-update policy's.
+
         Per mini-batch: micro-batches (token budget) forward + backward, gradients reduced
         over data-parallel ranks on the last one only, clip, a NaN/inf guard, the step.
         Metrics stay on the device; the guard's flag is the loop's one host sync per
@@ -515,10 +521,12 @@ class SimKORecipe:
         rows_per_update = cfg.ppo.mini_batch_prompts * g
         sums: dict[str, torch.Tensor] = {}  # token-weighted metric sums of this rank's rows
         loss_sum = grad_norm_sum = ratio_max = torch.zeros((), device=self.device)
+        mismatch = {"sum": ratio_max, "tokens": ratio_max, "max": ratio_max}  # see above
         num_updates = skipped = 0
-        for _ in range(cfg.ppo.epochs):
+        for epoch in range(cfg.ppo.epochs):
             for start in range(0, len(rollout), rows_per_update):
                 mini = range(start, min(start + rows_per_update, len(rollout)))
+                measure = old_logprobs is None and epoch == 0 and start == 0
                 normalizer = self._normalizer(rollout, mini)
                 mini_loss = torch.zeros((), device=self.device)
                 micro = self._micro_batches(rollout, mini, cfg.ppo.max_tokens_per_micro_batch)
@@ -541,11 +549,24 @@ class SimKORecipe:
                         ref_logprobs=_rows(ref_logprobs, rows, width, self.device),
                         normalizer=normalizer,
                         is_weights=_rows(is_weights, rows, width, self.device),
+                        sampler_logprobs=(
+                            _rows(rollout.worker_logprobs, rows, width, self.device)
+                            if measure
+                            else None
+                        ),
                     )
                     loss.backward()
                     mini_loss = mini_loss + loss.detach()
                     n_tok = metrics.pop("num_tokens")
                     ratio_max = torch.maximum(ratio_max, metrics.pop("ratio_max").detach())
+                    if measure:
+                        mismatch["sum"] = (
+                            mismatch["sum"] + metrics.pop("logprob_mismatch_mean_abs") * n_tok
+                        )
+                        mismatch["tokens"] = mismatch["tokens"] + n_tok
+                        mismatch["max"] = torch.maximum(
+                            mismatch["max"], metrics.pop("logprob_mismatch_max_abs")
+                        )
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v.detach() * n_tok
                     sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
@@ -574,6 +595,14 @@ class SimKORecipe:
         out["grad_norm_mean"] = float(grad_norm_sum) / max(num_updates, 1)
         # a maximum over every micro-batch of every rank, not a mean of maxima
         out["ratio_max"] = float(all_reduce_max(ratio_max, group=self.dp_group))
+        if old_logprobs is None:
+            total = all_reduce_sum(
+                torch.stack([mismatch["sum"], mismatch["tokens"]]).float(), group=self.dp_group
+            ).tolist()
+            out["logprob_mismatch/mean_abs"] = total[0] / max(total[1], 1.0)
+            out["logprob_mismatch/max_abs"] = float(
+                all_reduce_max(mismatch["max"], group=self.dp_group)
+            )
         out["updates_skipped_nonfinite"] = float(skipped)
         out["kept_responses"] = float(len(kept))
         return out

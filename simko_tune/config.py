@@ -151,7 +151,7 @@ class ParallelSection:
 
 @dataclass
 class CheckpointSection:
-    every_n_steps: int = 50
+    every_n_steps: int = 50  # 0: only the final save
     keep_last: int = 2
 
 

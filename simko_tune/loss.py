@@ -267,6 +267,7 @@ _METRIC_SUMS = (
     "ratio_mean",
     "approx_kl",
     "kl_ref",
+    "logprob_mismatch_mean_abs",  # |current - sampler| log-prob, when sampler_logprobs given
 )
 
 
@@ -368,6 +369,7 @@ def policy_loss(
     ref_logprobs: Tensor | None = None,
     normalizer: Tensor | float | None = None,
     is_weights: Tensor | None = None,
+    sampler_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy loss of ``cfg.mode`` from final hidden states, with its diagnostics.
 
@@ -391,6 +393,11 @@ def policy_loss(
         is_weights: [B, T] per-token importance weights (decoupled PPO's off-policy
             correction, already truncated by the caller), constants multiplied into each
             token's loss and hence its gradient; ``None`` means 1.
+        sampler_logprobs: [B, T] the generator's log-probs of ``targets``, for a diagnostic
+            only (no effect on the loss): the metrics gain ``logprob_mismatch_mean_abs`` and
+            ``logprob_mismatch_max_abs``, |current − sampler| over the valid tokens. With
+            ``old_logprobs=None`` the current log-probs are the pre-update ones, so this is
+            the generator-vs-trainer mismatch without a separate old-log-prob pass.
 
     Aggregation: ``token_mean`` = Σ_tokens ℓ / normalizer; ``seq_mean_token_mean`` =
     Σ_rows mean_tokens(ℓ) / normalizer; ``seq_mean_token_sum_norm`` (Dr. GRPO) =
@@ -417,6 +424,7 @@ def policy_loss(
         ("correct", correct, (batch,)),
         ("ref_logprobs", ref_logprobs, (batch, seq_len)),
         ("is_weights", is_weights, (batch, seq_len)),
+        ("sampler_logprobs", sampler_logprobs, (batch, seq_len)),
     ):
         if tensor is not None and tuple(tensor.shape) != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
@@ -444,6 +452,8 @@ def policy_loss(
         tokens["old"] = old_logprobs.reshape(-1)[valid].float()
     if ref_logprobs is not None:
         tokens["ref"] = ref_logprobs.reshape(-1)[valid].float()
+    if sampler_logprobs is not None:
+        tokens["sampler"] = sampler_logprobs.detach().reshape(-1)[valid].float()
 
     # Per-token weight ω of the aggregation: loss = Σ_t ω_t ℓ_t.
     if cfg.agg == "token_mean":
@@ -506,7 +516,7 @@ def _fused_forward(
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if grad_weight else None
     total = torch.zeros((), dtype=torch.float32, device=device)
     sums = dict.fromkeys(_METRIC_SUMS, total)
-    thresholds_sum, ratio_max = total, total
+    thresholds_sum, ratio_max, mismatch_max = total, total, total
 
     for row0, row1, tok0, tok1 in _row_chunks(counts, cfg.chunk_size):
         t = {k: v[tok0:tok1] for k, v in tokens.items()}
@@ -563,6 +573,11 @@ def _fused_forward(
         if "kl" in terms:
             sums["kl_ref"] = sums["kl_ref"] + terms["kl"].sum()
         ratio_max = torch.maximum(ratio_max, ratio.max())
+        if "sampler" in t:
+            mismatch = (logp - t["sampler"]).abs()
+            key = "logprob_mismatch_mean_abs"
+            sums[key] = sums[key] + mismatch.sum()
+            mismatch_max = torch.maximum(mismatch_max, mismatch.max())
         thresholds_sum = thresholds_sum + thresholds.sum()
 
     num_tokens = sum(counts)
@@ -570,6 +585,10 @@ def _fused_forward(
     metrics = {k: v.float() / max(num_tokens, 1) for k, v in sums.items()}
     if "ref" not in tokens:
         del metrics["kl_ref"]
+    if "sampler" in tokens:
+        metrics["logprob_mismatch_max_abs"] = mismatch_max
+    else:
+        del metrics["logprob_mismatch_mean_abs"]
     metrics["ratio_max"] = ratio_max
     metrics["gate_threshold_mean"] = thresholds_sum / max(num_rows, 1)
     metrics["num_tokens"] = torch.tensor(float(num_tokens), device=device)

@@ -14,11 +14,13 @@ What one step contains:
   the current ones, detached: ``num_iterations=1``; no reference model: ``beta=0``) and one
   AdamW step. Its defaults that would skew a CPU timing are set explicitly: ``bf16=False``,
   ``gradient_checkpointing=False``, ``loss_type="grpo"`` (not ``dapo``), a constant lr (not
-  linear decay), ``optim="adamw_torch"``.
+  linear decay), ``optim="adamw_torch"`` (TRL's default: on CPU a per-tensor loop of
+  element-wise ops; ``--trl-optim adamw_torch_fused`` gives it the fused kernel ours uses).
 - simko-tune (``tune run simko_recipe --config tiny_cpu`` with the overrides below): generate
   through a vLLM worker process, score in the verifier process pool, forward + backward +
-  AdamW (the old-log-prob pass is skipped at staleness 0; at staleness 1 it is the proximal
-  pass of the importance weights), publish the weights and wait for the worker to reload.
+  fused AdamW (tiny_cpu's ``optimizer.fused``; the old-log-prob pass is skipped at
+  staleness 0; at staleness 1 it is the proximal pass of the importance weights), publish
+  the weights and wait for the worker to reload.
   With ``rollout.max_staleness=1`` the next step's generation and scoring run while this one
   updates. Per-step times are the recipe's ``time/step`` scalars (TensorBoard).
 
@@ -64,19 +66,22 @@ def tiny_policy() -> Path:
     return ensure_tiny_policy(Path.home() / ".cache" / "simko_tune" / "tiny_cpu_policy")
 
 
-def qwen2_5_0_5b_shape(root: Path) -> Path:
-    """Qwen2.5-0.5B's shape, random weights, a 1,000-token byte-level BPE vocabulary trained
-    on the Countdown prompts (Qwen2's pre-tokenizer, like tiny_cpu's)."""
+def qwen2_5_0_5b_shape(root: Path, layers: int = 24) -> Path:
+    """Qwen2.5-0.5B's shape (``layers`` of its 24 blocks), random weights, a 1,000-token
+    byte-level BPE vocabulary trained on the Countdown prompts (Qwen2's pre-tokenizer, like
+    tiny_cpu's)."""
     from simko_tune.demo.countdown import load_countdown
     from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
 
-    model = root / "qwen2_5_0_5b_shape"
+    model = root / ("qwen2_5_0_5b_shape" + ("" if layers == 24 else f"_{layers}_layers"))
     if (model / "config.json").is_file():
         return model
-    corpus = [f"{p.problem} {p.answer}" for p in load_countdown("train", n=1551, seed=0)]
-    tok = train_tokenizer(corpus, root / "tokenizer_1000", vocab_size=1000)
+    tok = root / "tokenizer_1000"
+    if not (tok / "tokenizer.json").is_file():
+        corpus = [f"{p.problem} {p.answer}" for p in load_countdown("train", n=1551, seed=0)]
+        tok = train_tokenizer(corpus, tok, vocab_size=1000)
     dims = TinyQwen2Dims(
-        num_layers=24,
+        num_layers=layers,
         num_heads=14,
         num_kv_heads=2,
         embed_dim=896,
@@ -95,7 +100,7 @@ def problems():
 # ----------------------------------------------------------------------------- TRL side
 
 
-def trl_worker(model_dir: str, steps: int, out: str) -> None:
+def trl_worker(model_dir: str, steps: int, out: str, optim: str) -> None:
     """One TRL run in this (fresh) process; prints ``{"step_s": [...]}`` as its last line."""
     import torch
     from datasets import Dataset
@@ -144,7 +149,7 @@ def trl_worker(model_dir: str, steps: int, out: str) -> None:
         learning_rate=BATCH["lr"],
         weight_decay=BATCH["weight_decay"],
         lr_scheduler_type="constant",
-        optim="adamw_torch",
+        optim=optim,
         max_grad_norm=1.0,
         max_steps=steps,
         logging_steps=1,
@@ -167,9 +172,9 @@ def trl_worker(model_dir: str, steps: int, out: str) -> None:
     print(json.dumps({"step_s": timer.step_s}))
 
 
-def run_trl(model_dir: Path, steps: int, work: Path) -> dict:
+def run_trl(model_dir: Path, steps: int, work: Path, optim: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, __file__, "--trl-worker", str(model_dir), str(steps), str(work)]
+    cmd = [sys.executable, __file__, "--trl-worker", str(model_dir), str(steps), str(work), optim]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"TRL run failed:\n{proc.stderr[-4000:]}")
@@ -253,14 +258,16 @@ def median_after_first(runs: list[dict]) -> float:
     return statistics.median(t for r in runs for t in r["step_s"][1:])
 
 
-def bench_model(name: str, model_dir: Path, steps: int, rounds: int, work: Path) -> dict:
+def bench_model(
+    name: str, model_dir: Path, steps: int, rounds: int, work: Path, trl_optim: str
+) -> dict:
     check_same_prompts(model_dir)
     runs: dict[str, list[dict]] = {"trl": [], "ours_s0": [], "ours_s1": []}
     for r in range(rounds):
         for key in runs:
             t0 = time.perf_counter()
             if key == "trl":
-                runs[key].append(run_trl(model_dir, steps, work / f"trl_{r}"))
+                runs[key].append(run_trl(model_dir, steps, work / f"trl_{r}", trl_optim))
             else:
                 runs[key].append(run_ours(model_dir, steps, int(key[-1]), work))
             print(
@@ -306,11 +313,12 @@ def main() -> None:
         "--tiny-model-dir", default=None, help="another tiny policy (default: tiny_cpu's)"
     )
     parser.add_argument("--work-dir", default=None, help="default: a temp dir")
-    parser.add_argument("--trl-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--trl-optim", default="adamw_torch", help="TRL's optim (its default)")
+    parser.add_argument("--trl-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker:
-        model_dir, steps, out = args.trl_worker
-        trl_worker(model_dir, int(steps), out)
+        model_dir, steps, out, optim = args.trl_worker
+        trl_worker(model_dir, int(steps), out, optim)
         return
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -324,11 +332,25 @@ def main() -> None:
     for name in models:
         if name == "tiny":
             model_dir = Path(args.tiny_model_dir) if args.tiny_model_dir else tiny_policy()
-            results[name] = bench_model(name, model_dir, args.steps_tiny, args.rounds, work)
+            results[name] = bench_model(
+                name, model_dir, args.steps_tiny, args.rounds, work, args.trl_optim
+            )
         else:
             model_dir = qwen2_5_0_5b_shape(work)
-            results[name] = bench_model(name, model_dir, args.steps_0_5b, args.rounds, work)
-    print(json.dumps({"bench": "vs_trl", "threads": THREADS, **BATCH, "results": results}))
+            results[name] = bench_model(
+                name, model_dir, args.steps_0_5b, args.rounds, work, args.trl_optim
+            )
+    print(
+        json.dumps(
+            {
+                "bench": "vs_trl",
+                "threads": THREADS,
+                **BATCH,
+                "trl_optim": args.trl_optim,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -139,3 +139,45 @@ def test_old_logprobs_none_equals_the_recomputed_pass(batch_factory, mode):
     close(without_pass[0], ref_loss)
     close(without_pass[1], ref_gh)
     close(without_pass[2], ref_gw)
+
+
+@pytest.mark.parametrize("old", ["none", "given"])
+def test_sampler_logprobs_measure_the_mismatch_and_change_nothing_else(batch_factory, old):
+    """The generator-vs-trainer diagnostic: |current - sampler| log-prob over the valid
+    tokens (mean and max), written plainly here; loss, gradients and the other metrics are
+    those of the call without it."""
+    b = batch_factory()
+    cfg = LossConfig(compile=False, chunk_size=16)  # several chunks: the max spans them
+    old_logprobs = None if old == "none" else b["old_logprobs"]
+    gen = torch.Generator().manual_seed(2)
+    sampler = b["old_logprobs"] + 0.4 * torch.randn(b["mask"].shape, generator=gen)
+    sampler[~b["mask"]] = 1e6  # padding must not count
+    args = (b["hidden"], b["weight"], b["targets"], old_logprobs, b["advantages"], b["mask"])
+    loss, metrics = policy_loss(*args, b["correct"], cfg, sampler_logprobs=sampler)
+    plain_loss, plain_metrics = policy_loss(*args, b["correct"], cfg)
+
+    current = torch.log_softmax(b["hidden"] @ b["weight"].T, -1)
+    current = current.gather(-1, b["targets"][..., None]).squeeze(-1).detach()
+    diffs = [
+        abs(float(current[i, j]) - float(sampler[i, j])) for i, j in b["mask"].nonzero().tolist()
+    ]
+    assert float(metrics["logprob_mismatch_mean_abs"]) == pytest.approx(
+        sum(diffs) / len(diffs), rel=1e-5
+    )
+    assert float(metrics["logprob_mismatch_max_abs"]) == pytest.approx(max(diffs), rel=1e-5)
+    assert "logprob_mismatch_mean_abs" not in plain_metrics
+    assert "logprob_mismatch_max_abs" not in plain_metrics
+    assert torch.equal(loss, plain_loss)
+    for k, v in plain_metrics.items():
+        assert torch.equal(metrics[k], v), k
+    grads = torch.autograd.grad(loss, (b["hidden"], b["weight"]))
+    plain_grads = torch.autograd.grad(plain_loss, (b["hidden"], b["weight"]))
+    for g, p in zip(grads, plain_grads):
+        assert torch.equal(g, p)
+
+
+def test_sampler_logprobs_shape_is_checked(batch_factory):
+    b = batch_factory()
+    args = (b["hidden"], b["weight"], b["targets"], None, b["advantages"], b["mask"])
+    with pytest.raises(ValueError, match="sampler_logprobs"):
+        policy_loss(*args, b["correct"], LossConfig(compile=False), sampler_logprobs=torch.ones(2))

@@ -113,14 +113,21 @@ def test_staleness_zero_is_the_synchronous_loop(tmp_path, policy_dir):
     finally:
         ref.cleanup()
 
-    run = make_recipe(tmp_path / "run", policy_dir, **{"rollout.max_staleness": 0})
+    run = make_recipe(
+        tmp_path / "run",
+        policy_dir,
+        **{"rollout.max_staleness": 0, "checkpoint.every_n_steps": 0},  # 0: the final save only
+    )
     try:
         seen = _spy_updates(run)
+        saved, save = [], run.save_checkpoint
+        run.save_checkpoint = lambda: (saved.append(run.step), save())
         run.train()
         got = _weights(run)
     finally:
         run.cleanup()
     assert len(seen) == 2 and all(s["is_weights"] is None for s in seen)
+    assert saved == [2]
     assert any(float(r.rewards.std()) > 0 for r in ref_rollouts), "no learning signal"
     for s, r in zip(seen, ref_rollouts):
         assert torch.equal(s["rollout"].tokens, r.tokens)
@@ -138,6 +145,9 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(tmp_path, policy_dir)
         assert not recipe._needs_old_logprobs()
         rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
         rollout.rewards[:] = torch.tensor([1.0, 0.0] * (len(rollout) // 2))  # non-zero advantages
+        # a visible generator-vs-trainer mismatch (the native generator's is ~0)
+        gen = torch.Generator().manual_seed(0)
+        rollout.worker_logprobs += 0.3 * torch.randn(rollout.mask.shape, generator=gen)
         start_model = _weights(recipe)
         start_optim = recipe.optimizer.state_dict()
         grads: list[dict[str, torch.Tensor]] = []
@@ -148,7 +158,8 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(tmp_path, policy_dir)
             return step(*args, **kwargs)
 
         recipe.optimizer.step = capture
-        with_pass = recipe._update(rollout, *recipe._old_logprobs(rollout))
+        old, _ = recipe._old_logprobs(rollout)
+        with_pass = recipe._update(rollout, old)
         recipe.model.load_state_dict(start_model)
         recipe.optimizer.load_state_dict(start_optim)
         without_pass = recipe._update(rollout, None)
@@ -157,6 +168,13 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(tmp_path, policy_dir)
     assert len(grads) == 2
     assert with_pass["loss"] == pytest.approx(without_pass["loss"], rel=1e-6, abs=1e-9)
     assert without_pass["ratio_mean"] == 1.0
+    # the mismatch diagnostic, measured in the update instead of the skipped pass, equals
+    # the pass's, written out plainly here
+    m = rollout.mask
+    diff = (old - rollout.worker_logprobs).abs()[m]
+    assert "logprob_mismatch/mean_abs" not in with_pass  # the pass's own stats log it
+    assert without_pass["logprob_mismatch/mean_abs"] == pytest.approx(float(diff.mean()), rel=1e-5)
+    assert without_pass["logprob_mismatch/max_abs"] == pytest.approx(float(diff.max()), rel=1e-5)
     assert any(g.abs().max() > 0 for g in grads[0].values())
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)

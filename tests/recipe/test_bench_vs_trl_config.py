@@ -38,3 +38,4 @@ def test_our_overrides_are_a_valid_config_with_the_promised_batch(tmp_path, stal
     assert cfg.loss.mode == "grpo" and cfg.loss.agg == "seq_mean_token_mean"
     assert cfg.lr_scheduler is None or cfg.lr_scheduler.get("_component_") is None
     assert cfg.eval.every_n_steps == 0 and not cfg.eval.before_training
+    assert cfg.optimizer.fused is True  # the docstring promises the fused AdamW kernel
