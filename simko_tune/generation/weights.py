@@ -48,7 +48,7 @@ from torch import nn
 
 from simko_tune.generation.types import GenerationError
 from simko_tune.models import tune_to_hf_converter
-from simko_tune.parallel.collectives import barrier, broadcast_object, full_tensor
+from simko_tune.parallel.collectives import barrier, broadcast_object, gather_to
 from simko_tune.paths import checksum_file, replace_dir
 
 MANIFEST = "manifest.json"
@@ -194,6 +194,26 @@ def publication_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int
     return total
 
 
+def _rounds(sizes: list[int], owners: list[int], max_shard_bytes: int) -> list[list[int]]:
+    """Tensor indices in rounds, each holding at most one shard (``max_shard_bytes``, or a
+    single larger tensor) per writer: a round gathers every writer's next shard, then all
+    writers write at once. Each writer's shards are consecutive runs of its tensors."""
+    chunks: dict[int, list[list[int]]] = {}
+    load: dict[int, int] = {}
+    for i, (size, owner) in enumerate(zip(sizes, owners)):
+        runs = chunks.setdefault(owner, [[]])
+        if runs[-1] and load[owner] + size > max_shard_bytes:
+            runs.append([])
+            load[owner] = 0
+        runs[-1].append(i)
+        load[owner] = load.get(owner, 0) + size
+    count = max((len(runs) for runs in chunks.values()), default=0)
+    return [
+        sorted(i for runs in chunks.values() if k < len(runs) for i in runs[k])
+        for k in range(count)
+    ]
+
+
 def write_shards(
     model: nn.Module,
     folder: Path,
@@ -205,11 +225,13 @@ def write_shards(
 ) -> list[dict]:
     """Write ``model``'s weights into ``folder`` as safetensors shards in Hugging Face names.
 
-    Collective: every rank takes part in gathering each sharded (FSDP2/TP) tensor, but only
-    the tensor's writer, one of ``writers`` (default: the ranks on rank 0's node), converts
-    it (floating tensors to ``dtype``; default: as they are), hashes and writes it, into its
-    own shard files, one shard (``max_shard_bytes``) in memory at a time. Returns every
-    shard's entry (name, bytes, checksum, tensor names) on rank 0, once all are written."""
+    Collective. Each tensor has one writer among ``writers`` (default: the ranks on rank 0's
+    node); floating tensors are cast to ``dtype`` (default: as they are) on the ranks that
+    hold them, then a sharded (FSDP2/TP) tensor travels to its writer alone
+    (:func:`~simko_tune.parallel.collectives.gather_to`). Work goes in rounds: all writers
+    gather their next shard (``max_shard_bytes``), then write and hash it at the same time,
+    one shard per writer in memory. Returns every shard's entry (name, bytes, checksum,
+    tensor names) on rank 0, once all are written."""
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     writers = writers if writers is not None else _publication_writers()
@@ -218,37 +240,24 @@ def write_shards(
         folder.mkdir(parents=True, exist_ok=True)
     barrier()
 
-    state = model.state_dict()
+    state = list(model.state_dict().items())
     sizes = [
         v.numel() * (dtype.itemsize if dtype and v.is_floating_point() else v.element_size())
-        for v in state.values()
+        for _, v in state
     ]
     owners = [writers[w] for w in _assign(sizes, len(writers))]
     files: list[dict] = []
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        name = f"model-r{rank:05d}-{len(files) + 1:05d}.safetensors"
-        files.append(_write_shard(shard, folder / name))
-        shard, shard_bytes = {}, 0
-
-    for (name, value), owner in zip(state.items(), owners):
-        full = full_tensor(value)  # a collective: every rank takes part
-        if rank != owner:
-            continue
-        for hf_name, t in to_hf({_clean_name(name): full}).items():
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            t = t.to("cpu").contiguous()
-            if shard and shard_bytes + t.nbytes > max_shard_bytes:
-                flush()
-            shard[hf_name] = t
-            shard_bytes += t.nbytes
-        del full
-    if shard:
-        flush()
+    for indices in _rounds(sizes, owners, max_shard_bytes):
+        shard: dict[str, torch.Tensor] = {}
+        for i in indices:
+            name, value = state[i]
+            full = gather_to(value, owners[i], dtype)  # a collective: every rank takes part
+            if full is not None:
+                for hf_name, t in to_hf({_clean_name(name): full}).items():
+                    shard[hf_name] = t.to("cpu").contiguous()
+        if shard:
+            name = f"model-r{rank:05d}-{len(files) + 1:05d}.safetensors"
+            files.append(_write_shard(shard, folder / name))
     if distributed:  # every shard is written before rank 0 lists them
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, files)
