@@ -7,8 +7,9 @@ prunes. Generators only read from the directory.
 
 A publication is ``sync_dir/v{version:06d}/``: safetensors shards in Hugging Face names, in
 the generation engine's dtype, plus ``manifest.json`` (version, files, sizes, checksums).
-Every trainer rank on rank 0's node gathers and writes its own disjoint share of the
-tensors into its own shard files in ``v{version:06d}.tmp/``; after a barrier rank 0 writes
+Every trainer rank on rank 0's node writes its own disjoint share of the tensors into its
+own shard files in ``v{version:06d}.tmp/``, each sharded tensor gathered to its writer alone
+(not all-gathered); after a barrier rank 0 writes
 the manifest last and publishes the folder by rename, so a reader never sees a partial
 publication under the final name. Workers verify sizes and checksums before loading, which
 also catches files damaged after publication.
