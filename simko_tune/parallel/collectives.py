@@ -164,13 +164,21 @@ def gather_to(t: torch.Tensor, dst: int, dtype: torch.dtype | None = None) -> to
         for r in range(dist.get_world_size())
     ]
     width = max(math.prod(shape) for shape, _ in boxes)
-    send = torch.cat([local, local.new_empty(width - local.numel())])  # gather takes equal sizes
+    send = local
+    if local.numel() < width:  # gather takes equal sizes
+        send = torch.cat([local, local.new_empty(width - local.numel())])
     if rank != dst:
         dist.gather(send, None, dst=dst)
         return None
+    full = send.new_empty(t.shape)
+    rows = t.shape[0] // len(boxes) if t.dim() else 0
+    zeros = (0,) * (t.dim() - 1)
+    if boxes == [((rows, *t.shape[1:]), (r * rows, *zeros)) for r in range(len(boxes))]:
+        # even dim-0 shards in rank order (FSDP2's usual case): received in place
+        dist.gather(send, list(full.view(len(boxes), width).unbind(0)), dst=dst)
+        return full
     received = send.new_empty(len(boxes), width)
     dist.gather(send, list(received.unbind(0)), dst=dst)
-    full = send.new_empty(t.shape)
     for r, (shape, offset) in enumerate(boxes):
         if (shape, offset) not in boxes[:r]:  # a replica of a block already placed
             block = tuple(slice(o, o + n) for o, n in zip(offset, shape))

@@ -40,7 +40,8 @@ def _cases(world: int) -> list[tuple]:
             ((4, 5), (2,), [Shard(1)], None),  # TP row-wise: columns, uneven
             ((3, 2), (2,), [Replicate()], None),
             ((7, 3), (2,), [Shard(0)], torch.bfloat16),  # cast before it travels
-            ((6,), (2,), [Shard(0)], None),
+            ((6,), (2,), [Shard(0)], None),  # even: received in place
+            ((4, 3), (2,), [Shard(0)], torch.bfloat16),
         ]
     return [
         ((5, 7), (2, 2), [Shard(0), Shard(1)], None),  # FSDP2 x TP on dim 1
