@@ -7,8 +7,9 @@ prunes. Generators only read from the directory.
 
 A publication is ``sync_dir/v{version:06d}/``: safetensors shards in Hugging Face names, in
 the generation engine's dtype, plus ``manifest.json`` (version, files, sizes, checksums).
-Every trainer rank on rank 0's node gathers and writes its own disjoint share of the
-tensors into its own shard files in ``v{version:06d}.tmp/``; after a barrier rank 0 writes
+Every trainer rank on rank 0's node writes its own disjoint share of the tensors into its
+own shard files in ``v{version:06d}.tmp/``, each sharded tensor gathered to its writer alone
+(not all-gathered); after a barrier rank 0 writes
 the manifest last and publishes the folder by rename, so a reader never sees a partial
 publication under the final name. Workers verify sizes and checksums before loading, which
 also catches files damaged after publication.
@@ -51,7 +52,7 @@ from simko_tune.parallel.collectives import (
     all_gather_object,
     barrier,
     broadcast_object,
-    full_tensor,
+    gather_to,
     hostnames,
 )
 from simko_tune.paths import checksum_file, replace_dir
@@ -198,6 +199,26 @@ def publication_bytes(model: nn.Module, dtype: torch.dtype | None = None) -> int
     return total
 
 
+def _rounds(sizes: list[int], owners: list[int], max_shard_bytes: int) -> list[list[int]]:
+    """Tensor indices in rounds, each holding at most one shard (``max_shard_bytes``, or a
+    single larger tensor) per writer: a round gathers every writer's next shard, then all
+    writers write at once. Each writer's shards are consecutive runs of its tensors."""
+    chunks: dict[int, list[list[int]]] = {}
+    load: dict[int, int] = {}
+    for i, (size, owner) in enumerate(zip(sizes, owners)):
+        runs = chunks.setdefault(owner, [[]])
+        if runs[-1] and load[owner] + size > max_shard_bytes:
+            runs.append([])
+            load[owner] = 0
+        runs[-1].append(i)
+        load[owner] = load.get(owner, 0) + size
+    count = max((len(runs) for runs in chunks.values()), default=0)
+    return [
+        sorted(i for runs in chunks.values() if k < len(runs) for i in runs[k])
+        for k in range(count)
+    ]
+
+
 def write_shards(
     model: nn.Module,
     folder: Path,
@@ -209,11 +230,13 @@ def write_shards(
 ) -> list[dict]:
     """Write ``model``'s weights into ``folder`` as safetensors shards in Hugging Face names.
 
-    Collective: every rank takes part in gathering each sharded (FSDP2/TP) tensor, but only
-    the tensor's writer, one of ``writers`` (default: the ranks on rank 0's node), converts
-    it (floating tensors to ``dtype``; default: as they are), hashes and writes it, into its
-    own shard files, one shard (``max_shard_bytes``) in memory at a time. Returns every
-    shard's entry (name, bytes, checksum, tensor names) on rank 0, once all are written."""
+    Collective. Each tensor has one writer among ``writers`` (default: the ranks on rank 0's
+    node); floating tensors are cast to ``dtype`` (default: as they are) on the ranks that
+    hold them, then a sharded (FSDP2/TP) tensor travels to its writer alone
+    (:func:`~simko_tune.parallel.collectives.gather_to`). Work goes in rounds: all writers
+    gather their next shard (``max_shard_bytes``), then write and hash it at the same time,
+    one shard per writer in memory. Returns every shard's entry (name, bytes, checksum,
+    tensor names) on rank 0, once all are written."""
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
     writers = writers if writers is not None else _publication_writers()
@@ -222,37 +245,24 @@ def write_shards(
         folder.mkdir(parents=True, exist_ok=True)
     barrier()
 
-    state = model.state_dict()
+    state = list(model.state_dict().items())
     sizes = [
         v.numel() * (dtype.itemsize if dtype and v.is_floating_point() else v.element_size())
-        for v in state.values()
+        for _, v in state
     ]
     owners = [writers[w] for w in _assign(sizes, len(writers))]
     files: list[dict] = []
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        name = f"model-r{rank:05d}-{len(files) + 1:05d}.safetensors"
-        files.append(_write_shard(shard, folder / name))
-        shard, shard_bytes = {}, 0
-
-    for (name, value), owner in zip(state.items(), owners):
-        full = full_tensor(value)  # a collective: every rank takes part
-        if rank != owner:
-            continue
-        for hf_name, t in to_hf({_clean_name(name): full}).items():
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            t = t.to("cpu").contiguous()
-            if shard and shard_bytes + t.nbytes > max_shard_bytes:
-                flush()
-            shard[hf_name] = t
-            shard_bytes += t.nbytes
-        del full
-    if shard:
-        flush()
+    for indices in _rounds(sizes, owners, max_shard_bytes):
+        shard: dict[str, torch.Tensor] = {}
+        for i in indices:
+            name, value = state[i]
+            full = gather_to(value, owners[i], dtype)  # a collective: every rank takes part
+            if full is not None:
+                for hf_name, t in to_hf({_clean_name(name): full}).items():
+                    shard[hf_name] = t.to("cpu").contiguous()
+        if shard:
+            name = f"model-r{rank:05d}-{len(files) + 1:05d}.safetensors"
+            files.append(_write_shard(shard, folder / name))
     if distributed:  # every shard is written before rank 0 lists them
         files = [f for rank_files in all_gather_object(files) for f in rank_files]
     return files
@@ -365,8 +375,7 @@ def verified_tensors(
     try:
         for f in files:
             path = folder / f["name"]
-            with open(path, "rb") as fh:
-                m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            m = _map(path)
             maps.append((path, m))
             _check_digest(path, xxhash.xxh3_64_hexdigest(m), f[CHECKSUM])
         yield _iter_tensors(maps)
@@ -376,6 +385,16 @@ def verified_tensors(
                 m.close()
             except BufferError:  # a view still alive: the map closes when it is collected
                 pass
+
+
+def _map(path: Path) -> mmap.mmap:
+    """A read-only map of ``path`` with all its pages mapped up front: one call into the
+    kernel instead of a page fault per 4 KiB page as the hash first touches them (measured
+    on a 0.7 GB publication: hashing 0.17 s -> 0.04 s + 0.08 s to map, unmapping 0.10 s ->
+    0.02 s)."""
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # Linux only
+    with open(path, "rb") as fh:
+        return mmap.mmap(fh.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
 
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -440,8 +459,7 @@ def streamed_tensors(
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for f in files:
             path = folder / f["name"]
-            with open(path, "rb") as fh:
-                m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            m = _map(path)
             maps.append(m)
             header, base = _header(m)
             data, view = _as_tensor(m), memoryview(m)

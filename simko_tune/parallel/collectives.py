@@ -18,13 +18,14 @@ Every helper is a no-op (or the identity) in a single process started without to
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 _wait_group: dist.ProcessGroup | None = None
 
@@ -155,6 +156,75 @@ def unshard(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor, detached (a collective for FSDP2/TP DTensors: every rank calls it)."""
-    return unshard(t).detach()
+def gather_to(t: torch.Tensor, dst: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """``t``'s whole value on rank ``dst`` (``None`` on the other ranks), floating tensors cast
+    to ``dtype`` first (a bf16 publication moves half the bytes). Collective for a DTensor:
+    every rank calls it, and each sends its local piece to ``dst`` alone, where
+    ``full_tensor()`` would all-gather the whole tensor onto every rank.
+
+    The pieces of ``Shard``/``Replicate`` placements (FSDP2 on dim 0, uneven or empty shards
+    included; TP on dim 0 or 1) are placed by :func:`shard_box`. Other placements (the
+    strided shard of FSDP2 over a dim-0 TP shard, partial sums) and meshes smaller than the
+    world take ``full_tensor()``. A plain tensor is every rank's own copy: no traffic.
+    """
+    t = t.detach()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+    if not isinstance(t, DTensor):
+        return cast(t) if rank == dst else None
+    mesh, placements = t.device_mesh, t.placements
+    if mesh.size() != dist.get_world_size() or not all(
+        type(p) in (Shard, Replicate) for p in placements
+    ):
+        full = cast(t.full_tensor())
+        return full if rank == dst else None
+    local = cast(t.to_local()).contiguous().reshape(-1)
+    boxes = [
+        shard_box(t.shape, mesh.shape, (mesh.mesh == r).nonzero()[0].tolist(), placements)
+        for r in range(dist.get_world_size())
+    ]
+    width = max(math.prod(shape) for shape, _ in boxes)
+    send = local
+    if local.numel() < width:  # gather takes equal sizes
+        send = torch.cat([local, local.new_empty(width - local.numel())])
+    if rank != dst:
+        dist.gather(send, None, dst=dst)
+        return None
+    full = send.new_empty(t.shape)
+    rows = t.shape[0] // len(boxes) if t.dim() else 0
+    zeros = (0,) * (t.dim() - 1)
+    if boxes == [((rows, *t.shape[1:]), (r * rows, *zeros)) for r in range(len(boxes))]:
+        # even dim-0 shards in rank order (FSDP2's usual case): received in place
+        dist.gather(send, list(full.view(len(boxes), width).unbind(0)), dst=dst)
+        return full
+    received = send.new_empty(len(boxes), width)
+    dist.gather(send, list(received.unbind(0)), dst=dst)
+    for r, (shape, offset) in enumerate(boxes):
+        if (shape, offset) not in boxes[:r]:  # a replica of a block already placed
+            block = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+            full[block] = received[r, : math.prod(shape)].view(shape)
+    return full
+
+
+def shard_box(
+    global_shape: tuple[int, ...] | torch.Size,
+    mesh_shape: tuple[int, ...],
+    coordinate: tuple[int, ...],
+    placements,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(shape, offset)`` of the block of a ``global_shape`` tensor that the rank at mesh
+    ``coordinate`` holds under ``Shard``/``Replicate`` ``placements``: each ``Shard(d)`` splits
+    dim ``d`` of the block so far as ``torch.chunk`` does (pieces of ``ceil(size / n)``; the
+    last ones smaller or empty), in mesh-dim order."""
+    shape, offset = list(global_shape), [0] * len(global_shape)
+    for n, c, p in zip(mesh_shape, coordinate, placements):
+        if isinstance(p, Shard):
+            d = p.dim % len(shape)
+            step = -(-shape[d] // n)
+            start = min(c * step, shape[d])
+            offset[d] += start
+            shape[d] = min(step, shape[d] - start)
+    return tuple(shape), tuple(offset)
