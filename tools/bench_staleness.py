@@ -106,50 +106,29 @@ def main() -> None:
                 flush=True,
             )
 
-    if len(levels) < 2:  # one level alone: its runs, no comparison
-        print(
-            json.dumps(
-                {
-                    "bench": "staleness",
-                    "steps": args.steps,
-                    "last": args.last,
-                    "seeds": seeds,
-                    "runs": runs,
-                }
+    summary: dict = {"bench": "staleness", "steps": args.steps, "last": args.last, "seeds": seeds}
+    if len(levels) >= 2:  # the comparison; one level alone reports its runs only
+
+        def pooled(staleness: int, key: str) -> float:
+            return statistics.fmean(r[key] for r in runs if r["staleness"] == staleness)
+
+        speedup = pooled(0, "steps_sum_s") / pooled(1, "steps_sum_s")
+        diff = pooled(1, "reward_last_mean") - pooled(0, "reward_last_mean")
+        sem = math.hypot(
+            *(
+                math.sqrt(sum(r["reward_last_sem"] ** 2 for r in runs if r["staleness"] == s))
+                / len(seeds)
+                for s in (0, 1)
             )
         )
-        return
-
-    def pooled(staleness: int, key: str) -> float:
-        return statistics.fmean(r[key] for r in runs if r["staleness"] == staleness)
-
-    speedup = pooled(0, "steps_sum_s") / pooled(1, "steps_sum_s")
-    diff = pooled(1, "reward_last_mean") - pooled(0, "reward_last_mean")
-    sem = math.hypot(
-        *(
-            math.sqrt(sum(r["reward_last_sem"] ** 2 for r in runs if r["staleness"] == s))
-            / len(seeds)
-            for s in (0, 1)
+        print(
+            f"staleness 1 vs 0: {speedup:.2f}x the speed (summed step time); reward last "
+            f"{args.last}: {diff:+.4f} = {diff / sem:+.2f} standard errors"
         )
-    )
-    print(
-        f"staleness 1 vs 0: {speedup:.2f}x the speed (summed step time); reward last "
-        f"{args.last}: {diff:+.4f} = {diff / sem:+.2f} standard errors"
-    )
-    print(
-        json.dumps(
-            {
-                "bench": "staleness",
-                "steps": args.steps,
-                "last": args.last,
-                "seeds": seeds,
-                "speedup_s1_vs_s0": speedup,
-                "reward_diff_s1_minus_s0": diff,
-                "reward_diff_in_sem": diff / sem,
-                "runs": runs,
-            }
+        summary.update(
+            speedup_s1_vs_s0=speedup, reward_diff_s1_minus_s0=diff, reward_diff_in_sem=diff / sem
         )
-    )
+    print(json.dumps({**summary, "runs": runs}))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@ def _published_state(folder: Path) -> dict:
     return state
 
 
+def _publish_small_shards(gen_model_dir: Path, ref, sync_dir: Path) -> tuple[Path, list[dict]]:
+    """Version 1 of the trainer's model, published in 20 kB shards (several files), and its
+    manifest's file entries."""
+    folder = publish_weights(
+        ref.trainer_model(gen_model_dir),
+        1,
+        sync_dir,
+        read_hf_config(gen_model_dir),
+        max_shard_bytes=20_000,
+    )
+    return folder, read_manifest(sync_dir, 1)[1]
+
+
 def test_publication_round_trips_hf_weights(gen_model_dir, ref, tmp_path):
     """The published tensors are exactly the HF checkpoint the trainer's weights came from."""
     model = ref.trainer_model(gen_model_dir)
@@ -223,14 +236,7 @@ def test_weight_dtype_follows_the_engine():
 
 def test_verified_tensors_are_the_published_bytes(gen_model_dir, ref, tmp_path):
     """The loader's tensors equal safetensors' own reading of the shards, layer by layer."""
-    folder = publish_weights(
-        ref.trainer_model(gen_model_dir),
-        1,
-        tmp_path,
-        read_hf_config(gen_model_dir),
-        max_shard_bytes=20_000,
-    )
-    _, files = read_manifest(tmp_path, 1)
+    folder, files = _publish_small_shards(gen_model_dir, ref, tmp_path)
     expected = _published_state(folder)
     with verified_tensors(folder, files) as tensors:
         got = [(name, t.clone()) for name, t in tensors]
@@ -354,14 +360,7 @@ def test_free_space_is_checked_before_writing(gen_model_dir, ref, tmp_path, monk
 def test_streamed_tensors_hash_what_they_hand_out(gen_model_dir, ref, tmp_path):
     """Streaming: the same tensors as safetensors reads, in the model's order; a damaged
     file is reported at its end (its tensors were handed out: the caller rolls back)."""
-    folder = publish_weights(
-        ref.trainer_model(gen_model_dir),
-        1,
-        tmp_path,
-        read_hf_config(gen_model_dir),
-        max_shard_bytes=20_000,
-    )
-    _, files = read_manifest(tmp_path, 1)
+    folder, files = _publish_small_shards(gen_model_dir, ref, tmp_path)
     expected = _published_state(folder)
     errors: list[str] = []
     with streamed_tensors(folder, files, errors) as tensors:
@@ -379,14 +378,7 @@ def test_a_flipped_bit_is_refused(reader, damaged, gen_model_dir, ref, tmp_path)
     """One bit flipped in one shard's tensor data, caught by each way of reading: verifying
     (the trainer's check), verify-then-load (nothing handed out) and streaming (the tensors
     up to the damaged file's end are handed out, then the file is named)."""
-    folder = publish_weights(
-        ref.trainer_model(gen_model_dir),
-        1,
-        tmp_path,
-        read_hf_config(gen_model_dir),
-        max_shard_bytes=20_000,
-    )
-    _, files = read_manifest(tmp_path, 1)
+    folder, files = _publish_small_shards(gen_model_dir, ref, tmp_path)
     k = 0 if damaged == "first" else len(files) - 1
     shard = folder / files[k]["name"]
     data = bytearray(shard.read_bytes())
