@@ -57,6 +57,37 @@ def test_collect_and_verdict_from_numbers():
     assert any("smoke-test setting, not a result" in line for line in lines)
 
 
+def test_sweep_runs_its_own_number_of_seeds(tmp_path, monkeypatch):
+    """--sweep-seeds bounds the α/λ settings' seeds only; the main methods keep --seeds, and
+    the base evaluation stays in each seed's first run."""
+    tool = _load_tool()
+    ran = []
+
+    def fake_run(directory, overrides, steps, timeout_s):
+        ran.append(
+            (directory.parent.name, directory.name, "eval.before_training=true" in overrides)
+        )
+        return {}
+
+    monkeypatch.setattr(tool, "ensure_run", fake_run)
+    monkeypatch.setattr(tool, "write_report", lambda results, args, docs: {})
+    argv = ["--out", str(tmp_path), "--docs", str(tmp_path / "d.md"), "--sweep"]
+    tool.main([*argv, "--seeds", "3", "--sweep-seeds", "1"])
+    sweep = [m for m in tool.methods(False, True) if m not in ("grpo", "simko")]
+    assert len(sweep) == 5
+    assert ran == [
+        *[("grpo", "seed0", True), ("simko", "seed0", False)],
+        *[(m, "seed0", False) for m in sweep],
+        *[("grpo", "seed1", True), ("simko", "seed1", False)],
+        *[("grpo", "seed2", True), ("simko", "seed2", False)],
+    ]
+    ran.clear()
+    tool.main([*argv, "--seeds", "1"])  # default: as many as --seeds
+    assert [r[:2] for r in ran] == [(m, "seed0") for m in ("grpo", "simko", *sweep)]
+    with pytest.raises(SystemExit):
+        tool.main([*argv, "--sweep-seeds", "0"])
+
+
 @pytest.mark.slow
 def test_tiny_study_end_to_end_and_resumes(tmp_path):
     from simko_tune.warm_start import WarmStartConfig, build_tiny_policy
