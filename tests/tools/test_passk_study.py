@@ -56,6 +56,56 @@ def test_collect_and_verdict_from_numbers():
     assert any("smoke-test setting, not a result" in line for line in lines)
 
 
+def test_a_one_seed_setting_meets_grpo_of_the_same_seed():
+    """The sweep's single-seed settings are paired with GRPO's seed 0, not its mean over
+    seeds, and are called an indication (no spread), never a result either way."""
+    tool = _load_tool()
+    results = {
+        "grpo": _run([0.50, 0.70, 0.90]),
+        "simko": _run([0.55, 0.70, 0.90]),
+        "simko_a0.1_l1.5": _run([0.60]),
+    }
+    lines = tool.verdict(tool.collect(results), n=4)
+    line = next(line for line in lines if line.startswith("- **simko_a0.1_l1.5 vs GRPO**"))
+    # pass@4: 0.60 vs GRPO seed 0's 0.50 (not the 0.70 mean): +10.0; pass@1 0.30 vs 0.25
+    assert "pass@4 60.0 vs 50.0 (difference +10.0)" in line, line
+    assert "pass@1 30.0 vs 25.0 (difference +5.0)" in line, line
+    assert "(seed 0 only)" in line and "an indication" in line
+    assert "paper's α, λ on this seed: +5.0" in line, line
+    assert "beyond two standard errors" not in line and "within noise" not in line
+
+
+def test_sweep_runs_its_own_number_of_seeds(tmp_path, monkeypatch):
+    """--sweep-seeds bounds the α/λ settings' seeds only; the main methods keep --seeds, and
+    the base evaluation stays in each seed's first run."""
+    tool = _load_tool()
+    ran = []
+
+    def fake_run(directory, overrides, steps, timeout_s):
+        ran.append(
+            (directory.parent.name, directory.name, "eval.before_training=true" in overrides)
+        )
+        return {}
+
+    monkeypatch.setattr(tool, "ensure_run", fake_run)
+    monkeypatch.setattr(tool, "write_report", lambda results, args, docs: {})
+    argv = ["--out", str(tmp_path), "--docs", str(tmp_path / "d.md"), "--sweep"]
+    tool.main([*argv, "--seeds", "3", "--sweep-seeds", "1"])
+    sweep = [m for m in tool.methods(False, True) if m not in ("grpo", "simko")]
+    assert len(sweep) == 5
+    assert ran == [
+        *[("grpo", "seed0", True), ("simko", "seed0", False)],
+        *[(m, "seed0", False) for m in sweep],
+        *[("grpo", "seed1", True), ("simko", "seed1", False)],
+        *[("grpo", "seed2", True), ("simko", "seed2", False)],
+    ]
+    ran.clear()
+    tool.main([*argv, "--seeds", "1"])  # default: as many as --seeds
+    assert [r[:2] for r in ran] == [(m, "seed0") for m in ("grpo", "simko", *sweep)]
+    with pytest.raises(SystemExit):
+        tool.main([*argv, "--sweep-seeds", "0"])
+
+
 @pytest.mark.slow
 def test_tiny_study_end_to_end_and_resumes(tmp_path):
     from simko_tune.demo.warm_start import WarmStartConfig, build_tiny_policy
