@@ -8,6 +8,7 @@ captured, stdout and stderr apart, and shown when a run fails. Tests import this
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import psutil
 import pytest
@@ -197,3 +199,13 @@ def run_torchrun(
         [[*c, str(script), *args] for c in commands],
         cwd=cwd, env=env, timeout_s=timeout_s, check=check, on_line=on_line,
     )  # fmt: skip
+
+
+def load_module(path: Path | str) -> ModuleType:
+    """The script at ``path`` (a tool or a rank's worker, which are not packages) imported
+    as a module named after its file, so a test can call its functions directly."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@ checkpoints never taken, corrupt ones skipped on resume, keep-last pruning."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import child_env, run_process, run_torchrun
+from harness import child_env, load_module, run_process, run_torchrun
 
 from simko_tune.checkpoint import (
     MARKER,
@@ -30,10 +29,7 @@ TIMEOUT_S = 150
 
 
 def _load_worker():
-    spec = importlib.util.spec_from_file_location("ckpt_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(WORKER)
 
 
 def assert_resumed_exactly(resumed: dict, saved: dict) -> None:

@@ -8,13 +8,12 @@ wrong dp averaging would hide in the weights alone.
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 from pathlib import Path
 
 import pytest
 import torch
-from harness import run_torchrun
+from harness import load_module, run_torchrun
 
 from simko_tune.parallel import (
     ParallelDims,
@@ -31,10 +30,7 @@ TIMEOUT_S = 150
 
 
 def _load_worker():
-    spec = importlib.util.spec_from_file_location("train_worker", WORKER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(WORKER)
 
 
 _WORKER = _load_worker()

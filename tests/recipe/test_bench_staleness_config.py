@@ -3,9 +3,9 @@ config that differs between its two runs in the staleness alone, with evaluation
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from harness import load_module
 from omegaconf import OmegaConf
 
 from simko_tune.config import check_schema, resolve_config_path
@@ -15,10 +15,7 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_staleness.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_staleness", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(TOOL)
 
 
 def test_the_two_runs_differ_in_the_staleness_alone(tmp_path, monkeypatch):

@@ -3,10 +3,10 @@ with the batch the benchmark promises (one optimizer step per rollout, TRL's GRP
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from harness import load_module
 from omegaconf import OmegaConf
 
 from simko_tune.config import check_schema, resolve_config_path
@@ -16,10 +16,7 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_vs_trl.py"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(TOOL)
 
 
 @pytest.mark.parametrize("staleness", [0, 1])

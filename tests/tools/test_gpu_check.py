@@ -8,7 +8,6 @@ in the check and in its torchrun ranks."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness import child_env, output_tail, run_process
+from harness import child_env, load_module, output_tail, run_process
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "gpu_check.py"
@@ -28,10 +27,7 @@ GPU_SITE = Path(__file__).resolve().parent / "gpu_machine_site"
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCRIPT)
 
 
 def _env(gpu_machine: bool = True) -> dict[str, str]:

@@ -3,23 +3,19 @@ verdict sentences against hand-made numbers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from harness import run_process
+from harness import load_module, run_process
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "passk_study.py"
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("passk_study", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(TOOL)
 
 
 def _run(seed_values: dict[str, list[float]], base: list[float] | None = None) -> dict:
