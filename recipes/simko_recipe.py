@@ -12,8 +12,8 @@ One step of the loop (``SimKORecipe.train``):
      With ``rollout.max_staleness=1`` steps 2-3 for the NEXT step's prompts run in a
      background thread on rank 0 with the current weights while 4-5 run (one-step-off),
   4. old (proximal) log-probs from the policy before the update (or the workers'; mismatch
-     logged), skipped when the rollout is on-policy and feeds one optimizer step (then they
-     are the current ones, detached); off-policy rows get truncated importance weights,
+     logged), skipped when the rollout feeds one optimizer step (then they are the current
+     ones, detached); off-policy rows get truncated importance weights against them,
   5. PPO updates over mini-batches: micro-batches on every data-parallel rank, the loss
      normalised by the mini-batch's global token (or sequence) count, gradients summed,
      clipped, a NaN/inf guard, AdamW + lr schedule,
@@ -75,6 +75,7 @@ from simko_tune.parallel import (
     clip_grad_norm_,
     dp_coords,
     dp_group,
+    exit_without_teardown,
     full_output_weight,
     hidden_states,
     init_distributed,
@@ -247,6 +248,29 @@ class SimKORecipe:
             return None
         return self._setup_model().requires_grad_(False).eval()
 
+    def _trainer_cpu_cores(self) -> list[int] | None:
+        """The cores the trainer keeps when one-step-off generation runs beside it on CPU.
+
+        Overlapped, trainer and vLLM workers run at once: sharing every core they would
+        oversubscribe them (each sizes its thread pool to all of them) and overlapping would
+        gain nothing. So, as on GPUs, they get disjoint devices: the trainer the first half of
+        this process's cores, the workers the rest. Synchronous (``max_staleness`` 0) they
+        take turns, and each uses every core. None: no split (GPU, explicit
+        ``generation.devices``, remote or native generation, several ranks, one core)."""
+        cfg, g = self.cfg, self.cfg.generation
+        cores = sorted(os.sched_getaffinity(0))
+        if (
+            self.device.type != "cpu"
+            or not cfg.rollout.max_staleness
+            or g.backend != "vllm"
+            or g.devices
+            or g.addresses
+            or self.world_size > 1
+            or len(cores) < 2
+        ):
+            return None
+        return cores[: len(cores) // 2]
+
     def _setup_generator(self):
         g = self.cfg.generation
         engine_kwargs = OmegaConf.to_container(g.engine_kwargs, resolve=True)
@@ -262,7 +286,11 @@ class SimKORecipe:
                 curve_server_key=g.curve_server_key,
                 curve_client_key=g.curve_client_key,
             )
-        return VLLMWorkers.start_local(
+        trainer_devices = trainer_cuda_devices() if self.device.type == "cuda" else None
+        trainer_cores = self._trainer_cpu_cores()
+        if trainer_cores is not None:
+            trainer_devices = [str(c) for c in trainer_cores]
+        workers = VLLMWorkers.start_local(
             self.cfg.model_dir,
             num_workers=g.num_workers,
             sync_dir=sync_dir,
@@ -272,8 +300,13 @@ class SimKORecipe:
             request_timeout_s=g.request_timeout_s,
             restart_on_failure=g.restart_on_failure,
             log_dir=self.output_dir / "worker_logs",
-            trainer_devices=trainer_cuda_devices() if self.device.type == "cuda" else None,
+            trainer_devices=trainer_devices,
         )
+        if trainer_cores is not None:  # after the start: the workers inherit no narrow mask
+            os.sched_setaffinity(0, trainer_cores)
+            torch.set_num_threads(len(trainer_cores))
+            _log(f"one-step-off on CPU: trainer on cores {trainer_cores}, workers on the rest")
+        return workers
 
     def _tokenize_all(self, problems) -> list[list[int]]:
         limit = self.cfg.rollout.max_prompt_tokens
@@ -322,13 +355,15 @@ class SimKORecipe:
                 old_logprobs, ref_logprobs = self._old_logprobs(
                     rollout, policy=self._needs_old_logprobs()
                 )
-            is_weights, is_stats = None, {}
-            if cfg.rollout.max_staleness:
+            is_weights, is_stats, is_cap = None, {}, None
+            if cfg.rollout.max_staleness and old_logprobs is None:
+                is_cap = cfg.rollout.is_cap  # the loss computes them (one optimizer step)
+            elif cfg.rollout.max_staleness:
                 is_weights, is_stats = truncated_importance_weights(
                     old_logprobs, rollout.worker_logprobs, rollout.mask, cfg.rollout.is_cap
                 )
             with _timed(timings, "update"):
-                stats = self._update(rollout, old_logprobs, ref_logprobs, is_weights)
+                stats = self._update(rollout, old_logprobs, ref_logprobs, is_weights, is_cap)
             if next_rollout is not None:  # the workers reload only once they are idle
                 with _timed(timings, "wait_generate"):
                     next_rollout.exception()
@@ -438,15 +473,16 @@ class SimKORecipe:
         return SampledRollout(indices, batch, texts, timings)
 
     def _needs_old_logprobs(self) -> bool:
-        """A separate old-log-prob pass is wasted when the rollout is on-policy and feeds
-        exactly one optimizer step: the ratio's denominator is then the current policy,
-        detached (the loss takes it from its own forward, as TRL and verl do). Off-policy
-        rollouts need the pass: the proximal log-probs enter the importance weights."""
+        """A separate old-log-prob pass is wasted when the rollout feeds exactly one
+        optimizer step: the policy before that step is the current one, so the ratio's
+        denominator is the current log-probs, detached (the loss takes them from its own
+        forward, as TRL and verl do). Off-policy, those are also the proximal log-probs of
+        the importance weights, which the loss then computes itself (``is_cap``)."""
         cfg = self.cfg
         one_step = (
             cfg.ppo.epochs == 1 and cfg.ppo.mini_batch_prompts >= cfg.rollout.prompts_per_step
         )
-        return not (one_step and cfg.rollout.max_staleness == 0)
+        return not one_step
 
     @torch.no_grad()
     def _old_logprobs(
@@ -493,10 +529,13 @@ class SimKORecipe:
         old_logprobs: torch.Tensor | None,
         ref_logprobs: torch.Tensor | None = None,
         is_weights: torch.Tensor | None = None,
+        is_cap: float | None = None,
     ) -> dict[str, float]:
-        """PPO updates. ``old_logprobs=None``: the current policy's, detached (one update
-        of an on-policy rollout); ``ref_logprobs``: the KL penalty's reference;
-        ``is_weights``: per-token off-policy correction.
+        """PPO updates. ``old_logprobs=None``: the current policy's, detached (a rollout
+        that feeds one optimizer step); ``ref_logprobs``: the KL penalty's reference;
+        ``is_weights``: per-token off-policy correction; ``is_cap``: that correction
+        computed in the loss against the workers' log-probs, with the current policy as the
+        proximal one (``old_logprobs=None``, one optimizer step).
 
         Without ``old_logprobs`` no separate pass measured the generator-vs-trainer mismatch,
         so the first mini-batch's loss measures it: its current log-probs precede any
@@ -519,8 +558,12 @@ class SimKORecipe:
         )
         correct = rollout.rewards >= 1.0
         rows_per_update = cfg.ppo.mini_batch_prompts * g
+        if is_cap is not None and (cfg.ppo.epochs > 1 or rows_per_update < len(rollout)):
+            raise ValueError(
+                "is_cap takes the current policy as the proximal one: one optimizer step only"
+            )
         sums: dict[str, torch.Tensor] = {}  # token-weighted metric sums of this rank's rows
-        loss_sum = grad_norm_sum = ratio_max = torch.zeros((), device=self.device)
+        loss_sum = grad_norm_sum = ratio_max = is_max = torch.zeros((), device=self.device)
         mismatch = {"sum": ratio_max, "tokens": ratio_max, "max": ratio_max}  # see above
         num_updates = skipped = 0
         for epoch in range(cfg.ppo.epochs):
@@ -551,14 +594,17 @@ class SimKORecipe:
                         is_weights=_rows(is_weights, rows, width, self.device),
                         sampler_logprobs=(
                             _rows(rollout.worker_logprobs, rows, width, self.device)
-                            if measure
+                            if measure or is_cap is not None
                             else None
                         ),
+                        is_cap=is_cap,
                     )
                     loss.backward()
                     mini_loss = mini_loss + loss.detach()
                     n_tok = metrics.pop("num_tokens")
                     ratio_max = torch.maximum(ratio_max, metrics.pop("ratio_max").detach())
+                    if is_cap is not None:
+                        is_max = torch.maximum(is_max, metrics.pop("is_weight_max"))
                     if measure:
                         mismatch["sum"] = (
                             mismatch["sum"] + metrics.pop("logprob_mismatch_mean_abs") * n_tok
@@ -595,6 +641,10 @@ class SimKORecipe:
         out["grad_norm_mean"] = float(grad_norm_sum) / max(num_updates, 1)
         # a maximum over every micro-batch of every rank, not a mean of maxima
         out["ratio_max"] = float(all_reduce_max(ratio_max, group=self.dp_group))
+        if is_cap is not None:  # named as truncated_importance_weights names them
+            out["is_weight/mean"] = out.pop("is_weight_mean")
+            out["is_weight/capped_frac"] = out.pop("is_weight_capped_frac")
+            out["is_weight/max"] = float(all_reduce_max(is_max, group=self.dp_group))
         if old_logprobs is None:
             total = all_reduce_sum(
                 torch.stack([mismatch["sum"], mismatch["tokens"]]).float(), group=self.dp_group
@@ -820,7 +870,10 @@ def recipe_main(cfg: DictConfig) -> None:
             _fail_fast(recipe)
         recipe.close()
         raise
+    distributed = dist.is_initialized()
     recipe.cleanup()
+    if distributed:  # gloo's threads would race the interpreter's teardown (see there)
+        exit_without_teardown(0)
 
 
 def _fail_fast(recipe: SimKORecipe) -> NoReturn:
@@ -829,8 +882,9 @@ def _fail_fast(recipe: SimKORecipe) -> NoReturn:
     Its peers may sit in a collective it will never join (an all-gather of the publication,
     a broadcast of the rollout), so waiting on any barrier would hang until a timeout.
     Instead: log the cause, release what this rank started (generation workers, verifier
-    pool), and exit without the interpreter's teardown. torchrun's agent then stops the other
-    ranks within seconds (gloo peers also fail at once on the closed connections).
+    pool), and exit without the interpreter's teardown (:func:`exit_without_teardown`).
+    torchrun's agent then stops the other ranks within seconds (gloo peers also fail at once
+    on the closed connections).
     """
     rank = dist.get_rank()
     print(
@@ -842,9 +896,7 @@ def _fail_fast(recipe: SimKORecipe) -> NoReturn:
         recipe.close()
     except Exception as e:  # the exit matters more than a clean close
         print(f"[rank {rank}] cleanup after failure failed too: {e!r}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
+    exit_without_teardown(1)
 
 
 if __name__ == "__main__":

@@ -370,6 +370,7 @@ def policy_loss(
     normalizer: Tensor | float | None = None,
     is_weights: Tensor | None = None,
     sampler_logprobs: Tensor | None = None,
+    is_cap: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Policy loss of ``cfg.mode`` from final hidden states, with its diagnostics.
 
@@ -398,6 +399,13 @@ def policy_loss(
             ``logprob_mismatch_max_abs``, |current − sampler| over the valid tokens. With
             ``old_logprobs=None`` the current log-probs are the pre-update ones, so this is
             the generator-vs-trainer mismatch without a separate old-log-prob pass.
+        is_cap: the importance weights computed here, ``min(exp(current - sampler), is_cap)``
+            per token, with the current log-probs, detached, as the proximal ones: an
+            off-policy rollout consumed by one optimizer step (the proximal policy is the one
+            before that step, so its separate forward pass would only recompute this one's).
+            Needs ``old_logprobs=None``, ``sampler_logprobs`` (the behaviour policy's) and no
+            ``is_weights``. The metrics gain ``is_weight_mean``, ``is_weight_max`` and
+            ``is_weight_capped_frac`` (the fraction of tokens the cap truncated).
 
     Aggregation: ``token_mean`` = Σ_tokens ℓ / normalizer; ``seq_mean_token_mean`` =
     Σ_rows mean_tokens(ℓ) / normalizer; ``seq_mean_token_sum_norm`` (Dr. GRPO) =
@@ -430,6 +438,15 @@ def policy_loss(
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
     if cfg.kl_coef > 0 and ref_logprobs is None:
         raise ValueError("LossConfig.kl_coef > 0 needs ref_logprobs")
+    if is_cap is not None and (
+        old_logprobs is not None or sampler_logprobs is None or is_weights is not None
+    ):
+        raise ValueError(
+            "is_cap computes the importance weights from the current log-probs: it needs "
+            "old_logprobs=None, sampler_logprobs and no is_weights"
+        )
+    if is_cap is not None and is_cap < 1.0:
+        raise ValueError(f"is_cap={is_cap} must be >= 1 (1 would discard the correction)")
     num_ranks = max(cfg.top_k, _NUM_LOGGED_RANKS)
     if weight.shape[0] < num_ranks:
         raise ValueError(f"vocabulary of {weight.shape[0]} is smaller than top_k={num_ranks}")
@@ -491,6 +508,7 @@ def policy_loss(
             num_ranks,
             grad_hidden=needs_grad and hidden.requires_grad,
             grad_weight=needs_grad and weight.requires_grad,
+            is_cap=is_cap,
         )
     if needs_grad:
         loss = _PrecomputedGrad.apply(loss, h, weight, grad_h, grad_w)
@@ -506,6 +524,7 @@ def _fused_forward(
     num_ranks: int,
     grad_hidden: bool,
     grad_weight: bool,
+    is_cap: float | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, dict[str, Tensor]]:
     """Loss, gradients w.r.t. ``h`` [N, D] and ``weight``, and metric sums, chunk by chunk."""
     stats_fn, grad_fn = _chunk_fns(cfg.compile)
@@ -517,6 +536,7 @@ def _fused_forward(
     total = torch.zeros((), dtype=torch.float32, device=device)
     sums = dict.fromkeys(_METRIC_SUMS, total)
     thresholds_sum, ratio_max, mismatch_max = total, total, total
+    is_sum, is_capped, is_max = total, total, total
 
     for row0, row1, tok0, tok1 in _row_chunks(counts, cfg.chunk_size):
         t = {k: v[tok0:tok1] for k, v in tokens.items()}
@@ -526,6 +546,13 @@ def _fused_forward(
         lse, logp, entropy, top_logp, top_ids = stats_fn(z, t["targets"], num_ranks)
         if "old" not in t:  # old = current policy, detached (we are under no_grad)
             t["old"] = logp
+        if is_cap is not None:  # proximal = current, behaviour = the sampler (see policy_loss)
+            raw = torch.exp(logp - t["sampler"])
+            is_weight = raw.clamp(max=is_cap)
+            t["omega"] = t["omega"] * is_weight
+            is_sum = is_sum + is_weight.sum()
+            is_capped = is_capped + (raw > is_cap).sum()
+            is_max = torch.maximum(is_max, is_weight.max())
 
         # Entropy gate: above the response's own τ-quantile over its valid tokens.
         lengths = [n for n in counts[row0:row1] if n]
@@ -590,6 +617,10 @@ def _fused_forward(
     else:
         del metrics["logprob_mismatch_mean_abs"]
     metrics["ratio_max"] = ratio_max
+    if is_cap is not None:
+        metrics["is_weight_mean"] = is_sum / max(num_tokens, 1)
+        metrics["is_weight_capped_frac"] = is_capped.float() / max(num_tokens, 1)
+        metrics["is_weight_max"] = is_max
     metrics["gate_threshold_mean"] = thresholds_sum / max(num_rows, 1)
     metrics["num_tokens"] = torch.tensor(float(num_tokens), device=device)
     if grad_h is not None and cfg.temperature != 1.0:

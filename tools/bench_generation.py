@@ -114,6 +114,7 @@ def _publish_rank(rank: int, world: int, init: str, model_dir: str, sync: str, o
 
     from simko_tune.generation.weights import publish_weights
     from simko_tune.models import load_hf_model, read_hf_config
+    from simko_tune.parallel import exit_without_teardown
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -138,6 +139,7 @@ def _publish_rank(rank: int, world: int, init: str, model_dir: str, sync: str, o
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_without_teardown(0)  # its result is written (an exception reaches mp.spawn instead)
 
 
 def bench_publish_ranks(model_dir: Path, root: Path) -> dict:

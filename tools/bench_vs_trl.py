@@ -18,9 +18,9 @@ What one step contains:
   element-wise ops; ``--trl-optim adamw_torch_fused`` gives it the fused kernel ours uses).
 - simko-tune (``tune run simko_recipe --config tiny_cpu`` with the overrides below): generate
   through a vLLM worker process, score in the verifier process pool, forward + backward +
-  fused AdamW (tiny_cpu's ``optimizer.fused``; the old-log-prob pass is skipped at
-  staleness 0; at staleness 1 it is the proximal pass of the importance weights), publish
-  the weights and wait for the worker to reload.
+  fused AdamW (tiny_cpu's ``optimizer.fused``; no old-log-prob pass: with one optimizer
+  step per rollout the old, and at staleness 1 the proximal, log-probs are the update's own
+  forward, detached), publish the weights and wait for the worker to reload.
   With ``rollout.max_staleness=1`` the next step's generation and scoring run while this one
   updates. Per-step times are the recipe's ``time/step`` scalars (TensorBoard).
 

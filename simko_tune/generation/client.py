@@ -108,16 +108,20 @@ def trainer_cuda_devices() -> list[str]:
     return [d.strip() for d in visible.split(",") if d.strip()][:local]
 
 
-def check_device_overlap(worker_devices: list[str], trainer_devices: list[str]) -> None:
-    """Refuse generation workers on the trainer's GPUs: both would claim the memory, and the
-    trainer would run out of it mid-step."""
+def check_device_overlap(
+    worker_devices: list[str], trainer_devices: list[str], kind: str = "GPU"
+) -> None:
+    """Refuse generation workers on the trainer's GPUs (both would claim the memory, and the
+    trainer would run out of it mid-step) or, ``kind="core"``, its CPU cores (both run at
+    once one-step-off)."""
     trainer = set(trainer_devices)
     for k, entry in enumerate(worker_devices):
         shared = [d for d in entry.split(",") if d.strip() in trainer]
         if shared:
             raise ValueError(
-                f"generation.devices[{k}]={entry!r} uses GPU {', '.join(shared)}, which the "
-                f"trainer's ranks use ({', '.join(trainer_devices)}): give the workers other GPUs"
+                f"generation.devices[{k}]={entry!r} uses {kind} {', '.join(shared)}, which the "
+                f"trainer's ranks use ({', '.join(trainer_devices)}): give the workers other "
+                f"{kind}s"
             )
 
 
@@ -125,7 +129,8 @@ def _default_devices(
     num_workers: int, tensor_parallel_size: int, trainer_devices: list[str]
 ) -> list[str]:
     """GPUs: ``tensor_parallel_size`` consecutive free devices per worker, after the
-    trainer's. CPU: the cores this process may use, split evenly (each worker's OpenMP
+    trainer's. CPU: the cores this process may use, less the trainer's (``trainer_devices``
+    as core ids: see the recipe's one-step-off split), split evenly (each worker's OpenMP
     threads bind to its own cores)."""
     import torch
 
@@ -142,7 +147,7 @@ def _default_devices(
             ",".join(free[k * tensor_parallel_size : (k + 1) * tensor_parallel_size])
             for k in range(num_workers)
         ]
-    cores = sorted(os.sched_getaffinity(0))
+    cores = [c for c in sorted(os.sched_getaffinity(0)) if str(c) not in set(trainer_devices)]
     per = len(cores) // num_workers
     if per == 0:  # fewer cores than workers: they share all of them
         return [",".join(map(str, cores))] * num_workers
@@ -229,11 +234,15 @@ class VLLMWorkers(Generator):
         :func:`trainer_cuda_devices`); workers placed on any of them are refused.
         Local workers bind 127.0.0.1.
         """
+        import torch
+
         trainer_devices = list(trainer_devices or [])
         devices = devices or _default_devices(num_workers, tensor_parallel_size, trainer_devices)
         if len(devices) != num_workers:
             raise ValueError(f"{len(devices)} device entries for {num_workers} workers")
-        check_device_overlap(devices, trainer_devices)
+        check_device_overlap(
+            devices, trainer_devices, "GPU" if torch.cuda.is_available() else "core"
+        )
         if log_dir is None:
             from simko_tune.paths import cache_dir
 

@@ -18,10 +18,12 @@ Every helper is a no-op (or the identity) in a single process started without to
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import socket
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -66,14 +68,33 @@ def shutdown_distributed() -> None:
 
     Only for a run that ended normally: after a failure, a peer may never reach the barrier
     (the recipe then exits without it, see ``recipe_main``). Without the barrier a rank that
-    finishes first tears down its gloo pairs while a peer still has traffic in flight, and the
-    peer aborts at exit ("terminate called without an active exception").
+    finishes first tears down its gloo pairs while a peer still has traffic in flight. A
+    process that used DTensors should then leave by :func:`exit_without_teardown`.
     """
     global _wait_group
     if dist.is_initialized():
         barrier()
         dist.destroy_process_group()
     _wait_group = None
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a process that used gloo process groups now, skipping the interpreter's teardown.
+
+    ``destroy_process_group`` does not stop gloo's worker threads once DTensor or FSDP2 have
+    used the group (their caches keep it alive). A worker thread that is still releasing a
+    finished collective (a barrier keeps the collectives before it alive until then) when
+    the interpreter starts its teardown has to take the GIL to free the tensors' Python
+    objects, and the process aborts: "terminate called without an active exception",
+    SIGABRT, after every check has passed (core: ``ProcessGroupGloo::runLoop`` →
+    ``~AsyncBarrierWork`` → ``~AsyncGatherWork`` → ``decref_pyobject`` → ``take_gil`` →
+    ``pthread_exit``; see pytorch/pytorch#179291). ``os._exit`` runs no teardown at all.
+    Call it once everything the process owes has been written, closed and flushed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def barrier() -> None:

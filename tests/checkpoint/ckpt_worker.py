@@ -20,6 +20,7 @@ from torchtune.models.qwen2 import qwen2
 from simko_tune.checkpoint import CheckpointManager, resolve_resume
 from simko_tune.parallel import (
     ParallelDims,
+    exit_without_teardown,
     hidden_states,
     init_distributed,
     parallelize_model,
@@ -113,3 +114,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_teardown(0)  # everything is checked and written by now

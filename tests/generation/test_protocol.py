@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from simko_tune.generation.client import check_device_overlap, trainer_cuda_devices
 from simko_tune.generation.protocol import (
@@ -161,10 +162,23 @@ def test_generation_devices_must_not_overlap_the_trainers(monkeypatch):
     assert trainer_cuda_devices() == ["4", "6"]
 
 
+def test_cpu_workers_default_to_the_cores_the_trainer_does_not_keep(monkeypatch):
+    from simko_tune.generation.client import _default_devices
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    assert _default_devices(1, 1, []) == ["0,1,2,3,4,5"]  # synchronous: every core
+    assert _default_devices(1, 1, ["0", "1", "2"]) == ["3,4,5"]  # one-step-off: the rest
+    assert _default_devices(2, 1, ["0", "1"]) == ["2,3", "4,5"]
+    with pytest.raises(ValueError, match=r"generation.devices\[0\]='2,3' uses core 3"):
+        check_device_overlap(["2,3"], ["3"], "core")
+
+
 def test_start_local_refuses_the_trainers_gpus(tmp_path):
     from simko_tune.generation import VLLMWorkers
 
-    with pytest.raises(ValueError, match=r"generation.devices\[0\]='1,2' uses GPU 1"):
+    kind = "GPU" if torch.cuda.is_available() else "core"  # the trainer's GPUs, or its cores
+    with pytest.raises(ValueError, match=rf"generation.devices\[0\]='1,2' uses {kind} 1"):
         VLLMWorkers.start_local(
             tmp_path, num_workers=1, devices=["1,2"], trainer_devices=["0", "1"], log_dir=tmp_path
         )

@@ -31,6 +31,7 @@ from simko_tune.generation.weights import (
     version_dir,
 )
 from simko_tune.models import read_hf_config
+from simko_tune.parallel import exit_without_teardown
 
 
 def _published_state(folder: Path) -> dict:
@@ -168,6 +169,7 @@ def _fsdp_rank(rank: int, world: int, init_file: str, model_dir: str, sync: str,
         dist.barrier()  # no rank tears its gloo pairs down while a peer still uses them
     finally:
         dist.destroy_process_group()
+    exit_without_teardown(0)  # its result is written (an exception reaches mp.spawn instead)
 
 
 @pytest.mark.slow

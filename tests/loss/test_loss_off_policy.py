@@ -181,3 +181,62 @@ def test_sampler_logprobs_shape_is_checked(batch_factory):
     args = (b["hidden"], b["weight"], b["targets"], None, b["advantages"], b["mask"])
     with pytest.raises(ValueError, match="sampler_logprobs"):
         policy_loss(*args, b["correct"], LossConfig(compile=False), sampler_logprobs=torch.ones(2))
+
+
+@pytest.mark.parametrize("mode", ["simko", "grpo"])
+def test_importance_weights_from_the_current_logprobs_equal_the_recomputed_pass(
+    batch_factory, mode
+):
+    """Off-policy, one optimizer step per rollout: the proximal log-probs are the current
+    ones, so ``is_cap`` computes the truncated weights in the loss. Loss, gradients and the
+    weights' statistics equal those of a separate pass feeding the precomputed weights, and
+    the naive reference with ``min(exp(current - behaviour), cap)`` written out here."""
+    b = batch_factory()
+    cfg = LossConfig(mode=mode, compile=False, chunk_size=16)  # statistics span chunks
+    gen = torch.Generator().manual_seed(3)
+    current = torch.log_softmax(b["hidden"] @ b["weight"].T, -1)
+    current = current.gather(-1, b["targets"][..., None]).squeeze(-1).detach()
+    behaviour = current + 0.5 * torch.randn(b["mask"].shape, generator=gen)
+    behaviour[~b["mask"]] = -1e6  # padding must not count (its raw weight would be huge)
+    args = (b["hidden"], b["weight"], b["targets"], None, b["advantages"], b["mask"])
+    loss, metrics = policy_loss(*args, b["correct"], cfg, sampler_logprobs=behaviour, is_cap=2.0)
+    gh, gw = torch.autograd.grad(loss, (b["hidden"], b["weight"]))
+
+    m = b["mask"]
+    plain = [
+        min(float(torch.exp(current[i, j] - behaviour[i, j])), 2.0) for i, j in m.nonzero().tolist()
+    ]
+    raw = [float(torch.exp(current[i, j] - behaviour[i, j])) for i, j in m.nonzero().tolist()]
+    assert 0 < sum(r > 2.0 for r in raw) < len(raw), "the batch must truncate some tokens"
+    assert float(metrics["is_weight_mean"]) == pytest.approx(sum(plain) / len(plain), rel=1e-5)
+    assert float(metrics["is_weight_max"]) == pytest.approx(max(plain), rel=1e-5)
+    assert float(metrics["is_weight_capped_frac"]) == pytest.approx(
+        sum(r > 2.0 for r in raw) / len(raw)
+    )
+    weights = torch.where(m, torch.exp(current - behaviour).clamp(max=2.0), 0.0)
+    ref_loss, ref_gh, ref_gw = naive_loss(b, cfg, current, weights)
+    close(loss.detach(), ref_loss)
+    close(gh, ref_gh)
+    close(gw, ref_gw)
+    recomputed = token_logprobs(b["hidden"].detach(), b["weight"].detach(), b["targets"])
+    pass_weights, _ = truncated_importance_weights(recomputed, behaviour, m, cap=2.0)
+    with_pass = fused(b, cfg, recomputed, pass_weights)
+    for x, y in zip((loss.detach(), gh, gw), with_pass[:3]):
+        close(x, y, rtol=1e-6)
+
+
+def test_importance_weights_in_the_loss_need_their_inputs(batch_factory):
+    b = batch_factory()
+    cfg = LossConfig(compile=False)
+    args = (b["hidden"], b["weight"], b["targets"])
+    rest = (b["advantages"], b["mask"], b["correct"], cfg)
+    sampler = b["old_logprobs"]
+    for old, kwargs in (
+        (b["old_logprobs"], {"sampler_logprobs": sampler}),  # a proximal pass was given
+        (None, {}),  # no behaviour log-probs
+        (None, {"sampler_logprobs": sampler, "is_weights": torch.ones(b["mask"].shape)}),
+    ):
+        with pytest.raises(ValueError, match="is_cap"):
+            policy_loss(*args, old, *rest, is_cap=2.0, **kwargs)
+    with pytest.raises(ValueError, match="is_cap"):
+        policy_loss(*args, None, *rest, sampler_logprobs=sampler, is_cap=0.5)

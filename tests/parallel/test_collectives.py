@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from simko_tune.parallel.collectives import gather_to, shard_box
+from simko_tune.parallel.collectives import exit_without_teardown, gather_to, shard_box
 
 
 @pytest.mark.parametrize("size", range(0, 10))
@@ -83,9 +83,29 @@ def _gather_rank(rank: int, world: int, init_file: str) -> None:
         dist.barrier()  # no rank tears its gloo pairs down while a peer still uses them
     finally:
         dist.destroy_process_group()
+    exit_without_teardown(0)  # every check passed (an exception reaches mp.spawn instead)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_gather_to_places_every_piece(world, tmp_path):
     mp.spawn(_gather_rank, args=(world, str(tmp_path / "init")), nprocs=world)
+
+
+def test_exit_without_teardown_flushes_and_keeps_the_code(tmp_path):
+    """What was printed (unflushed) reaches the pipe, the exit code is the one given, and no
+    atexit handler (the interpreter's teardown) runs."""
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, sys\n"
+        "from simko_tune.parallel import exit_without_teardown\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "print('out', end=''); print('err', end='', file=sys.stderr)\n"
+        "exit_without_teardown(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 3
+    assert proc.stdout == "out"
+    assert proc.stderr.endswith("err")

@@ -67,15 +67,17 @@ def _spy_updates(recipe) -> list[dict]:
     """Record every update's rollout, the trainer's weight version and its wall-clock span."""
     seen, update = [], recipe._update
 
-    def spy(rollout, old, ref=None, is_weights=None):
+    def spy(rollout, old, ref=None, is_weights=None, is_cap=None):
         t0 = time.perf_counter()
-        stats = update(rollout, old, ref, is_weights)
+        stats = update(rollout, old, ref, is_weights, is_cap)
         seen.append(
             {
                 "rollout": rollout,
                 "version": recipe.weight_version,
                 "old": old,
                 "is_weights": is_weights,
+                "is_cap": is_cap,
+                "stats": stats,
                 "span": (t0, time.perf_counter()),
             }
         )
@@ -186,7 +188,8 @@ def test_the_train_loop_skips_the_pass_only_when_it_is_wasted(tmp_path, policy_d
         ("one_update", {"ppo.mini_batch_prompts": 4, "max_steps": 1}, False),
         ("two_updates", {"ppo.mini_batch_prompts": 2, "max_steps": 1}, True),
         ("two_epochs", {"ppo.mini_batch_prompts": 4, "ppo.epochs": 2, "max_steps": 1}, True),
-        ("off_policy", {"ppo.mini_batch_prompts": 4, "rollout.max_staleness": 1}, True),
+        ("off_policy_two_updates", {"ppo.mini_batch_prompts": 2, "rollout.max_staleness": 1}, True),
+        ("off_policy_one_update", {"ppo.mini_batch_prompts": 4, "rollout.max_staleness": 1}, False),
     ):
         recipe = make_recipe(tmp_path / name, policy_dir, **overrides)
         try:
@@ -195,8 +198,62 @@ def test_the_train_loop_skips_the_pass_only_when_it_is_wasted(tmp_path, policy_d
         finally:
             recipe.cleanup()
         calls.append((name, [s["old"] is not None for s in seen], expect_pass))
+        if name.startswith("off_policy"):  # importance weights from the pass, or the loss's
+            caps = [s["is_cap"] for s in seen]
+            assert caps == [None if expect_pass else 2.0] * len(seen), (name, caps)
+            assert all("is_weight/mean" in s["stats"] for s in seen if s["is_cap"]), name
     for name, passes, expect_pass in calls:
         assert passes and all(p == expect_pass for p in passes), (name, passes)
+
+
+def test_off_policy_one_update_takes_the_proximal_logprobs_from_its_own_forward(
+    tmp_path, policy_dir
+):
+    """Staleness 1, one optimizer step per rollout: the proximal policy is the one before
+    that step, the current one. Importance weights computed in the loss (``is_cap``) give
+    the loss, gradients and weight statistics of the separate proximal pass."""
+    from simko_tune.rollout import truncated_importance_weights
+
+    recipe = make_recipe(
+        tmp_path / "out",
+        policy_dir,
+        **{"ppo.mini_batch_prompts": 4, "rollout.max_staleness": 1, "ppo.micro_batch_size": 4},
+    )
+    try:
+        rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
+        rollout.rewards[:] = torch.tensor([1.0, 0.0] * (len(rollout) // 2))
+        # the behaviour policy a step behind: far enough that the cap truncates some tokens
+        gen = torch.Generator().manual_seed(0)
+        rollout.worker_logprobs += 0.8 * torch.randn(rollout.mask.shape, generator=gen)
+        start_model, start_optim = _weights(recipe), recipe.optimizer.state_dict()
+        grads: list[dict[str, torch.Tensor]] = []
+        step = recipe.optimizer.step
+
+        def capture(*args, **kwargs):
+            grads.append({n: p.grad.clone() for n, p in recipe.model.named_parameters()})
+            return step(*args, **kwargs)
+
+        recipe.optimizer.step = capture
+        old, _ = recipe._old_logprobs(rollout)
+        weights, stats = truncated_importance_weights(
+            old, rollout.worker_logprobs, rollout.mask, cap=2.0
+        )
+        assert 0 < stats["is_weight/capped_frac"] < 1
+        with_pass = recipe._update(rollout, old, None, weights)
+        recipe.model.load_state_dict(start_model)
+        recipe.optimizer.load_state_dict(start_optim)
+        in_loss = recipe._update(rollout, None, None, None, is_cap=2.0)
+        with pytest.raises(ValueError, match="one optimizer step"):
+            recipe.cfg.ppo.epochs = 2
+            recipe._update(rollout, None, None, None, is_cap=2.0)
+    finally:
+        recipe.cleanup()
+    assert with_pass["loss"] == pytest.approx(in_loss["loss"], rel=1e-5, abs=1e-9)
+    for key, value in stats.items():
+        assert in_loss[key] == pytest.approx(value, rel=1e-5), key
+    assert len(grads) == 2 and any(g.abs().max() > 0 for g in grads[0].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
@@ -317,3 +374,35 @@ def test_kill_and_resume_neither_loses_nor_repeats_a_prompt(tmp_path, policy_dir
     got = trained(seen_first) + trained(seen_second)
     assert sum(expected.values()) == 4 * 4 * 4  # steps x prompts x samples
     assert got == expected
+
+
+def test_one_step_off_on_cpu_gives_trainer_and_workers_disjoint_cores(monkeypatch):
+    """Overlapped on CPU, trainer and workers get disjoint halves of the cores (as GPUs are
+    disjoint); when they take turns (staleness 0), or the user placed the workers, or the
+    workers are remote, native or on GPUs, nothing is split."""
+    import simko_recipe
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    cfg = OmegaConf.load(resolve_config_path("tiny_cpu"))
+    recipe = simko_recipe.SimKORecipe.__new__(simko_recipe.SimKORecipe)
+    recipe.cfg, recipe.device, recipe.world_size = check_schema(cfg), torch.device("cpu"), 1
+    assert recipe._trainer_cpu_cores() is None  # tiny_cpu: max_staleness 0
+    recipe.cfg.rollout.max_staleness = 1
+    assert recipe._trainer_cpu_cores() == [0, 1]
+    for key, value in (
+        ("generation.devices", ["3"]),
+        ("generation.addresses", ["tcp://127.0.0.1:5555"]),
+        ("generation.backend", "native"),
+    ):
+        changed = check_schema(OmegaConf.merge(recipe.cfg, OmegaConf.from_dotlist([])))
+        OmegaConf.update(changed, key, value)
+        other = simko_recipe.SimKORecipe.__new__(simko_recipe.SimKORecipe)
+        other.cfg, other.device, other.world_size = changed, torch.device("cpu"), 1
+        assert other._trainer_cpu_cores() is None, key
+    recipe.world_size = 2
+    assert recipe._trainer_cpu_cores() is None
+    recipe.world_size, recipe.device = 1, torch.device("meta")  # any accelerator
+    assert recipe._trainer_cpu_cores() is None
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    recipe.device = torch.device("cpu")
+    assert recipe._trainer_cpu_cores() is None
