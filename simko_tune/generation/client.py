@@ -154,7 +154,15 @@ def _default_devices(
     return [",".join(map(str, cores[k * per : (k + 1) * per])) for k in range(num_workers)]
 
 
-def _worker_env(device: str) -> dict[str, str]:
+def _worker_env(device: str, tensor_parallel_size: int = 1) -> dict[str, str]:
+    """A worker's environment: its devices, caches and, on CPU, its threads.
+
+    On CPU with one core list (TP 1) the engine runs inside the worker process: vLLM's
+    multiprocess executor, its default there, busy-polls its shared-memory queue for a second
+    after every message (``SpinCondition.busy_loop_s``), which after each generate call takes
+    a core from the trainer: on 2 cores the forward pass that follows ran 10x slower. The
+    OpenMP set-up that executor would do (thread count, affinity) is done here instead,
+    before the process starts, as OpenMP needs."""
     import torch
 
     from simko_tune.paths import cache_dir
@@ -169,6 +177,11 @@ def _worker_env(device: str) -> dict[str, str]:
         env["VLLM_CPU_OMP_THREADS_BIND"] = device
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         env.pop("OMP_NUM_THREADS", None)  # vLLM sizes its OpenMP pool from the binding
+        if tensor_parallel_size == 1:
+            cores = [c.strip() for c in device.split(",") if c.strip()]
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            env["OMP_NUM_THREADS"] = str(len(cores))
+            env["GOMP_CPU_AFFINITY"] = " ".join(cores)
     return env
 
 
@@ -259,7 +272,7 @@ class VLLMWorkers(Generator):
                     model_dir=str(model_dir),
                     sync_dir=None if sync_dir is None else str(sync_dir),
                     engine_kwargs=dict(engine_kwargs or {}),
-                    env=_worker_env(devices[k]),
+                    env=_worker_env(devices[k], tensor_parallel_size),
                     tensor_parallel_size=tensor_parallel_size,
                     log_path=log_dir / f"worker{k}.log",
                 ),

@@ -162,6 +162,19 @@ def test_generation_devices_must_not_overlap_the_trainers(monkeypatch):
     assert trainer_cuda_devices() == ["4", "6"]
 
 
+def test_cpu_worker_env_runs_the_engine_in_process_with_its_threads(monkeypatch):
+    from simko_tune.generation.client import _worker_env
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the trainer's: never the worker's
+    env = _worker_env("2,3")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "2,3"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # no busy-polling executor process
+    assert env["OMP_NUM_THREADS"] == "2" and env["GOMP_CPU_AFFINITY"] == "2 3"
+    tp2 = _worker_env("0,1", tensor_parallel_size=2)  # TP needs vLLM's executor processes
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in tp2 and "OMP_NUM_THREADS" not in tp2
+
+
 def test_cpu_workers_default_to_the_cores_the_trainer_does_not_keep(monkeypatch):
     from simko_tune.generation.client import _default_devices
 

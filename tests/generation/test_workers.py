@@ -206,3 +206,33 @@ def test_response_is_capped_by_context(vllm_worker):
         [[3] * 250], 1, SamplingConfig(temperature=0, max_tokens=50, ignore_eos=True)
     )[0]
     assert len(c.token_ids) == 6 and c.finish_reason == "length"
+
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and all its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def test_an_idle_worker_leaves_the_cores_to_the_trainer(vllm_worker):
+    """After a generate call the worker goes quiet: vLLM's multiprocess executor would
+    busy-poll for a second after each message (on CPU the engine runs in the worker process
+    instead), taking a core from the trainer's next forward pass."""
+    import time
+
+    vllm_worker.generate([[1, 2, 3]] * 4, 2, GREEDY)
+    pid = vllm_worker._workers[0].proc.pid
+    before = _tree_cpu_seconds(pid)
+    time.sleep(1.0)
+    used = _tree_cpu_seconds(pid) - before
+    assert used < 0.25, f"an idle worker used {used:.2f} CPU seconds in 1 s"
