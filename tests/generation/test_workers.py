@@ -208,7 +208,6 @@ def test_response_is_capped_by_context(vllm_worker):
     assert len(c.token_ids) == 6 and c.finish_reason == "length"
 
 
-
 def _tree_cpu_seconds(pid: int) -> float:
     """CPU seconds (user + system) used so far by ``pid`` and all its descendants."""
     import psutil
