@@ -5,8 +5,9 @@ Both trainers get the same Hugging Face model directory, the same Countdown prom
 4 prompts x 8 samples, at most 32 new tokens, temperature 1, top-p 1, GRPO (ratio clip 0.2,
 each response's token mean, then the mean over responses), no KL, fp32, AdamW (lr 1e-3,
 weight decay 0.01, constant), gradient clipping at 1.0, one optimizer step per rollout, and
-2 CPU threads each (``torch.set_num_threads(2)`` for TRL; ``OMP_NUM_THREADS=2`` for our
-trainer, whose one vLLM worker is bound to the same 2 cores).
+2 CPU cores each (``torch.set_num_threads(2)`` for TRL; ``OMP_NUM_THREADS=2`` for our
+trainer, whose one vLLM worker is bound to the same 2 cores at staleness 0; at staleness 1,
+when both run at once, the recipe gives each one of them).
 
 What one step contains:
 - TRL (``pip install -e .[trl]``): ``model.generate`` of 32 completions (transformers, no

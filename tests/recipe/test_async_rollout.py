@@ -87,6 +87,29 @@ def _spy_updates(recipe) -> list[dict]:
     return seen
 
 
+def _update_twice(recipe, rollout, first: dict, second: dict) -> tuple[dict, dict, list[dict]]:
+    """Two updates of ``rollout`` from the same weights and optimizer state (``first``,
+    ``second``: keyword arguments of ``_update``): their stats, and the gradients each one
+    stepped with."""
+    start_model, start_optim = _weights(recipe), recipe.optimizer.state_dict()
+    grads: list[dict[str, torch.Tensor]] = []
+    step = recipe.optimizer.step
+
+    def capture(*args, **kwargs):
+        grads.append({n: p.grad.clone() for n, p in recipe.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    recipe.optimizer.step = capture
+    try:
+        a = recipe._update(rollout, **first)
+        recipe.model.load_state_dict(start_model)
+        recipe.optimizer.load_state_dict(start_optim)
+        b = recipe._update(rollout, **second)
+    finally:
+        recipe.optimizer.step = step
+    return a, b, grads
+
+
 def _prompts(rollout) -> list[tuple[int, ...]]:
     """Each row's prompt tokens: the inputs up to and including the position whose target
     is the first response token."""
@@ -150,21 +173,10 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(tmp_path, policy_dir)
         # a visible generator-vs-trainer mismatch (the native generator's is ~0)
         gen = torch.Generator().manual_seed(0)
         rollout.worker_logprobs += 0.3 * torch.randn(rollout.mask.shape, generator=gen)
-        start_model = _weights(recipe)
-        start_optim = recipe.optimizer.state_dict()
-        grads: list[dict[str, torch.Tensor]] = []
-        step = recipe.optimizer.step
-
-        def capture(*args, **kwargs):
-            grads.append({n: p.grad.clone() for n, p in recipe.model.named_parameters()})
-            return step(*args, **kwargs)
-
-        recipe.optimizer.step = capture
         old, _ = recipe._old_logprobs(rollout)
-        with_pass = recipe._update(rollout, old)
-        recipe.model.load_state_dict(start_model)
-        recipe.optimizer.load_state_dict(start_optim)
-        without_pass = recipe._update(rollout, None)
+        with_pass, without_pass, grads = _update_twice(
+            recipe, rollout, {"old_logprobs": old}, {"old_logprobs": None}
+        )
     finally:
         recipe.cleanup()
     assert len(grads) == 2
@@ -225,24 +237,17 @@ def test_off_policy_one_update_takes_the_proximal_logprobs_from_its_own_forward(
         # the behaviour policy a step behind: far enough that the cap truncates some tokens
         gen = torch.Generator().manual_seed(0)
         rollout.worker_logprobs += 0.8 * torch.randn(rollout.mask.shape, generator=gen)
-        start_model, start_optim = _weights(recipe), recipe.optimizer.state_dict()
-        grads: list[dict[str, torch.Tensor]] = []
-        step = recipe.optimizer.step
-
-        def capture(*args, **kwargs):
-            grads.append({n: p.grad.clone() for n, p in recipe.model.named_parameters()})
-            return step(*args, **kwargs)
-
-        recipe.optimizer.step = capture
         old, _ = recipe._old_logprobs(rollout)
         weights, stats = truncated_importance_weights(
             old, rollout.worker_logprobs, rollout.mask, cap=2.0
         )
         assert 0 < stats["is_weight/capped_frac"] < 1
-        with_pass = recipe._update(rollout, old, None, weights)
-        recipe.model.load_state_dict(start_model)
-        recipe.optimizer.load_state_dict(start_optim)
-        in_loss = recipe._update(rollout, None, None, None, is_cap=2.0)
+        with_pass, in_loss, grads = _update_twice(
+            recipe,
+            rollout,
+            {"old_logprobs": old, "is_weights": weights},
+            {"old_logprobs": None, "is_cap": 2.0},
+        )
         with pytest.raises(ValueError, match="one optimizer step"):
             recipe.cfg.ppo.epochs = 2
             recipe._update(rollout, None, None, None, is_cap=2.0)
