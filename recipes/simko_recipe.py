@@ -252,11 +252,13 @@ class SimKORecipe:
         """The cores the trainer keeps when one-step-off generation runs beside it on CPU.
 
         Overlapped, trainer and vLLM workers run at once: sharing every core they would
-        oversubscribe them (each sizes its thread pool to all of them) and overlapping would
-        gain nothing. So, as on GPUs, they get disjoint devices: the trainer the first half of
-        this process's cores, the workers the rest. Synchronous (``max_staleness`` 0) they
-        take turns, and each uses every core. None: no split (GPU, explicit
-        ``generation.devices``, remote or native generation, several ranks, one core)."""
+        oversubscribe them (each sizes its thread pool to all of them). So, as on GPUs, they
+        get disjoint devices: the trainer the first half of this process's cores, the
+        workers the rest. On few cores that halves each side's threads, which a large
+        model's update feels (README: the 0.5B shape on 2 cores); ``generation.devices``
+        turns the split off. Synchronous (``max_staleness`` 0) they take turns, and each
+        uses every core. None: no split (GPU, explicit ``generation.devices``, remote or
+        native generation, several ranks, one core)."""
         cfg, g = self.cfg, self.cfg.generation
         cores = sorted(os.sched_getaffinity(0))
         if (
