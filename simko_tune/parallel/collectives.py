@@ -81,8 +81,9 @@ def shutdown_distributed() -> None:
 def exit_without_teardown(code: int) -> NoReturn:
     """End a process that used gloo process groups now, skipping the interpreter's teardown.
 
-    ``destroy_process_group`` does not stop gloo's worker threads once DTensor or FSDP2 have
-    used the group (their caches keep it alive). A worker thread that is still releasing a
+    ``destroy_process_group`` does not stop gloo's worker threads once DTensor has used the
+    group: something still holds it (clearing DTensor's caches frees the mesh, not the
+    threads; without DTensor the destroy joins them). A worker thread that is still releasing a
     finished collective (a barrier keeps the collectives before it alive until then) when
     the interpreter starts its teardown has to take the GIL to free the tensors' Python
     objects, and the process aborts: "terminate called without an active exception",
