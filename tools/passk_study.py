@@ -167,6 +167,13 @@ def _stats(values: list[float]) -> tuple[float, float, float, float]:
     return statistics.fmean(values), std, min(values), max(values)
 
 
+def _percent(values: list[float], signed: bool = False) -> str:
+    """Mean ± sample std over seeds, in percent; one seed has no spread to show."""
+    mean, std, _, _ = _stats(values)
+    text = f"{100 * mean:+.1f}" if signed else f"{100 * mean:.1f}"
+    return text + (f" ± {100 * std:.1f}" if len(values) > 1 else "")
+
+
 def collect(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[int, list[float]]]:
     """method -> K -> pass@K of each seed; the base rows come from the pre-training
     evaluations."""
@@ -234,10 +241,6 @@ def verdict(table: dict[str, dict[int, list[float]]], n: int) -> list[str]:
     lines = []
     k_max, k_min = max(table.get("grpo", {1: []})), 1
 
-    def pm(values: list[float]) -> str:
-        mean, std, _, _ = _stats(values)
-        return f"{100 * mean:.1f} ± {100 * std:.1f}" if len(values) > 1 else f"{100 * mean:.1f}"
-
     for method in [m for m in table if m != BASE]:
         if "grpo" not in table or method == "grpo":
             continue
@@ -250,11 +253,9 @@ def verdict(table: dict[str, dict[int, list[float]]], n: int) -> list[str]:
         mean_top, std_top, _, _ = _stats(diff_top)
         mean_one, std_one, _, _ = _stats(diff_one)
         figures = (
-            f"pass@{k_max} {pm(ours[k_max])} vs {pm(grpo[k_max])} "
-            f"(difference {100 * mean_top:+.1f}"
-            + (f" ± {100 * std_top:.1f}" if seeds > 1 else "")
-            + f"); pass@1 {pm(ours[k_min])} vs {pm(grpo[k_min])} (difference "
-            f"{100 * mean_one:+.1f}" + (f" ± {100 * std_one:.1f}" if seeds > 1 else "") + "). "
+            f"pass@{k_max} {_percent(ours[k_max])} vs {_percent(grpo[k_max])} (difference "
+            f"{_percent(diff_top, signed=True)}); pass@1 {_percent(ours[k_min])} vs "
+            f"{_percent(grpo[k_min])} (difference {_percent(diff_one, signed=True)}). "
         )
         if seeds == 1:
             same_seed = ""
@@ -264,7 +265,7 @@ def verdict(table: dict[str, dict[int, list[float]]], n: int) -> list[str]:
             lines.append(
                 f"- **{method} vs GRPO** (seed 0 only): {figures}One seed has no spread of its "
                 f"own: an indication, to be read against GRPO's seed-to-seed spread at "
-                f"pass@{k_max} ({pm(table['grpo'][k_max])}) and the same seed's other "
+                f"pass@{k_max} ({_percent(table['grpo'][k_max])}) and the same seed's other "
                 f"settings{same_seed}, not a result."
             )
             continue
@@ -285,8 +286,9 @@ def verdict(table: dict[str, dict[int, list[float]]], n: int) -> list[str]:
         )
     if BASE in table and "grpo" in table:
         lines.append(
-            f"- **GRPO vs base**: pass@1 {pm(table['grpo'][1])} vs {pm(table[BASE][1])}, "
-            f"pass@{k_max} {pm(table['grpo'][k_max])} vs {pm(table[BASE][k_max])}."
+            f"- **GRPO vs base**: pass@1 {_percent(table['grpo'][1])} vs "
+            f"{_percent(table[BASE][1])}, pass@{k_max} {_percent(table['grpo'][k_max])} vs "
+            f"{_percent(table[BASE][k_max])}."
         )
     if n < 256:
         lines.append(
@@ -324,8 +326,7 @@ def write_report(
     for method, per_k in table.items():
         cells = []
         for k in shown:
-            mean, std, _, _ = _stats(per_k[k])
-            cells.append(f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if len(per_k[k]) > 1 else ""))
+            cells.append(_percent(per_k[k]))
         rows.append(f"| {method} | {len(per_k[ks[0]])} | " + " | ".join(cells) + " |")
     command = " ".join(["python tools/passk_study.py", *sys.argv[1:]])
     commit = subprocess.run(
