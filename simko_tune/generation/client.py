@@ -147,7 +147,8 @@ def _default_devices(
             ",".join(free[k * tensor_parallel_size : (k + 1) * tensor_parallel_size])
             for k in range(num_workers)
         ]
-    cores = [c for c in sorted(os.sched_getaffinity(0)) if str(c) not in set(trainer_devices)]
+    taken = set(trainer_devices)
+    cores = [c for c in sorted(os.sched_getaffinity(0)) if str(c) not in taken]
     per = len(cores) // num_workers
     if per == 0:  # fewer cores than workers: they share all of them
         return [",".join(map(str, cores))] * num_workers
@@ -176,12 +177,13 @@ def _worker_env(device: str, tensor_parallel_size: int = 1) -> dict[str, str]:
     else:
         env["VLLM_CPU_OMP_THREADS_BIND"] = device
         env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-        env.pop("OMP_NUM_THREADS", None)  # vLLM sizes its OpenMP pool from the binding
         if tensor_parallel_size == 1:
             cores = [c.strip() for c in device.split(",") if c.strip()]
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             env["OMP_NUM_THREADS"] = str(len(cores))
             env["GOMP_CPU_AFFINITY"] = " ".join(cores)
+        else:
+            env.pop("OMP_NUM_THREADS", None)  # vLLM's executor sizes its pools from the binding
     return env
 
 
