@@ -16,7 +16,7 @@ from torchtune.generation import (
     get_causal_mask_from_padding_mask,
     get_position_ids_from_padding_mask,
 )
-from torchtune.modules.common_utils import delete_kv_caches
+from torchtune.modules.common_utils import local_kv_cache
 
 from simko_tune.generation.types import (
     INITIAL_VERSION,
@@ -144,8 +144,11 @@ class NativeGenerator(Generator):
         )
         gens = [None if s is None else torch.Generator(device=dev).manual_seed(s) for s in seeds]
 
-        model.setup_caches(batch_size=bsz, dtype=self.dtype, decoder_max_seq_len=total)
-        try:
+        # torchtune's context puts the caches on the model's device (``setup_caches`` alone
+        # builds them on the default device: CPU beside CUDA weights) and deletes them after.
+        with local_kv_cache(
+            model, batch_size=bsz, device=dev, dtype=self.dtype, decoder_max_seq_len=total
+        ):
             mask = get_causal_mask_from_padding_mask(valid[:, :prompt_len], target_seq_len=total)
             logits = model(tokens, input_pos=positions[:, :prompt_len], mask=mask)[:, -1]
             out_tokens: list[list[int]] = [[] for _ in range(bsz)]
@@ -154,12 +157,13 @@ class NativeGenerator(Generator):
             cols = torch.arange(total, device=dev)
             for t in range(max_new):
                 next_tok, next_lp = self._sample(logits.float(), sampling, gens)
+                step_toks, step_lps = next_tok.tolist(), next_lp.tolist()  # one sync per step
                 for b in range(bsz):
                     if finish[b] is not None:
                         continue
-                    tok = int(next_tok[b])
+                    tok = step_toks[b]
                     out_tokens[b].append(tok)
-                    out_lps[b].append(float(next_lp[b]))
+                    out_lps[b].append(step_lps[b])
                     if tok in stop_ids:
                         finish[b] = "stop"
                     elif len(out_tokens[b]) >= budgets[b]:
@@ -171,8 +175,6 @@ class NativeGenerator(Generator):
                 logits = model(
                     next_tok[:, None], input_pos=positions[:, pos, None], mask=step_mask
                 )[:, -1]
-        finally:
-            delete_kv_caches(model)
         return [
             Completion(token_ids=toks, logprobs=lps, finish_reason=f, weight_version=self._version)
             for toks, lps, f in zip(out_tokens, out_lps, finish)

@@ -76,3 +76,18 @@ def test_load_weights_from_publication(gen_model_dir, ref, tmp_path):
     out = gen.generate(PROMPTS[:1], 1, SamplingConfig(temperature=0, max_tokens=6))[0][0]
     assert out.weight_version == 2
     assert out.token_ids == ref.naive_greedy(model, PROMPTS[0], 6, gen.eos_ids)
+
+
+def test_kv_caches_are_built_on_the_generators_device(native):
+    """The caches follow the model, not the default device: with ``meta`` as the default
+    (standing in for CPU beside CUDA weights, the first GPU run's failure), decoding on CPU
+    still works and gives the same tokens."""
+    sampling = SamplingConfig(temperature=1.0, max_tokens=6, seed=5)
+    expected = native.generate(PROMPTS, 2, sampling)
+    torch.set_default_device("meta")
+    try:
+        got = native.generate(PROMPTS, 2, sampling)
+    finally:
+        torch.set_default_device(None)
+    assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in expected]
+    assert not native.model.caches_are_setup()
