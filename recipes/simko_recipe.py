@@ -90,7 +90,7 @@ from simko_tune.parallel import (
 )
 from simko_tune.plan import dry_run, validate
 from simko_tune.rewards import RewardPool
-from simko_tune.rollout import RolloutBatch, build_rollout_batch, truncated_importance_weights
+from simko_tune.rollout import RolloutBatch, build_rollout_batch
 
 
 @dataclass
@@ -355,17 +355,12 @@ class SimKORecipe:
                 )
             with _timed(timings, "old_logprobs"):
                 old_logprobs, ref_logprobs = self._old_logprobs(
-                    rollout, policy=self._needs_old_logprobs()
+                    rollout, policy_rows=self._old_logprob_rows(rollout)
                 )
-            is_weights, is_stats, is_cap = None, {}, None
-            if cfg.rollout.max_staleness and old_logprobs is None:
-                is_cap = cfg.rollout.is_cap  # the loss computes them (one optimizer step)
-            elif cfg.rollout.max_staleness:
-                is_weights, is_stats = truncated_importance_weights(
-                    old_logprobs, rollout.worker_logprobs, rollout.mask, cfg.rollout.is_cap
-                )
+            # off-policy: the loss weighs each token by min(proximal / behaviour, is_cap)
+            is_cap = cfg.rollout.is_cap if cfg.rollout.max_staleness else None
             with _timed(timings, "update"):
-                stats = self._update(rollout, old_logprobs, ref_logprobs, is_weights, is_cap)
+                stats = self._update(rollout, old_logprobs, ref_logprobs, is_cap)
             if next_rollout is not None:  # the workers reload only once they are idle
                 with _timed(timings, "wait_generate"):
                     next_rollout.exception()
@@ -374,9 +369,7 @@ class SimKORecipe:
             self.step += 1
 
             if self.is_rank_zero:
-                measured = old_logprobs if cfg.rollout.old_logprobs == "trainer" else None
-                stats.update(_rollout_stats(rollout, measured, cfg.rollout.samples_per_prompt))
-                stats.update(is_stats)
+                stats.update(_rollout_stats(rollout, cfg.rollout.samples_per_prompt))
                 staleness = (self.weight_version - 1 - rollout.weight_versions).float()
                 stats["rollout/staleness_mean"] = float(staleness.mean())
                 stats["rollout/staleness_max"] = float(staleness.max())
@@ -474,41 +467,56 @@ class SimKORecipe:
         )
         return SampledRollout(indices, batch, texts, timings)
 
-    def _needs_old_logprobs(self) -> bool:
-        """A separate old-log-prob pass is wasted when the rollout feeds exactly one
-        optimizer step: the policy before that step is the current one, so the ratio's
-        denominator is the current log-probs, detached (the loss takes them from its own
-        forward, as TRL and verl do). Off-policy, those are also the proximal log-probs of
-        the importance weights, which the loss then computes itself (``is_cap``)."""
+    def _old_logprob_rows(self, rollout: RolloutBatch) -> torch.Tensor:
+        """The rows whose old log-probs need a separate forward pass before the update.
+
+        Not the first mini-batch's (of a single epoch): its update runs before any optimizer
+        step, so the policy it takes the ratio against is the current one, and the loss
+        takes those log-probs from its own forward, detached (as TRL and verl do for a
+        rollout consumed by one step, and as exact here for the first step of several).
+        Off-policy, they are the proximal log-probs of the importance weights too. No row
+        when the workers' log-probs stand in (``rollout.old_logprobs: workers``)."""
         cfg = self.cfg
-        one_step = (
-            cfg.ppo.epochs == 1 and cfg.ppo.mini_batch_prompts >= cfg.rollout.prompts_per_step
-        )
-        return not one_step
+        if cfg.rollout.old_logprobs == "workers":
+            return torch.zeros(0, dtype=torch.long)
+        _, kept = self._kept_rows(rollout)
+        if cfg.ppo.epochs > 1:  # later epochs revisit the first mini-batch after a step
+            return kept
+        return kept[cfg.ppo.mini_batch_prompts * cfg.rollout.samples_per_prompt :]
 
     @torch.no_grad()
     def _old_logprobs(
-        self, rollout: RolloutBatch, policy: bool = True
+        self, rollout: RolloutBatch, policy_rows: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Log-probs of the sampled tokens under the policy before this step's update
-        (``policy=False``: none, see :meth:`_needs_old_logprobs`), and under the reference
-        policy when the KL penalty needs them (None otherwise). Forward only: micro-batches
-        of ``ppo.logprob_max_tokens_per_micro_batch`` tokens."""
-        from_workers = self.cfg.rollout.old_logprobs == "workers"
-        # without a separate pass: the workers' log-probs, or None (the loss's own, detached)
-        default_old = rollout.worker_logprobs if from_workers else None
-        models = {"ref": self.ref_model} if self.ref_model is not None else {}
-        if not from_workers and policy:
-            models["old"] = self.model
-        if not models:
-            return default_old, None
+        """Log-probs of the sampled tokens under the policy before this step's update, for
+        ``policy_rows`` (default: every row; see :meth:`_old_logprob_rows`; the other rows
+        are NaN, so that a use of one could not pass unnoticed), and under the reference
+        policy, every row, when the KL penalty needs them (None otherwise). Forward only:
+        micro-batches of ``ppo.logprob_max_tokens_per_micro_batch`` tokens.
+
+        The policy's are None when no row needs them (the loss takes the current ones), and
+        the workers' with ``rollout.old_logprobs: workers``."""
+        if self.cfg.rollout.old_logprobs == "workers":
+            old = rollout.worker_logprobs
+        else:
+            policy_rows = torch.arange(len(rollout)) if policy_rows is None else policy_rows
+            old = None
+        passes = []  # (name, model, the rollout's rows it needs)
+        if old is None and len(policy_rows):
+            passes.append(("old", self.model, policy_rows))
+        if self.ref_model is not None:
+            passes.append(("ref", self.ref_model, torch.arange(len(rollout))))
+        if not passes:
+            return old, None
         ppo = self.cfg.ppo
         budget = ppo.logprob_max_tokens_per_micro_batch or ppo.max_tokens_per_micro_batch
         shape = rollout.worker_logprobs.shape
-        out = {name: torch.zeros(shape, device=self.device) for name in models}
-        for rows in self._micro_batches(rollout, range(len(rollout)), budget):
-            mb = rollout.select(rows)
-            for name, model in models.items():
+        out = {}
+        for name, model, needed in passes:
+            out[name] = torch.zeros(shape, device=self.device)
+            sub = rollout.select(needed)
+            for local in self._micro_batches(sub, range(len(sub)), budget):
+                mb, rows = sub.select(local), needed[local]
                 hidden = hidden_states(model, mb.tokens.to(self.device))
                 lp = token_logprobs(
                     hidden,
@@ -523,25 +531,28 @@ class SimKORecipe:
             reshard(self.ref_model)  # forward only: its root's compute copy is not needed again
         # every rank computed its own rows; sum to share them (rows are disjoint)
         out = {k: all_reduce_sum(v, group=self.dp_group).cpu() for k, v in out.items()}
-        return out.get("old", default_old), out.get("ref")
+        if "old" in out:
+            skipped = torch.ones(len(rollout), dtype=torch.bool)
+            skipped[policy_rows] = False
+            out["old"][skipped] = float("nan")
+        return out.get("old", old), out.get("ref")
 
     def _update(
         self,
         rollout: RolloutBatch,
         old_logprobs: torch.Tensor | None,
         ref_logprobs: torch.Tensor | None = None,
-        is_weights: torch.Tensor | None = None,
         is_cap: float | None = None,
     ) -> dict[str, float]:
-        """PPO updates. ``old_logprobs=None``: the current policy's, detached (a rollout
-        that feeds one optimizer step); ``ref_logprobs``: the KL penalty's reference;
-        ``is_weights``: per-token off-policy correction; ``is_cap``: that correction
-        computed in the loss against the workers' log-probs, with the current policy as the
-        proximal one (``old_logprobs=None``, one optimizer step).
+        """PPO updates. ``old_logprobs``: each row's ratio denominator; a row of NaN (or
+        None for every row) takes the current policy's, detached, which is exact only
+        before the first optimizer step: in the first mini-batch of the first epoch (see
+        :meth:`_old_logprob_rows`). ``ref_logprobs``: the KL penalty's reference.
+        ``is_cap``: off-policy, each token's loss is weighted by min(exp(proximal -
+        behaviour), is_cap), proximal = the old log-probs, behaviour = the workers'.
 
-        Without ``old_logprobs`` no separate pass measured the generator-vs-trainer mismatch,
-        so the first mini-batch's loss measures it: its current log-probs precede any
-        optimizer step of this update, so they are the pre-update policy's.
+        The first mini-batch's forward also measures the generator-vs-trainer mismatch: its
+        current log-probs precede any optimizer step of this update.
 
         Per mini-batch: micro-batches (token budget) forward + backward, gradients reduced
         over data-parallel ranks on the last one only, clip, a NaN/inf guard, the step.
@@ -555,15 +566,29 @@ class SimKORecipe:
         )
         rollout, kept = self._kept_rows(rollout)
         advantages = advantages[kept]
-        old_logprobs, ref_logprobs, is_weights = (
-            None if t is None else t[kept] for t in (old_logprobs, ref_logprobs, is_weights)
+        old_logprobs, ref_logprobs = (
+            None if t is None else t[kept] for t in (old_logprobs, ref_logprobs)
+        )
+        # rows whose old log-probs are the current ones (on the host: no device sync)
+        current = (
+            torch.ones(len(rollout), dtype=torch.bool)
+            if old_logprobs is None
+            else old_logprobs.isnan().all(dim=1)
         )
         correct = rollout.rewards >= 1.0
         rows_per_update = cfg.ppo.mini_batch_prompts * g
-        if is_cap is not None and (cfg.ppo.epochs > 1 or rows_per_update < len(rollout)):
+        first = current[:rows_per_update]
+        if (
+            bool(current[rows_per_update:].any())
+            or (cfg.ppo.epochs > 1 and bool(current.any()))
+            or bool(first.any()) != bool(first.all())
+        ):
             raise ValueError(
-                "is_cap takes the current policy as the proximal one: one optimizer step only"
+                "old log-probs are missing for some rows: only the first mini-batch of the "
+                "first epoch may go without (all its rows), since the current policy is the "
+                "old one only before the first optimizer step"
             )
+        measure_mismatch = cfg.rollout.old_logprobs == "trainer"
         sums: dict[str, torch.Tensor] = {}  # token-weighted metric sums of this rank's rows
         loss_sum = grad_norm_sum = ratio_max = is_max = torch.zeros((), device=self.device)
         mismatch = {"sum": ratio_max, "tokens": ratio_max, "max": ratio_max}  # see above
@@ -571,7 +596,7 @@ class SimKORecipe:
         for epoch in range(cfg.ppo.epochs):
             for start in range(0, len(rollout), rows_per_update):
                 mini = range(start, min(start + rows_per_update, len(rollout)))
-                measure = old_logprobs is None and epoch == 0 and start == 0
+                measure = measure_mismatch and epoch == 0 and start == 0
                 normalizer = self._normalizer(rollout, mini)
                 mini_loss = torch.zeros((), device=self.device)
                 micro = self._micro_batches(rollout, mini, cfg.ppo.max_tokens_per_micro_batch)
@@ -582,18 +607,18 @@ class SimKORecipe:
                     mb = rollout.select(rows)
                     width = mb.tokens.shape[1]
                     hidden = hidden_states(self.model, mb.tokens.to(self.device))
+                    old = None if bool(current[rows].all()) else old_logprobs
                     loss, metrics = policy_loss(
                         hidden,
                         full_output_weight(self.model),
                         mb.targets.to(self.device),
-                        _rows(old_logprobs, rows, width, self.device),
+                        _rows(old, rows, width, self.device),
                         advantages[rows].to(self.device),
                         mb.mask,  # on the host: the loss reads row lengths off it, no sync
                         correct[rows].to(self.device),
                         self.loss_cfg,
                         ref_logprobs=_rows(ref_logprobs, rows, width, self.device),
                         normalizer=normalizer,
-                        is_weights=_rows(is_weights, rows, width, self.device),
                         sampler_logprobs=(
                             _rows(rollout.worker_logprobs, rows, width, self.device)
                             if measure or is_cap is not None
@@ -643,11 +668,11 @@ class SimKORecipe:
         out["grad_norm_mean"] = float(grad_norm_sum) / max(num_updates, 1)
         # a maximum over every micro-batch of every rank, not a mean of maxima
         out["ratio_max"] = float(all_reduce_max(ratio_max, group=self.dp_group))
-        if is_cap is not None:  # named as truncated_importance_weights names them
+        if is_cap is not None:
             out["is_weight/mean"] = out.pop("is_weight_mean")
             out["is_weight/capped_frac"] = out.pop("is_weight_capped_frac")
             out["is_weight/max"] = float(all_reduce_max(is_max, group=self.dp_group))
-        if old_logprobs is None:
+        if measure_mismatch:
             total = all_reduce_sum(
                 torch.stack([mismatch["sum"], mismatch["tokens"]]).float(), group=self.dp_group
             ).tolist()
@@ -830,9 +855,7 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def _rollout_stats(
-    rollout: RolloutBatch, old_logprobs: torch.Tensor | None, group_size: int
-) -> dict[str, float]:
+def _rollout_stats(rollout: RolloutBatch, group_size: int) -> dict[str, float]:
     rewards = rollout.rewards.view(-1, group_size)
     stats = {
         "reward/mean": float(rewards.mean()),
@@ -843,10 +866,6 @@ def _rollout_stats(
         "response/len_max": float(rollout.response_lens.max()),
         "response/truncated_frac": float(rollout.truncated.float().mean()),
     }
-    if old_logprobs is not None:  # trainer vs workers (at staleness 1: one update apart)
-        mismatch = (old_logprobs - rollout.worker_logprobs).abs()[rollout.mask]
-        stats["logprob_mismatch/mean_abs"] = float(mismatch.mean()) if mismatch.numel() else 0.0
-        stats["logprob_mismatch/max_abs"] = float(mismatch.max()) if mismatch.numel() else 0.0
     return stats
 
 

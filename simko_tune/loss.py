@@ -391,21 +391,22 @@ def policy_loss(
             one valid token for the ``seq_mean_*`` aggregations. ``None`` uses the local
             batch's own count. With it, summing the losses (gradients) of N micro-batches on
             R ranks gives exactly the gradient of the one big batch.
-        is_weights: [B, T] per-token importance weights (decoupled PPO's off-policy
-            correction, already truncated by the caller), constants multiplied into each
-            token's loss and hence its gradient; ``None`` means 1.
-        sampler_logprobs: [B, T] the generator's log-probs of ``targets``, for a diagnostic
-            only (no effect on the loss): the metrics gain ``logprob_mismatch_mean_abs`` and
+        is_weights: [B, T] per-token importance weights the caller computed (a correction
+            other than ``is_cap``'s), constants multiplied into each token's loss and hence
+            its gradient; ``None`` means 1.
+        sampler_logprobs: [B, T] the generator's log-probs of ``targets``: the behaviour
+            policy of ``is_cap``, and a diagnostic (no effect on the loss without
+            ``is_cap``): the metrics gain ``logprob_mismatch_mean_abs`` and
             ``logprob_mismatch_max_abs``, |current − sampler| over the valid tokens. With
             ``old_logprobs=None`` the current log-probs are the pre-update ones, so this is
             the generator-vs-trainer mismatch without a separate old-log-prob pass.
-        is_cap: the importance weights computed here, ``min(exp(current - sampler), is_cap)``
-            per token, with the current log-probs, detached, as the proximal ones: an
-            off-policy rollout consumed by one optimizer step (the proximal policy is the one
-            before that step, so its separate forward pass would only recompute this one's).
-            Needs ``old_logprobs=None``, ``sampler_logprobs`` (the behaviour policy's) and no
-            ``is_weights``. The metrics gain ``is_weight_mean``, ``is_weight_max`` and
-            ``is_weight_capped_frac`` (the fraction of tokens the cap truncated).
+        is_cap: decoupled PPO's off-policy correction computed here: per token the
+            truncated importance weight ``min(exp(proximal - sampler), is_cap)``, multiplied
+            into its loss and gradient. The proximal log-probs are ``old_logprobs``, or with
+            ``old_logprobs=None`` the current ones, detached (the policy before this
+            optimizer step needs no separate pass). Needs ``sampler_logprobs`` (the
+            behaviour policy's) and no ``is_weights``. The metrics gain ``is_weight_mean``,
+            ``is_weight_max`` and ``is_weight_capped_frac`` (the fraction the cap truncated).
 
     Aggregation: ``token_mean`` = Σ_tokens ℓ / normalizer; ``seq_mean_token_mean`` =
     Σ_rows mean_tokens(ℓ) / normalizer; ``seq_mean_token_sum_norm`` (Dr. GRPO) =
@@ -438,12 +439,10 @@ def policy_loss(
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
     if cfg.kl_coef > 0 and ref_logprobs is None:
         raise ValueError("LossConfig.kl_coef > 0 needs ref_logprobs")
-    if is_cap is not None and (
-        old_logprobs is not None or sampler_logprobs is None or is_weights is not None
-    ):
+    if is_cap is not None and (sampler_logprobs is None or is_weights is not None):
         raise ValueError(
-            "is_cap computes the importance weights from the current log-probs: it needs "
-            "old_logprobs=None, sampler_logprobs and no is_weights"
+            "is_cap computes the importance weights against sampler_logprobs: it needs them, "
+            "and no is_weights"
         )
     if is_cap is not None and is_cap < 1.0:
         raise ValueError(f"is_cap={is_cap} must be >= 1 (1 would discard the correction)")
@@ -546,8 +545,8 @@ def _fused_forward(
         lse, logp, entropy, top_logp, top_ids = stats_fn(z, t["targets"], num_ranks)
         if "old" not in t:  # old = current policy, detached (we are under no_grad)
             t["old"] = logp
-        if is_cap is not None:  # proximal = current, behaviour = the sampler (see policy_loss)
-            raw = torch.exp(logp - t["sampler"])
+        if is_cap is not None:  # proximal = old (or current), behaviour = the sampler
+            raw = torch.exp(t["old"] - t["sampler"])
             is_weight = raw.clamp(max=is_cap)
             t["omega"] = t["omega"] * is_weight
             is_sum = is_sum + is_weight.sum()

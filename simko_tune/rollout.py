@@ -86,30 +86,3 @@ def build_rollout_batch(
         truncated=torch.tensor(truncated, dtype=torch.bool),
         weight_versions=torch.tensor(weight_versions, dtype=torch.long),
     )
-
-
-def truncated_importance_weights(
-    proximal: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor, cap: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Decoupled PPO's off-policy correction (AReaL; verl's rollout correction): per token
-    ``min(exp(proximal - behaviour), cap)``, where ``behaviour`` are the log-probs of the
-    weights that sampled the token (the workers', a step or more old) and ``proximal`` those
-    of the trainer's weights before this update (the ones the PPO ratio is taken against).
-    Truncation bounds the variance a very unlikely sample would add. Padding gets 0.
-
-    Returns the [B, T] weights and their statistics over valid tokens (mean, max, and the
-    fraction the cap truncated) for the logs.
-    """
-    if cap < 1.0:
-        raise ValueError(f"rollout.is_cap={cap} must be >= 1 (1 would discard the correction)")
-    mask = mask.bool()
-    raw = torch.exp(proximal.float() - behaviour.float())
-    weights = torch.where(mask, raw.clamp(max=cap), torch.zeros_like(raw))
-    valid = weights[mask]
-    if valid.numel() == 0:
-        return weights, {"is_weight/mean": 1.0, "is_weight/max": 1.0, "is_weight/capped_frac": 0.0}
-    return weights, {
-        "is_weight/mean": float(valid.mean()),
-        "is_weight/max": float(valid.max()),
-        "is_weight/capped_frac": float((raw[mask] > cap).float().mean()),
-    }

@@ -12,8 +12,10 @@ lengths are spread as in math RL (uniform over 20..400 tokens).
   gradient reduce-scatter after every micro-batch (``max_tokens_per_micro_batch=null``,
   ``defer_grad_sync=false``);
 - after: micro-batches by token budget with rows grouped by length, a larger budget for the
-  forward-only old-log-prob pass, and one gradient sync per mini-batch (the parameters
-  gathered in between stay gathered: no all-gather in the next micro-batch's forward).
+  forward-only old-log-prob pass, one gradient sync per mini-batch (the parameters
+  gathered in between stay gathered: no all-gather in the next micro-batch's forward), and
+  no old-log-prob pass over the first mini-batch's rows (before the first optimizer step
+  the current policy is the old one: the loss takes those log-probs from its own forward).
 
 Both start from the same weights and a fresh optimizer. Metrics stay on the device in both
 (the old path's per-micro-batch host syncs cost nothing on CPU and are not kept). Prints the
@@ -158,7 +160,8 @@ def worker(args) -> None:
             recipe.cfg.ppo[k] = v
         torch.distributed.barrier()
         t0, cpu0 = time.perf_counter(), time.process_time()
-        old, _ = recipe._old_logprobs(rollout)
+        rows = recipe._old_logprob_rows(rollout) if name == "after" else None  # None: all
+        old, _ = recipe._old_logprobs(rollout, policy_rows=rows)
         t1 = time.perf_counter()
         stats = recipe._update(rollout, old)
         t2, cpu2 = time.perf_counter(), time.process_time()

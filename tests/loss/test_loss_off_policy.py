@@ -1,6 +1,6 @@
-"""Off-policy pieces of the loss: truncated importance weights (decoupled PPO) and the
-old log-probs taken as the current ones, detached (no separate pass), each against a plain
-full-logits reference with autograd, gradients included."""
+"""Off-policy pieces of the loss: importance weights (given, or truncated in the loss as in
+decoupled PPO) and the old log-probs taken as the current ones, detached (no separate
+pass), each against a plain full-logits reference with autograd, gradients included."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from simko_tune.loss import LossConfig, policy_loss, token_logprobs
-from simko_tune.rollout import truncated_importance_weights
 
 
 def naive_loss(b, cfg, old, is_weights):
@@ -64,6 +63,14 @@ def close(actual, expected, rtol=1e-5):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
+def plain_truncated_weights(proximal, behaviour, mask, cap):
+    """min(exp(proximal - behaviour), cap) per valid token, 0 on padding, element by element."""
+    out = torch.zeros(mask.shape)
+    for i, j in mask.nonzero().tolist():
+        out[i, j] = min(float(torch.exp(proximal[i, j] - behaviour[i, j])), cap)
+    return out
+
+
 @pytest.mark.parametrize("mode", ["simko", "grpo"])
 def test_importance_weights_scale_each_tokens_loss_and_gradient(batch_factory, mode):
     b = batch_factory()
@@ -71,20 +78,8 @@ def test_importance_weights_scale_each_tokens_loss_and_gradient(batch_factory, m
     gen = torch.Generator().manual_seed(1)
     # behaviour log-probs a step behind the proximal (old) ones; cap 2 truncates some
     behaviour = b["old_logprobs"] + 0.5 * torch.randn(b["mask"].shape, generator=gen)
-    weights, stats = truncated_importance_weights(b["old_logprobs"], behaviour, b["mask"], cap=2.0)
-    assert 0.0 < stats["is_weight/capped_frac"] < 1.0, "the batch must truncate some tokens"
-
-    # the weights themselves, element by element
-    m = b["mask"]
-    for i, j in m.nonzero().tolist():
-        raw = float(torch.exp(b["old_logprobs"][i, j] - behaviour[i, j]))
-        assert float(weights[i, j]) == pytest.approx(min(raw, 2.0), rel=1e-6)
-    assert not weights[~m].any()
-    plain = torch.minimum(torch.exp(b["old_logprobs"] - behaviour), torch.tensor(2.0))[m]
-    assert stats["is_weight/mean"] == pytest.approx(float(plain.mean()), rel=1e-6)
-    assert stats["is_weight/max"] == pytest.approx(float(plain.max()), rel=1e-6)
-    raw_all = torch.exp(b["old_logprobs"] - behaviour)[m]
-    assert stats["is_weight/capped_frac"] == pytest.approx(float((raw_all > 2.0).float().mean()))
+    weights = plain_truncated_weights(b["old_logprobs"], behaviour, b["mask"], 2.0)
+    assert 0 < int((weights[b["mask"]] == 2.0).sum()) < int(b["mask"].sum())
 
     loss, gh, gw, _ = fused(b, cfg, b["old_logprobs"], weights)
     ref_loss, ref_gh, ref_gw = naive_loss(b, cfg, b["old_logprobs"], weights)
@@ -110,12 +105,6 @@ def test_importance_weight_shape_is_checked(batch_factory):
     b = batch_factory()
     with pytest.raises(ValueError, match="is_weights"):
         fused(b, LossConfig(compile=False), b["old_logprobs"], torch.ones(2, 3))
-
-
-def test_truncated_importance_weights_refuse_a_bad_cap():
-    x = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="cap"):
-        truncated_importance_weights(x, x, x.bool(), cap=0.5)
 
 
 @pytest.mark.parametrize("mode", ["simko", "grpo"])
@@ -183,46 +172,49 @@ def test_sampler_logprobs_shape_is_checked(batch_factory):
         policy_loss(*args, b["correct"], LossConfig(compile=False), sampler_logprobs=torch.ones(2))
 
 
+@pytest.mark.parametrize("proximal", ["current", "given"])
 @pytest.mark.parametrize("mode", ["simko", "grpo"])
-def test_importance_weights_from_the_current_logprobs_equal_the_recomputed_pass(
-    batch_factory, mode
-):
-    """Off-policy, one optimizer step per rollout: the proximal log-probs are the current
-    ones, so ``is_cap`` computes the truncated weights in the loss. Loss, gradients and the
-    weights' statistics equal those of a separate pass feeding the precomputed weights, and
-    the naive reference with ``min(exp(current - behaviour), cap)`` written out here."""
+def test_importance_weights_computed_in_the_loss(batch_factory, mode, proximal):
+    """``is_cap``: the loss weighs each token by min(exp(proximal - behaviour), cap), the
+    proximal log-probs being ``old_logprobs`` or, without them, the current ones (the first
+    optimizer step of an update needs no separate pass). Loss, gradients and the weights'
+    statistics equal the naive reference with those weights written out here, and, for
+    the current ones, the call fed a recomputed pass and its precomputed weights."""
     b = batch_factory()
     cfg = LossConfig(mode=mode, compile=False, chunk_size=16)  # statistics span chunks
     gen = torch.Generator().manual_seed(3)
     current = torch.log_softmax(b["hidden"] @ b["weight"].T, -1)
     current = current.gather(-1, b["targets"][..., None]).squeeze(-1).detach()
-    behaviour = current + 0.5 * torch.randn(b["mask"].shape, generator=gen)
+    old = current if proximal == "current" else b["old_logprobs"]
+    behaviour = old + 0.5 * torch.randn(b["mask"].shape, generator=gen)
     behaviour[~b["mask"]] = -1e6  # padding must not count (its raw weight would be huge)
-    args = (b["hidden"], b["weight"], b["targets"], None, b["advantages"], b["mask"])
+    given = None if proximal == "current" else old
+    args = (b["hidden"], b["weight"], b["targets"], given, b["advantages"], b["mask"])
     loss, metrics = policy_loss(*args, b["correct"], cfg, sampler_logprobs=behaviour, is_cap=2.0)
     gh, gw = torch.autograd.grad(loss, (b["hidden"], b["weight"]))
 
     m = b["mask"]
     plain = [
-        min(float(torch.exp(current[i, j] - behaviour[i, j])), 2.0) for i, j in m.nonzero().tolist()
+        min(float(torch.exp(old[i, j] - behaviour[i, j])), 2.0) for i, j in m.nonzero().tolist()
     ]
-    raw = [float(torch.exp(current[i, j] - behaviour[i, j])) for i, j in m.nonzero().tolist()]
+    raw = [float(torch.exp(old[i, j] - behaviour[i, j])) for i, j in m.nonzero().tolist()]
     assert 0 < sum(r > 2.0 for r in raw) < len(raw), "the batch must truncate some tokens"
     assert float(metrics["is_weight_mean"]) == pytest.approx(sum(plain) / len(plain), rel=1e-5)
     assert float(metrics["is_weight_max"]) == pytest.approx(max(plain), rel=1e-5)
     assert float(metrics["is_weight_capped_frac"]) == pytest.approx(
         sum(r > 2.0 for r in raw) / len(raw)
     )
-    weights = torch.where(m, torch.exp(current - behaviour).clamp(max=2.0), 0.0)
-    ref_loss, ref_gh, ref_gw = naive_loss(b, cfg, current, weights)
+    weights = plain_truncated_weights(old, behaviour, m, 2.0)
+    ref_loss, ref_gh, ref_gw = naive_loss(b, cfg, old, weights)
     close(loss.detach(), ref_loss)
     close(gh, ref_gh)
     close(gw, ref_gw)
-    recomputed = token_logprobs(b["hidden"].detach(), b["weight"].detach(), b["targets"])
-    pass_weights, _ = truncated_importance_weights(recomputed, behaviour, m, cap=2.0)
-    with_pass = fused(b, cfg, recomputed, pass_weights)
-    for x, y in zip((loss.detach(), gh, gw), with_pass[:3]):
-        close(x, y, rtol=1e-6)
+    if proximal == "current":
+        recomputed = token_logprobs(b["hidden"].detach(), b["weight"].detach(), b["targets"])
+        pass_weights = plain_truncated_weights(recomputed, behaviour, m, 2.0)
+        with_pass = fused(b, cfg, recomputed, pass_weights)
+        for x, y in zip((loss.detach(), gh, gw), with_pass[:3]):
+            close(x, y, rtol=1e-6)
 
 
 def test_importance_weights_in_the_loss_need_their_inputs(batch_factory):
@@ -232,8 +224,8 @@ def test_importance_weights_in_the_loss_need_their_inputs(batch_factory):
     rest = (b["advantages"], b["mask"], b["correct"], cfg)
     sampler = b["old_logprobs"]
     for old, kwargs in (
-        (b["old_logprobs"], {"sampler_logprobs": sampler}),  # a proximal pass was given
         (None, {}),  # no behaviour log-probs
+        (b["old_logprobs"], {}),
         (None, {"sampler_logprobs": sampler, "is_weights": torch.ones(b["mask"].shape)}),
     ):
         with pytest.raises(ValueError, match="is_cap"):

@@ -65,17 +65,19 @@ def _weights(recipe) -> dict[str, torch.Tensor]:
 
 def _spy_updates(recipe) -> list[dict]:
     """Record every update's rollout, the trainer's weight version and its wall-clock span."""
-    seen, update = [], recipe._update
+    seen, update, old_logprobs = [], recipe._update, recipe._old_logprobs
 
-    def spy(rollout, old, ref=None, is_weights=None, is_cap=None):
+    def spy(rollout, old, ref=None, is_cap=None):
         t0 = time.perf_counter()
-        stats = update(rollout, old, ref, is_weights, is_cap)
+        # every row's log-probs under the weights before the update, for the checks
+        proximal, _ = old_logprobs(rollout)
+        stats = update(rollout, old, ref, is_cap)
         seen.append(
             {
                 "rollout": rollout,
                 "version": recipe.weight_version,
                 "old": old,
-                "is_weights": is_weights,
+                "proximal": proximal,
                 "is_cap": is_cap,
                 "stats": stats,
                 "span": (t0, time.perf_counter()),
@@ -130,7 +132,8 @@ def test_staleness_zero_is_the_synchronous_loop(tmp_path, policy_dir):
         for _ in range(2):
             rollout, _ = ref._rollout(ref.batches.next_batch(), {})
             assert bool((rollout.weight_versions == ref.weight_version).all())
-            ref._update(rollout, *ref._old_logprobs(rollout))
+            old = ref._old_logprobs(rollout, policy_rows=ref._old_logprob_rows(rollout))
+            ref._update(rollout, *old)
             ref._publish(ref.weight_version + 1)
             ref.step += 1
             ref_rollouts.append(rollout)
@@ -151,7 +154,7 @@ def test_staleness_zero_is_the_synchronous_loop(tmp_path, policy_dir):
         got = _weights(run)
     finally:
         run.cleanup()
-    assert len(seen) == 2 and all(s["is_weights"] is None for s in seen)
+    assert len(seen) == 2 and all(s["is_cap"] is None for s in seen)
     assert saved == [2]
     assert any(float(r.rewards.std()) > 0 for r in ref_rollouts), "no learning signal"
     for s, r in zip(seen, ref_rollouts):
@@ -167,8 +170,9 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(tmp_path, policy_dir)
     gradients equal those computed with the pass."""
     recipe = make_recipe(tmp_path / "out", policy_dir, **{"ppo.mini_batch_prompts": 4})
     try:
-        assert not recipe._needs_old_logprobs()
         rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
+        assert len(recipe._old_logprob_rows(rollout)) == 0
+        assert recipe._old_logprobs(rollout, recipe._old_logprob_rows(rollout)) == (None, None)
         rollout.rewards[:] = torch.tensor([1.0, 0.0] * (len(rollout) // 2))  # non-zero advantages
         # a visible generator-vs-trainer mismatch (the native generator's is ~0)
         gen = torch.Generator().manual_seed(0)
@@ -186,7 +190,9 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(tmp_path, policy_dir)
     # the pass's, written out plainly here
     m = rollout.mask
     diff = (old - rollout.worker_logprobs).abs()[m]
-    assert "logprob_mismatch/mean_abs" not in with_pass  # the pass's own stats log it
+    assert with_pass["logprob_mismatch/mean_abs"] == pytest.approx(
+        without_pass["logprob_mismatch/mean_abs"]
+    )
     assert without_pass["logprob_mismatch/mean_abs"] == pytest.approx(float(diff.mean()), rel=1e-5)
     assert without_pass["logprob_mismatch/max_abs"] == pytest.approx(float(diff.max()), rel=1e-5)
     assert any(g.abs().max() > 0 for g in grads[0].values())
@@ -194,14 +200,22 @@ def test_one_update_per_rollout_skips_the_old_logprob_pass(tmp_path, policy_dir)
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_the_train_loop_skips_the_pass_only_when_it_is_wasted(tmp_path, policy_dir):
-    calls = []
-    for name, overrides, expect_pass in (
-        ("one_update", {"ppo.mini_batch_prompts": 4, "max_steps": 1}, False),
-        ("two_updates", {"ppo.mini_batch_prompts": 2, "max_steps": 1}, True),
-        ("two_epochs", {"ppo.mini_batch_prompts": 4, "ppo.epochs": 2, "max_steps": 1}, True),
-        ("off_policy_two_updates", {"ppo.mini_batch_prompts": 2, "rollout.max_staleness": 1}, True),
-        ("off_policy_one_update", {"ppo.mini_batch_prompts": 4, "rollout.max_staleness": 1}, False),
+def test_the_train_loop_passes_only_the_rows_after_the_first_optimizer_step(tmp_path, policy_dir):
+    """The separate old-log-prob pass covers every row but the first mini-batch's (NaN
+    there: the loss takes the current ones), all rows with two epochs, none with one
+    update; off-policy, the importance weights are always the loss's (``is_cap``)."""
+    g = 4  # rollout.samples_per_prompt in make_recipe
+    for name, overrides, skipped_rows in (
+        ("one_update", {"ppo.mini_batch_prompts": 4, "max_steps": 1}, None),
+        ("two_updates", {"ppo.mini_batch_prompts": 2, "max_steps": 1}, 2 * g),
+        ("four_updates", {"ppo.mini_batch_prompts": 1, "max_steps": 1}, g),
+        ("two_epochs", {"ppo.mini_batch_prompts": 4, "ppo.epochs": 2, "max_steps": 1}, 0),
+        (
+            "off_policy_two_updates",
+            {"ppo.mini_batch_prompts": 2, "rollout.max_staleness": 1},
+            2 * g,
+        ),
+        ("off_policy_one_update", {"ppo.mini_batch_prompts": 4, "rollout.max_staleness": 1}, None),
     ):
         recipe = make_recipe(tmp_path / name, policy_dir, **overrides)
         try:
@@ -209,56 +223,74 @@ def test_the_train_loop_skips_the_pass_only_when_it_is_wasted(tmp_path, policy_d
             recipe.train()
         finally:
             recipe.cleanup()
-        calls.append((name, [s["old"] is not None for s in seen], expect_pass))
-        if name.startswith("off_policy"):  # importance weights from the pass, or the loss's
-            caps = [s["is_cap"] for s in seen]
-            assert caps == [None if expect_pass else 2.0] * len(seen), (name, caps)
-            assert all("is_weight/mean" in s["stats"] for s in seen if s["is_cap"]), name
-    for name, passes, expect_pass in calls:
-        assert passes and all(p == expect_pass for p in passes), (name, passes)
+        assert seen, name
+        for s in seen:
+            if skipped_rows is None:
+                assert s["old"] is None, name
+                continue
+            nan_rows = s["old"].isnan().all(dim=1)
+            assert nan_rows[:skipped_rows].all() and not nan_rows[skipped_rows:].any(), name
+            # the rows that were passed hold the pre-update policy's log-probs
+            m = s["rollout"].mask[skipped_rows:]
+            torch.testing.assert_close(
+                s["old"][skipped_rows:][m], s["proximal"][skipped_rows:][m], rtol=0, atol=1e-5
+            )
+            assert "logprob_mismatch/mean_abs" in s["stats"], name
+        caps = [s["is_cap"] for s in seen]
+        assert caps == [2.0 if name.startswith("off_policy") else None] * len(seen), name
+        assert all("is_weight/mean" in s["stats"] for s in seen if s["is_cap"]), name
 
 
-def test_off_policy_one_update_takes_the_proximal_logprobs_from_its_own_forward(
-    tmp_path, policy_dir
-):
-    """Staleness 1, one optimizer step per rollout: the proximal policy is the one before
-    that step, the current one. Importance weights computed in the loss (``is_cap``) give
-    the loss, gradients and weight statistics of the separate proximal pass."""
-    from simko_tune.rollout import truncated_importance_weights
-
-    recipe = make_recipe(
-        tmp_path / "out",
-        policy_dir,
-        **{"ppo.mini_batch_prompts": 4, "rollout.max_staleness": 1, "ppo.micro_batch_size": 4},
-    )
-    try:
-        rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
-        rollout.rewards[:] = torch.tensor([1.0, 0.0] * (len(rollout) // 2))
-        # the behaviour policy a step behind: far enough that the cap truncates some tokens
-        gen = torch.Generator().manual_seed(0)
-        rollout.worker_logprobs += 0.8 * torch.randn(rollout.mask.shape, generator=gen)
-        old, _ = recipe._old_logprobs(rollout)
-        weights, stats = truncated_importance_weights(
-            old, rollout.worker_logprobs, rollout.mask, cap=2.0
+def test_the_first_mini_batch_without_its_pass_equals_the_full_pass(tmp_path, policy_dir):
+    """Several optimizer steps per rollout, on- and off-policy: skipping the first
+    mini-batch's rows in the old-log-prob pass (the loss takes their current log-probs)
+    gives every step's loss and gradients, and the importance weights' statistics, of the
+    pass over every row."""
+    for staleness in (0, 1):
+        recipe = make_recipe(
+            tmp_path / f"s{staleness}",
+            policy_dir,
+            **{"ppo.mini_batch_prompts": 2, "rollout.max_staleness": staleness},
         )
-        assert 0 < stats["is_weight/capped_frac"] < 1
-        with_pass, in_loss, grads = _update_twice(
-            recipe,
-            rollout,
-            {"old_logprobs": old, "is_weights": weights},
-            {"old_logprobs": None, "is_cap": 2.0},
-        )
-        with pytest.raises(ValueError, match="one optimizer step"):
-            recipe.cfg.ppo.epochs = 2
-            recipe._update(rollout, None, None, None, is_cap=2.0)
-    finally:
-        recipe.cleanup()
-    assert with_pass["loss"] == pytest.approx(in_loss["loss"], rel=1e-5, abs=1e-9)
-    for key, value in stats.items():
-        assert in_loss[key] == pytest.approx(value, rel=1e-5), key
-    assert len(grads) == 2 and any(g.abs().max() > 0 for g in grads[0].values())
-    for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+        try:
+            rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
+            rollout.rewards[:] = torch.tensor([1.0, 0.0] * (len(rollout) // 2))
+            gen = torch.Generator().manual_seed(0)
+            rollout.worker_logprobs += 0.8 * torch.randn(rollout.mask.shape, generator=gen)
+            full, _ = recipe._old_logprobs(rollout)
+            skipped, _ = recipe._old_logprobs(rollout, recipe._old_logprob_rows(rollout))
+            assert int(skipped.isnan().all(dim=1).sum()) == len(rollout) // 2
+            is_cap = 2.0 if staleness else None
+            with_pass, without, grads = _update_twice(
+                recipe,
+                rollout,
+                {"old_logprobs": full, "is_cap": is_cap},
+                {"old_logprobs": skipped, "is_cap": is_cap},
+            )
+            with pytest.raises(ValueError, match="old log-probs are missing"):
+                late = full.clone()
+                late[-1] = float("nan")  # a row past the first optimizer step
+                recipe._update(rollout, late, None, is_cap)
+            with pytest.raises(ValueError, match="old log-probs are missing"):
+                recipe._update(rollout, None, None, is_cap)  # two mini-batches need a pass
+        finally:
+            recipe.cleanup()
+        assert with_pass["loss"] == pytest.approx(without["loss"], rel=1e-5, abs=1e-9)
+        if staleness:  # the weights' statistics, against the pass's, written out plainly
+            m = rollout.mask
+            raw = torch.exp(full - rollout.worker_logprobs)[m]
+            assert 0 < float((raw > 2.0).float().mean()) < 1
+            assert without["is_weight/mean"] == pytest.approx(
+                float(raw.clamp(max=2.0).mean()), rel=1e-5
+            )
+            assert without["is_weight/capped_frac"] == pytest.approx(
+                float((raw > 2.0).float().mean())
+            )
+        assert len(grads) == 4 and any(g.abs().max() > 0 for g in grads[0].values())
+        for name, g in grads[0].items():  # the first step of each, then the second
+            torch.testing.assert_close(grads[2][name], g, rtol=1e-5, atol=1e-7, msg=name)
+        for name, g in grads[1].items():
+            torch.testing.assert_close(grads[3][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
@@ -294,8 +326,8 @@ def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
     # the importance weights are the truncated proximal/behaviour ratios
     for s in seen:
         m = s["rollout"].mask
-        expected = torch.exp(s["old"] - s["rollout"].worker_logprobs).clamp(max=2.0)
-        torch.testing.assert_close(s["is_weights"][m], expected[m])
+        expected = torch.exp(s["proximal"] - s["rollout"].worker_logprobs).clamp(max=2.0)
+        assert s["stats"]["is_weight/mean"] == pytest.approx(float(expected[m].mean()), rel=1e-4)
     # generation of step t+1 ran in the background thread, overlapping step t's trainer work
     # (the proximal log-prob pass, then the update)
     assert len(spans) == 3 and spans[0][2] == "MainThread"
