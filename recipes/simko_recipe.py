@@ -366,6 +366,10 @@ class SimKORecipe:
                     next_rollout.exception()
             with _timed(timings, "publish"):
                 self._publish(self.weight_version + 1)
+            # its parts: writing the files, and the workers' verify + reload + ack
+            timings.update(
+                {f"publish_{k[:-2]}": v for k, v in self.weight_sync.last_timings.items()}
+            )
             self.step += 1
 
             if self.is_rank_zero:

@@ -222,7 +222,10 @@ def run_ours(model_dir: Path, steps: int, staleness: int, work: Path) -> dict:
         raise RuntimeError(f"simko-tune run failed:\n{proc.stderr[-4000:]}")
     scalars = read_scalars(out / "tb")
     steps_seen = sorted(scalars["time/step"])
-    phases = ("wait_rollout", "generate", "score", "old_logprobs", "update", "publish")
+    phases = (
+        "wait_rollout", "generate", "score", "old_logprobs", "update", "publish",
+        "publish_write", "publish_ack", "publish_verify", "publish_reload",
+    )  # fmt: skip
     return {
         "step_s": [scalars["time/step"][s] for s in steps_seen],
         "phases": {

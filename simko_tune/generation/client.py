@@ -39,7 +39,6 @@ from simko_tune.generation.types import (
     check_prompt_lengths,
     sample_seed,
 )
-from simko_tune.paths import free_port
 
 _POLL_MS = 200
 _LOG_TAIL_BYTES = 4000
@@ -58,6 +57,11 @@ class _Launch:
     log_path: Path
 
 
+def _port_file(launch: _Launch) -> Path:
+    """Where a spawned worker writes the port it bound (beside its log)."""
+    return launch.log_path.with_suffix(".port")
+
+
 @dataclass
 class _Worker:
     address: str
@@ -70,7 +74,7 @@ class _Worker:
 
     def name(self, index: int) -> str:
         pid = f", pid {self.proc.pid}" if self.proc else ""
-        return f"worker {index} ({self.address}{pid})"
+        return f"worker {index} ({self.address or 'not listening yet'}{pid})"
 
     def dead(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
@@ -358,14 +362,17 @@ class VLLMWorkers(Generator):
         return self
 
     def _spawn(self, w: _Worker) -> None:
+        """Start a local worker on a port it binds itself (``--port 0``) and reports in its
+        port file (see :func:`~simko_tune.generation.server.serve`); ``_await_ready``
+        connects once it is there."""
         launch = w.launch
         assert launch is not None
-        port = free_port()
-        w.address = f"tcp://127.0.0.1:{port}"
+        w.address = ""
+        _port_file(launch).unlink(missing_ok=True)
         cmd = [
             sys.executable, "-m", "simko_tune.generation.server",
             "--model", launch.model_dir,
-            "--port", str(port),
+            "--port", "0", "--port-file", str(_port_file(launch)),
             *(["--sync-dir", launch.sync_dir] if launch.sync_dir else []),
             "--tensor-parallel-size", str(launch.tensor_parallel_size),
             "--engine-kwargs", json.dumps(launch.engine_kwargs),
@@ -377,20 +384,39 @@ class VLLMWorkers(Generator):
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=launch.env, start_new_session=True
             )
         w.version = INITIAL_VERSION
-        self._reset_socket(w)
 
     def _reset_socket(self, w: _Worker) -> None:
-        """A REQ socket that missed a reply cannot be reused: replace it."""
+        """A REQ socket that missed a reply cannot be reused: replace it (none while a
+        spawned worker has not yet said where it listens)."""
         if w.sock is not None:
             w.sock.close(linger=0)
-        w.sock = connect_client_socket(self._ctx, w.address, **self._curve)
+        w.sock = connect_client_socket(self._ctx, w.address, **self._curve) if w.address else None
+
+    def _await_port(self, k: int, timeout_s: float) -> None:
+        """Wait for a spawned worker's port file (written once its socket is bound, before
+        its engine starts), then connect."""
+        w = self._workers[k]
+        assert w.launch is not None
+        deadline = time.monotonic() + timeout_s
+        while not _port_file(w.launch).is_file():
+            if w.dead():
+                raise GenerationError(
+                    f"{w.name(k)} exited with code {w.proc.returncode} before listening\n"
+                    f"{w.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise GenerationError(f"{w.name(k)}: not listening within {timeout_s:.0f}s")
+            time.sleep(0.02)
+        w.address = f"tcp://127.0.0.1:{int(_port_file(w.launch).read_text())}"
+        self._reset_socket(w)
 
     def _await_ready(self, k: int, timeout_s: float | None = None) -> None:
         w = self._workers[k]
+        timeout_s = timeout_s or self.startup_timeout_s
         try:
-            reply = self._request(
-                k, {"op": "ping"}, timeout_s or self.startup_timeout_s, recover=False
-            )
+            if w.launch is not None and not w.address:
+                self._await_port(k, timeout_s)
+            reply = self._request(k, {"op": "ping"}, timeout_s, recover=False)
         except GenerationError as e:
             raise GenerationError(f"{w.name(k)} did not start: {e}") from None
         w.info = reply

@@ -173,6 +173,11 @@ def _load_key(path: str | Path, *, secret: bool) -> tuple[bytes, bytes | None]:
     return public, secret_key
 
 
+def bound_port(sock: zmq.Socket) -> int:
+    """The TCP port a socket is bound to (its last endpoint, ``tcp://host:port``)."""
+    return int(sock.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+
+
 def bind_worker_socket(
     ctx: zmq.Context,
     host: str,
@@ -182,7 +187,8 @@ def bind_worker_socket(
     secret_key: str | Path | None = None,
     authorized_keys: str | Path | None = None,
 ) -> tuple[zmq.Socket, Any]:
-    """The worker's REP socket and its authenticator (None without CURVE). Binding anything
+    """The worker's REP socket and its authenticator (None without CURVE); ``port`` 0
+    binds one the OS picks (read it back with :func:`bound_port`). Binding anything
     but loopback without CURVE keys is refused: anyone who can reach the port could make the
     worker load weights, shut it down or flood it."""
     if (secret_key is None) != (authorized_keys is None):
@@ -211,7 +217,7 @@ def bind_worker_socket(
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
-    sock.bind(f"tcp://{host}:{port}")
+    sock.bind(f"tcp://{host}:{port or '*'}")  # 0: a port the OS picks (LAST_ENDPOINT)
     return sock, auth
 
 

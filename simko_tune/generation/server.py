@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from simko_tune.generation.protocol import (
     FINISH_REASONS,
     ProtocolError,
     bind_worker_socket,
+    bound_port,
     decode_request,
     encode_reply,
     is_loopback,
@@ -282,19 +284,26 @@ def parse_generate(msg: dict) -> tuple[list[list[int]], list[list[int | None]], 
 
 
 def serve(
-    worker: Any,
+    make_worker: Callable[[], Any],
     host: str,
     port: int,
     parent_pid: int | None = None,
     *,
+    port_file: str | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     curve_secret_key: str | None = None,
     curve_authorized_keys: str | None = None,
 ) -> None:
-    """Answer requests until ``shutdown``, or until the launching process is gone (a local
-    worker must not outlive a crashed trainer). ``worker`` has ``ping``, ``generate`` and
+    """Bind, then build the worker (``make_worker``: the engine's start can take minutes),
+    then answer requests until ``shutdown``, or until the launching process is gone (a local
+    worker must not outlive a crashed trainer). The worker has ``ping``, ``generate`` and
     ``load`` handlers, ``version``, ``model_dir`` and the ``fatal_errors`` after which it
-    must exit. No request, however malformed, ends the loop."""
+    must exit. No request, however malformed, ends the loop.
+
+    ``port`` 0 binds a port the OS picks, written to ``port_file`` (by rename) once bound:
+    how a launcher learns it. A port picked by the launcher and freed for the worker could
+    be taken first, even by the launcher's own socket reconnecting to it (a TCP
+    self-connection); requests sent while the engine starts wait in the bound socket."""
     import zmq
 
     ctx = zmq.Context()
@@ -306,14 +315,20 @@ def serve(
         secret_key=curve_secret_key,
         authorized_keys=curve_authorized_keys,
     )
+    port = bound_port(sock)
+    if port_file is not None:
+        tmp = f"{port_file}.tmp"
+        Path(tmp).write_text(str(port))
+        os.replace(tmp, port_file)
     tag = f"[simko worker {os.getpid()}]"
-    print(
-        f"{tag} serving {worker.model_dir} on tcp://{host}:{port}"
-        + (" (CURVE)" if auth is not None else ""),
-        flush=True,
-    )
-    handlers = {"ping": worker.ping, "generate": worker.generate, "load": worker.load}
     try:
+        worker = make_worker()
+        print(
+            f"{tag} serving {worker.model_dir} on tcp://{host}:{port}"
+            + (" (CURVE)" if auth is not None else ""),
+            flush=True,
+        )
+        handlers = {"ping": worker.ping, "generate": worker.generate, "load": worker.load}
         while True:
             if not sock.poll(1000):
                 if parent_pid is not None and os.getppid() != parent_pid:
@@ -359,7 +374,8 @@ def serve(
 
 def add_serving_args(parser: argparse.ArgumentParser) -> None:
     """The socket options of a worker's command line (shared with test workers)."""
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="0: one the OS picks")
+    parser.add_argument("--port-file", help="write the bound port here (local workers: --port 0)")
     parser.add_argument(
         "--host", default="127.0.0.1", help="anything but loopback needs the CURVE keys"
     )
@@ -377,6 +393,7 @@ def serving_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "host": args.host,
         "port": args.port,
+        "port_file": args.port_file,
         "parent_pid": args.parent_pid,
         "max_message_bytes": args.max_message_bytes,
         "curve_secret_key": args.curve_secret_key,
@@ -399,8 +416,14 @@ def main(argv: list[str] | None = None) -> None:
             f"--host {args.host} is reachable from other machines: give --curve-secret-key "
             "and --curve-authorized-keys (make keys: python -m simko_tune.generation.protocol)"
         )
-    llm = build_engine(args.model, engine_kwargs, args.tensor_parallel_size)
-    serve(Worker(llm, args.model, args.sync_dir), **serving_kwargs(args))
+    serve(
+        lambda: Worker(
+            build_engine(args.model, engine_kwargs, args.tensor_parallel_size),
+            args.model,
+            args.sync_dir,
+        ),
+        **serving_kwargs(args),
+    )
 
 
 if __name__ == "__main__":

@@ -627,6 +627,8 @@ class WeightSync:
             self.consumer.load_weights(version, timeout_s)
             self.acknowledged = version
             self.last_timings["ack_s"] = time.perf_counter() - t1
+            # the workers' own share of the ack (the rest is messaging): verify_s, reload_s
+            self.last_timings.update(getattr(self.consumer, "last_load_timings", {}))
             self._pruner = threading.Thread(
                 target=prune_versions, args=(self.sync_dir, version), daemon=True
             )

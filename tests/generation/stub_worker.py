@@ -51,4 +51,4 @@ if __name__ == "__main__":
     parser.add_argument("--model", required=True)
     add_serving_args(parser)
     args = parser.parse_args()
-    serve(StubWorker(args.model), **serving_kwargs(args))
+    serve(lambda: StubWorker(args.model), **serving_kwargs(args))

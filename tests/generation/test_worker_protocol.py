@@ -224,3 +224,57 @@ def test_secret_key_readable_by_others_is_refused(tiny_model_dir, tmp_path):
             server_key=worker_public,
             client_key=trainer_secret,
         )
+
+
+def test_a_worker_binds_its_own_port_before_its_engine_starts(tmp_path):
+    """``--port 0``: the worker binds a port the OS picks and publishes it in its port file
+    before the (slow) engine is built, and a request sent meanwhile is answered once it is.
+    A launcher never picks a port and frees it for the worker: another socket, even the
+    launcher's own reconnecting one, could take it first ("Address already in use")."""
+    import threading
+
+    from simko_tune.generation.protocol import encode_request
+    from simko_tune.generation.server import serve
+
+    release, built = threading.Event(), []
+
+    class Slow:
+        model_dir, version, fatal_errors = "m", 0, ()
+
+        def ping(self, msg):
+            return {"ok": True, "version": self.version}
+
+        generate = load = ping
+
+    def make_worker():
+        release.wait(30)
+        built.append(True)
+        return Slow()
+
+    port_file = tmp_path / "w.port"
+    thread = threading.Thread(
+        target=serve, args=(make_worker, "127.0.0.1", 0), kwargs={"port_file": str(port_file)}
+    )
+    thread.start()
+    try:
+        for _ in range(500):  # the port file comes while the engine is still "starting"
+            if port_file.is_file():
+                break
+            threading.Event().wait(0.01)
+        assert port_file.is_file() and not built
+        port = int(port_file.read_text())
+        sock = zmq.Context.instance().socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        sock.send(encode_request({"op": "ping"}))
+        assert not sock.poll(200)  # queued in the bound socket, unanswered while starting
+        release.set()
+        assert sock.poll(10_000) and decode_reply(sock.recv_multipart())["ok"]
+        sock.send(encode_request({"op": "shutdown"}))
+        assert sock.poll(10_000)
+        sock.recv_multipart()
+        sock.close()
+    finally:
+        release.set()
+        thread.join(30)
+    assert not thread.is_alive() and built == [True]
