@@ -5,6 +5,7 @@ requires CURVE, and connect() refuses workers serving another model or version."
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,6 @@ import zmq
 
 from simko_tune.generation import GenerationError, SamplingConfig, VLLMWorkers
 from simko_tune.generation.protocol import decode_reply, make_keys
-from simko_tune.paths import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +22,20 @@ PROMPTS = [[5, 17, 42, 9], [100, 3], [7, 8]]
 
 
 def start_stub(model_dir, log_path, *args):
-    port = free_port()
+    """The stub worker on a port it binds itself (as the launcher starts workers): its
+    process and that port, or None if it exited before binding."""
+    port_file = Path(f"{log_path}.port")
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, str(STUB), "--model", str(model_dir), "--port", str(port), *args],
+        [sys.executable, str(STUB), "--model", str(model_dir), "--port", "0",
+         "--port-file", str(port_file), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
-    )
-    return proc, port
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not port_file.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc, int(port_file.read_text()) if port_file.is_file() else None
 
 
 def stop(proc):
