@@ -613,7 +613,8 @@ class VLLMWorkers(Generator):
         if self._closed:
             return
         self._closed = True
-        local = [w for w in self._workers if w.proc is not None and not w.dead()]
+        # a worker still starting has no socket yet: it is killed below
+        local = [w for w in self._workers if w.proc is not None and not w.dead() and w.sock]
         for w in local:
             try:
                 w.sock.send(encode_request({"op": "shutdown"}), flags=zmq.NOBLOCK)

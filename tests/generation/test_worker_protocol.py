@@ -284,3 +284,20 @@ def test_a_worker_binds_its_own_port_before_its_engine_starts(tmp_path):
         release.set()
         thread.join(30)
     assert not thread.is_alive() and built == [True]
+
+
+def test_closing_while_a_worker_is_still_starting_kills_it(tmp_path):
+    """A pool that fails while another worker has not yet bound (no socket: start_local's
+    clean-up after a first worker's failure) closes without error and kills it."""
+    from simko_tune.generation.client import _Launch, _Worker
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )  # its own process group, as the pool starts workers
+    launch = _Launch("m", None, {}, {}, 1, tmp_path / "worker0.log")
+    workers = VLLMWorkers(
+        [_Worker("", launch, proc)], None, request_timeout_s=5, restart_on_failure=False
+    )
+    assert workers._workers[0].sock is None
+    workers.close()
+    assert proc.poll() is not None
