@@ -81,7 +81,8 @@ class RolloutSection:
     max_prompt_tokens: int = 1024
     max_response_tokens: int = 3072
     # Old log-probs for the PPO ratio: "trainer" recomputes them with the policy before the
-    # update (exact), "workers" takes the generator's; the mismatch is logged either way.
+    # update (exact; the first mini-batch's are its own forward's, before any step) and logs
+    # the trainer-vs-worker mismatch; "workers" takes the generator's (no mismatch to log).
     old_logprobs: str = "trainer"
     # 0: synchronous (generate with the current weights, then update). 1: one-step-off: the
     # workers sample step t+1's rollout with weights v_t while the trainer updates on step t's,
