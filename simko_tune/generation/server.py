@@ -48,6 +48,7 @@ from simko_tune.generation.weights import (
     streamed_tensors,
     verified_tensors,
 )
+from simko_tune.paths import atomic_write
 
 CPU_KV_CACHE_BYTES = 1 << 30
 
@@ -316,10 +317,8 @@ def serve(
         authorized_keys=curve_authorized_keys,
     )
     port = bound_port(sock)
-    if port_file is not None:
-        tmp = f"{port_file}.tmp"
-        Path(tmp).write_text(str(port))
-        os.replace(tmp, port_file)
+    if port_file is not None:  # read by the launcher on this node, now: no fsync needed
+        atomic_write(port_file, str(port), fsync=False)
     tag = f"[simko worker {os.getpid()}]"
     try:
         worker = make_worker()
