@@ -10,14 +10,17 @@ One step of the loop (``SimKORecipe.train``):
      every completion tagged with the weight version that produced it,
   3. score them in the verifier process pool, group advantages (GRPO/SimKO/... rules),
      With ``rollout.max_staleness=1`` steps 2-3 for the NEXT step's prompts run in a
-     background thread on rank 0 with the current weights while 4-5 run (one-step-off),
+     background thread on rank 0 with the current weights while 4-6 run (one-step-off);
+     that thread first delivers those weights to the workers (their reload, step 6's
+     second half, then hides behind the update too),
   4. old (proximal) log-probs from the policy before the update (or the workers'; mismatch
      logged), skipped when the rollout feeds one optimizer step (then they are the current
      ones, detached); off-policy rows get truncated importance weights against them,
   5. PPO updates over mini-batches: micro-batches on every data-parallel rank, the loss
      normalised by the mini-batch's global token (or sequence) count, gradients summed,
      clipped, a NaN/inf guard, AdamW + lr schedule,
-  6. publish the new weights (safetensors + manifest) and wait for every worker's ack,
+  6. publish the new weights (safetensors + manifest), then deliver them: every worker
+     reloads and acknowledges,
   7. log, checkpoint (DCP, atomic, last N kept), evaluate pass@K now and then.
 """
 
@@ -361,15 +364,11 @@ class SimKORecipe:
             is_cap = cfg.rollout.is_cap if cfg.rollout.max_staleness else None
             with _timed(timings, "update"):
                 stats = self._update(rollout, old_logprobs, ref_logprobs, is_cap)
-            if next_rollout is not None:  # the workers reload only once they are idle
-                with _timed(timings, "wait_generate"):
-                    next_rollout.exception()
+            # One-step-off, this only writes the files: the rollout thread delivers them
+            # before it samples the next rollout, once the workers are idle.
             with _timed(timings, "publish"):
-                self._publish(self.weight_version + 1)
-            # its parts: writing the files, and the workers' verify + reload + ack
-            timings.update(
-                {f"publish_{k[:-2]}": v for k, v in self.weight_sync.last_timings.items()}
-            )
+                self._publish(self.weight_version + 1, deliver=next_rollout is None)
+            timings.update(_prefixed("publish_", self.weight_sync.last_timings))
             self.step += 1
 
             if self.is_rank_zero:
@@ -405,6 +404,8 @@ class SimKORecipe:
                 )
 
             if cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0:
+                if next_rollout is not None:  # evaluation needs the workers, idle
+                    next_rollout.exception()
                 self.evaluate()
             every = cfg.checkpoint.every_n_steps  # 0: only the final save
             if (every and self.step % every == 0) or self.step == cfg.max_steps:
@@ -452,6 +453,8 @@ class SimKORecipe:
             stop_token_ids=self.stop_ids,
             seed=cfg.seed * 1_000_003 + step,
         )
+        # one-step-off: the workers load ``version`` now (published, not yet delivered)
+        timings.update(_prefixed("publish_", self.weight_sync.deliver(version)))
         with _timed(timings, "generate"):
             completions = self.generator.generate(prompts, n=g, sampling=sampling)
         check_versions(completions, version)
@@ -721,9 +724,10 @@ class SimKORecipe:
             max_tokens=max_tokens,
         )
 
-    def _publish(self, version: int) -> None:
-        """Weights → safetensors + manifest (ranks share the writing) → workers ack → prune."""
-        self.weight_sync.publish(self.model, version)
+    def _publish(self, version: int, deliver: bool = True) -> None:
+        """Weights → safetensors + manifest (ranks share the writing), then, with
+        ``deliver``, → workers reload and ack → prune older versions."""
+        self.weight_sync.publish(self.model, version, deliver=deliver)
         self.weight_version = version
         barrier()
 
@@ -732,6 +736,7 @@ class SimKORecipe:
         """pass@K on the configured sets with the current weights (rank 0 generates)."""
         cfg = self.cfg
         if self.is_rank_zero:
+            self.weight_sync.deliver(self.weight_version)  # if one-step-off deferred it
             sampling = SamplingConfig(
                 temperature=cfg.eval.temperature,
                 top_p=cfg.eval.top_p,
@@ -844,6 +849,11 @@ def _model_family(hf_config: dict) -> str:
 
 def _run_name(output_dir: Path) -> str:
     return str(output_dir.resolve()).strip("/").replace("/", "_")[-100:]
+
+
+def _prefixed(prefix: str, seconds: dict[str, float]) -> dict[str, float]:
+    """``{"ack_s": 1.0}`` → ``{prefix + "ack": 1.0}``: weight-sync timings as step metrics."""
+    return {prefix + k.removesuffix("_s"): v for k, v in seconds.items()}
 
 
 @contextlib.contextmanager

@@ -22,8 +22,9 @@ What one step contains:
   fused AdamW (tiny_cpu's ``optimizer.fused``; no old-log-prob pass: with one optimizer
   step per rollout the old, and at staleness 1 the proximal, log-probs are the update's own
   forward, detached), publish the weights and wait for the worker to reload.
-  With ``rollout.max_staleness=1`` the next step's generation and scoring run while this one
-  updates. Per-step times are the recipe's ``time/step`` scalars (TensorBoard).
+  With ``rollout.max_staleness=1`` the next step's weight delivery (the worker's reload),
+  generation and scoring run while this one updates; the step then only writes the
+  weights. Per-step times are the recipe's ``time/step`` scalars (TensorBoard).
 
 Runs alternate (TRL, ours at staleness 0, ours at staleness 1, then again per round), so
 load on the shared machine hits all alike. Reported: the median step time over the steps
@@ -44,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -221,6 +223,7 @@ def run_ours(model_dir: Path, steps: int, staleness: int, work: Path) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"simko-tune run failed:\n{proc.stderr[-4000:]}")
     scalars = read_scalars(out / "tb")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # 6.7 GB per 0.5B run, unread
     steps_seen = sorted(scalars["time/step"])
     phases = (
         "wait_rollout", "generate", "score", "old_logprobs", "update", "publish",
@@ -316,7 +319,9 @@ def main() -> None:
     parser.add_argument(
         "--tiny-model-dir", default=None, help="another tiny policy (default: tiny_cpu's)"
     )
-    parser.add_argument("--work-dir", default=None, help="default: a temp dir")
+    parser.add_argument(
+        "--work-dir", default=None, help="kept afterwards (default: a temp dir, removed)"
+    )
     parser.add_argument("--trl-optim", default="adamw_torch", help="TRL's optim (its default)")
     parser.add_argument("--trl-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -325,12 +330,19 @@ def main() -> None:
         trl_worker(model_dir, int(steps), out, optim)
         return
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(models) - {"tiny", "0.5b"}
+    unknown = {m.strip() for m in args.models.split(",") if m.strip()} - {"tiny", "0.5b"}
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)} (known: tiny, 0.5b)")
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_vs_trl_"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work_dir is None:
+        with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
+            run(args, Path(tmp))
+    else:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        run(args, Path(args.work_dir))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     print(f"work dir {work}; batch {BATCH}; {THREADS} threads per trainer", flush=True)
     results = {}
     for name in models:

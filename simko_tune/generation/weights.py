@@ -555,6 +555,13 @@ class WeightSync:
     publication to it and prunes older versions once it acknowledges. Pruning runs in the
     background and is joined before the next publication's free-space check, so the
     trainer never waits on freeing GB-scale folders but never counts their space as free.
+
+    Delivery may be deferred (``publish(..., deliver=False)``, then ``deliver``): with
+    one-step-off rollouts the rollout thread delivers a version just before it generates
+    with it, so the workers' reload overlaps the trainer's next update instead of stalling
+    it. That thread and the trainer's may then publish and deliver at once: pruning only
+    removes versions older than the acknowledged one (never one being written), and the
+    pruner is handed over under a lock. Up to three versions can then be on disk.
     """
 
     def __init__(
@@ -573,11 +580,14 @@ class WeightSync:
         self.remove_on_close = remove_on_close
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.consumer: WeightConsumer | None = None
-        self.acknowledged: int | None = None
-        # seconds of the last publish: "write" (gather, convert, write, rename) and "ack"
-        # (until every worker serves it); logged as metrics, read by the benchmark
+        self.written: int | None = None  # the newest version this sync published
+        self.acknowledged: int | None = None  # the version the consumer serves
+        # seconds of the last publish: "write" (gather, convert, write, rename) and, when
+        # it delivered, "ack" (until every worker serves it) with the workers' "verify" and
+        # "reload"; logged as metrics, read by the benchmarks
         self.last_timings: dict[str, float] = {}
         self._pruner: threading.Thread | None = None
+        self._pruner_lock = threading.Lock()
         error = None
         if self.rank == 0:
             try:
@@ -594,10 +604,12 @@ class WeightSync:
         """Rank 0: the generator every publication is delivered to."""
         self.consumer = consumer
 
-    def publish(self, model: nn.Module, version: int, timeout_s: float = 300.0) -> Path | None:
-        """Write ``model`` as ``version`` (collective), then on rank 0 deliver it to the
-        consumer, wait for its acknowledgement and prune what came before. Returns the
-        publication's path on rank 0, None elsewhere."""
+    def publish(
+        self, model: nn.Module, version: int, timeout_s: float = 300.0, *, deliver: bool = True
+    ) -> Path | None:
+        """Write ``model`` as ``version`` (collective), then on rank 0, with ``deliver``,
+        hand it to the consumer at once (:meth:`deliver`). Returns the publication's path on
+        rank 0, None elsewhere."""
         t0 = time.perf_counter()
         error = None
         if self.rank == 0:
@@ -621,24 +633,44 @@ class WeightSync:
             max_shard_bytes=self.max_shard_bytes,
             writers=self._writers,
         )
-        t1 = time.perf_counter()
-        self.last_timings = {"write_s": t1 - t0}
-        if self.rank == 0 and self.consumer is not None:
-            self.consumer.load_weights(version, timeout_s)
-            self.acknowledged = version
-            self.last_timings["ack_s"] = time.perf_counter() - t1
-            # the workers' own share of the ack (the rest is messaging): verify_s, reload_s
-            self.last_timings.update(getattr(self.consumer, "last_load_timings", {}))
+        self.written = version
+        self.last_timings = {"write_s": time.perf_counter() - t0}
+        if deliver and self.rank == 0:
+            self.last_timings.update(self.deliver(version, timeout_s))
+        return path
+
+    def deliver(self, version: int, timeout_s: float = 300.0) -> dict[str, float]:
+        """Rank 0: make the consumer serve ``version``, a publication of this sync, wait for
+        its acknowledgement, then prune what came before it. A no-op without a consumer,
+        when it already serves ``version``, or for a version this sync has not published
+        (the workers' start-up weights). Returns the seconds it took: ``ack_s`` and the
+        workers' own share of it, ``verify_s`` and ``reload_s`` (the rest is messaging)."""
+        if (
+            self.consumer is None
+            or version == self.acknowledged
+            or self.written is None
+            or version > self.written
+        ):
+            return {}
+        t0 = time.perf_counter()
+        self.consumer.load_weights(version, timeout_s)
+        self.acknowledged = version
+        timings = {"ack_s": time.perf_counter() - t0}
+        timings.update(getattr(self.consumer, "last_load_timings", {}))
+        with self._pruner_lock:
+            if self._pruner is not None:
+                self._pruner.join()
             self._pruner = threading.Thread(
                 target=prune_versions, args=(self.sync_dir, version), daemon=True
             )
             self._pruner.start()
-        return path
+        return timings
 
     def _join_pruner(self) -> None:
-        if self._pruner is not None:
-            self._pruner.join()
-            self._pruner = None
+        with self._pruner_lock:
+            if self._pruner is not None:
+                self._pruner.join()
+                self._pruner = None
 
     def close(self) -> None:
         """Rank 0: wait for pruning; with ``remove_on_close`` remove every publication (the

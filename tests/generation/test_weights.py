@@ -310,6 +310,31 @@ def test_weight_sync_delivers_then_prunes(gen_model_dir, ref, tmp_path):
     assert published_versions(failing.sync_dir) == [1, 2]  # unacked: nothing pruned
 
 
+def test_weight_sync_deferred_delivery(gen_model_dir, ref, tmp_path):
+    """One-step-off: the trainer writes versions without delivering them; the rollout
+    thread delivers one just before it generates. Delivery is once per version, never of
+    the start-up weights, and pruning never touches a version newer than the one served."""
+    sync = WeightSync(tmp_path / "sync", read_hf_config(gen_model_dir))
+    consumer = _Consumer(sync.sync_dir)
+    sync.attach(consumer)
+    model = ref.trainer_model(gen_model_dir)
+    assert sync.deliver(0) == {}  # the workers' start-up weights: nothing to load
+    sync.publish(model, 1, deliver=False)
+    sync.publish(model, 2, deliver=False)
+    assert consumer.loads == [] and sync.acknowledged is None
+    assert set(sync.last_timings) == {"write_s"}
+    timings = sync.deliver(1)
+    assert "ack_s" in timings and sync.acknowledged == 1
+    assert sync.deliver(1) == {}  # already served
+    assert sync.deliver(3) == {}  # not published (yet)
+    sync.publish(model, 3, deliver=False)  # joins the pruner: < 1 pruned, 2 and 3 kept
+    assert published_versions(sync.sync_dir) == [1, 2, 3]
+    sync.deliver(3)
+    sync.close()
+    assert consumer.loads == [(1, [1, 2]), (3, [1, 2, 3])]
+    assert published_versions(sync.sync_dir) == [3] and sync.acknowledged == 3
+
+
 def test_weight_sync_clears_stale_versions_and_keeps_the_rest(gen_model_dir, tmp_path):
     root = tmp_path / "sync"
     for name in ["v000001", "v000002.tmp", "worker_logs"]:

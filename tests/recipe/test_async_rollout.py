@@ -294,12 +294,23 @@ def test_the_first_mini_batch_without_its_pass_equals_the_full_pass(tmp_path, po
 
 
 def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
+    small_eval = {"_component_": "simko_tune.demo.countdown.load_countdown", "split": "test"}
     recipe = make_recipe(
-        tmp_path / "out", policy_dir, **{"rollout.max_staleness": 1, "max_steps": 3}
+        tmp_path / "out",
+        policy_dir,
+        **{
+            "rollout.max_staleness": 1,
+            "max_steps": 3,
+            "eval.every_n_steps": 2,
+            "eval.n": 2,
+            "eval.max_tokens": 8,
+            "eval.sets": {"countdown_test": {**small_eval, "n": 2, "seed": 0}},
+        },
     )
     try:
         seen = _spy_updates(recipe)
         spans, generate = [], recipe.generator.generate
+        loads, load_weights = [], recipe.generator.load_weights
 
         def timed_generate(*args, **kwargs):
             t0 = time.perf_counter()
@@ -307,7 +318,13 @@ def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
             spans.append((t0, time.perf_counter(), threading.current_thread().name))
             return out
 
+        def timed_load(version, *args, **kwargs):
+            t0 = time.perf_counter()
+            load_weights(version, *args, **kwargs)
+            loads.append((version, t0, threading.current_thread().name))
+
         recipe.generator.generate = timed_generate
+        recipe.generator.load_weights = timed_load
         proximal_starts, old_logprobs = [], recipe._old_logprobs
 
         def timed_old_logprobs(rollout, **kwargs):
@@ -329,11 +346,23 @@ def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
         expected = torch.exp(s["proximal"] - s["rollout"].worker_logprobs).clamp(max=2.0)
         assert s["stats"]["is_weight/mean"] == pytest.approx(float(expected[m].mean()), rel=1e-4)
     # generation of step t+1 ran in the background thread, overlapping step t's trainer work
-    # (the proximal log-prob pass, then the update)
-    assert len(spans) == 3 and spans[0][2] == "MainThread"
-    for (g0, g1, thread), start, update in zip(spans[1:], proximal_starts, seen[:2]):
+    # (the proximal log-prob pass, then the update); the evaluation after step 2 generated
+    # in the main thread
+    assert len(spans) == 4 and spans[0][2] == "MainThread" and spans[3][2] == "MainThread"
+    for (g0, g1, thread), start, update in zip(spans[1:3], proximal_starts, seen[:2]):
         assert thread != "MainThread"
         assert g0 < update["span"][1] and g1 > start, "generation did not overlap the trainer"
+    # Deliveries: v1 by the rollout thread just before it sampled step 3's rollout, while
+    # step 2 updated (the trainer itself only wrote it); v2 by the evaluation after step
+    # 2, which must see the trainer's weights; v3, the last, at once (nothing prefetches).
+    assert [(v, thread == "MainThread") for v, _, thread in loads] == [
+        (1, False),
+        (2, True),
+        (3, True),
+    ]
+    assert spans[1][1] <= loads[0][1] <= spans[2][0], "v1 not loaded between the rollouts"
+    assert loads[0][1] < seen[1]["span"][1], "the reload did not overlap the update"
+    assert spans[3][0] > loads[1][1]  # the evaluation generated with v2
 
 
 def test_version_window_is_enforced(tmp_path, policy_dir):
