@@ -197,7 +197,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="weight syncs to time")
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_generation_") as root:
+        bench(args, Path(root))
 
+
+def bench(args: argparse.Namespace, root: Path) -> None:
+    """The publication, weight-sync and generation figures; ``root`` holds the model."""
     import torch
 
     from simko_tune.generation import NativeGenerator, SamplingConfig, VLLMWorkers, WeightSync
@@ -209,7 +214,6 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    root = Path(tempfile.mkdtemp(prefix="bench_generation_"))
     num_layers = 4 if args.quick else 24
     model_dir = build_model(root, num_layers)
     hf_config = read_hf_config(model_dir)

@@ -18,6 +18,7 @@ Prints the figures, then ONE JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -84,7 +85,9 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=40, help="steps the reward is averaged over")
     parser.add_argument("--seeds", default="0", help="comma list")
     parser.add_argument("--staleness", default="0,1", help="comma list of 0, 1 (default both)")
-    parser.add_argument("--work-dir", default=None, help="default: a temp dir")
+    parser.add_argument(
+        "--work-dir", default=None, help="kept afterwards (default: a temp dir, removed)"
+    )
     args = parser.parse_args()
     if not 2 <= args.last <= args.steps:
         parser.error("--last must be between 2 and --steps")
@@ -92,19 +95,25 @@ def main() -> None:
     levels = [int(s) for s in args.staleness.split(",")]
     if not set(levels) <= {0, 1}:
         parser.error("--staleness: 0 and/or 1")
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_staleness_"))
-    print(f"work dir {work}; {args.steps} steps, seeds {seeds}", flush=True)
     runs = []
-    for seed in seeds:
-        for staleness in levels:
-            r = run(work / f"s{staleness}_seed{seed}", args.steps, staleness, seed, args.last)
-            runs.append(r)
-            print(
-                f"staleness {staleness} seed {seed}: wall {r['wall_s']:.1f} s, steps "
-                f"{r['steps_sum_s']:.1f} s (median {r['step_median_s']:.3f} s/step), reward "
-                f"last {args.last} {r['reward_last_mean']:.4f} ± {r['reward_last_sem']:.4f}",
-                flush=True,
-            )
+    with (
+        tempfile.TemporaryDirectory(prefix="bench_staleness_")
+        if args.work_dir is None
+        else contextlib.nullcontext(args.work_dir)
+    ) as work_dir:
+        work = Path(work_dir)
+        print(f"work dir {work}; {args.steps} steps, seeds {seeds}", flush=True)
+        for seed in seeds:
+            for staleness in levels:
+                r = run(work / f"s{staleness}_seed{seed}", args.steps, staleness, seed, args.last)
+                runs.append(r)
+                print(
+                    f"staleness {staleness} seed {seed}: wall {r['wall_s']:.1f} s, steps "
+                    f"{r['steps_sum_s']:.1f} s (median {r['step_median_s']:.3f} s/step), "
+                    f"reward last {args.last} {r['reward_last_mean']:.4f} ± "
+                    f"{r['reward_last_sem']:.4f}",
+                    flush=True,
+                )
 
     summary: dict = {"bench": "staleness", "steps": args.steps, "last": args.last, "seeds": seeds}
     if len(levels) >= 2:  # the comparison; one level alone reports its runs only

@@ -19,6 +19,7 @@ Prints the figures, then ONE JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -112,28 +113,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="of the 0.5B shape's 24")
     parser.add_argument("--rounds", type=int, default=3, help="timed updates each (first dropped)")
     parser.add_argument("--hf-optim", choices=("loop", "fused"), default="loop")
-    parser.add_argument("--work-dir", default=None, help="default: a temp dir")
+    parser.add_argument(
+        "--work-dir", default=None, help="kept afterwards (default: a temp dir, removed)"
+    )
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first is dropped)")
     torch.set_num_threads(THREADS)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_update_vs_hf_"))
-    work.mkdir(parents=True, exist_ok=True)
-    model_dir = _bench_vs_trl().qwen2_5_0_5b_shape(work, layers=args.layers)
-    recipe = our_update(model_dir, work)
-    rollout = synthetic_rollout(recipe.hf_config["vocab_size"])
-    steps = {
-        "ours": lambda: recipe._update(rollout, None),
-        "hf": hf_step_fn(model_dir, rollout, fused=args.hf_optim == "fused"),
-    }
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(args.rounds):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-            print(f"round {r + 1}: {name} {times[name][-1]:.2f} s", flush=True)
-    med = {name: statistics.median(t[1:]) for name, t in times.items()}
+    with (
+        tempfile.TemporaryDirectory(prefix="bench_update_vs_hf_")
+        if args.work_dir is None
+        else contextlib.nullcontext(args.work_dir)
+    ) as work:
+        Path(work).mkdir(parents=True, exist_ok=True)
+        med = run(args, Path(work))
     print(
         f"update, {args.layers} of 24 blocks, {THREADS} threads: simko-tune {med['ours']:.2f} s, "
         f"transformers + AdamW ({args.hf_optim}) {med['hf']:.2f} s: "
@@ -153,6 +146,25 @@ def main() -> None:
             }
         )
     )
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, float]:
+    """Alternating timed updates; the median of each after the first."""
+    model_dir = _bench_vs_trl().qwen2_5_0_5b_shape(work, layers=args.layers)
+    recipe = our_update(model_dir, work)
+    rollout = synthetic_rollout(recipe.hf_config["vocab_size"])
+    steps = {
+        "ours": lambda: recipe._update(rollout, None),
+        "hf": hf_step_fn(model_dir, rollout, fused=args.hf_optim == "fused"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(args.rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+            print(f"round {r + 1}: {name} {times[name][-1]:.2f} s", flush=True)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 if __name__ == "__main__":

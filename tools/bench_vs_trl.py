@@ -43,6 +43,7 @@ Prints the figures, then ONE JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -333,12 +334,13 @@ def main() -> None:
     unknown = {m.strip() for m in args.models.split(",") if m.strip()} - {"tiny", "0.5b"}
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)} (known: tiny, 0.5b)")
-    if args.work_dir is None:
-        with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
-            run(args, Path(tmp))
-    else:
-        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-        run(args, Path(args.work_dir))
+    with (
+        tempfile.TemporaryDirectory(prefix="bench_vs_trl_")
+        if args.work_dir is None
+        else contextlib.nullcontext(args.work_dir)
+    ) as work:
+        Path(work).mkdir(parents=True, exist_ok=True)
+        run(args, Path(work))
 
 
 def run(args: argparse.Namespace, work: Path) -> None:

@@ -84,6 +84,7 @@ def test_tiny_cpu_two_steps_with_vllm_logs_everything(tmp_path, policy_dir):
     assert not missing, f"missing TensorBoard scalars: {sorted(missing)}"
     assert set(scalars["loss"]) == {1, 2}
     assert scalars["weight_version"] == {1: 1.0, 2: 2.0}
+    assert set(scalars["time/publish_reload"]) == {1, 2}  # synchronous: delivered at once
     assert set(scalars["eval/countdown_test/pass@8"]) == {0, 2}  # before training, at step 2
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -110,6 +111,29 @@ def test_tiny_cpu_two_steps_with_vllm_logs_everything(tmp_path, policy_dir):
     for name, param in model.state_dict().items():
         if name in exported:
             assert torch.equal(param, exported[name])
+
+
+def test_one_step_off_with_vllm_delivers_weights_from_the_rollout_thread(tmp_path, policy_dir):
+    """Staleness 1 through the CLI with a real vLLM worker. The trainer only writes each
+    version; the rollout thread has the worker reload it just before it samples with it
+    (its reload is logged with the step that trains on that rollout); an evaluation
+    delivers the trainer's own weights first; the last step, with nothing prefetching,
+    delivers at once."""
+    out = tmp_path / "out"
+    _tune_run(
+        tmp_path,
+        _args(out, policy_dir, "max_steps=3", "rollout.max_staleness=1", "eval.every_n_steps=2",
+              "eval.sets.countdown_test.n=4", "eval.n=2", "checkpoint.every_n_steps=3"),
+    )  # fmt: skip
+    scalars = read_scalars(out / "tb")
+    assert scalars["weight_version"] == {1: 1.0, 2: 2.0, 3: 3.0}
+    assert scalars["rollout/staleness_max"] == {1: 0.0, 2: 1.0, 3: 1.0}
+    assert set(scalars["eval/countdown_test/pass@2"]) == {2}  # checked against version 2
+    # step 1: v1 written, not delivered (step 2's rollout, sampled with v0, in flight);
+    # step 2: its rollout needed no delivery, and v2 is only written; step 3: its rollout's
+    # delivery of v1, then v3 at once
+    assert set(scalars["time/publish_write"]) == {1, 2, 3}
+    assert set(scalars["time/publish_reload"]) == {3}
 
 
 def _comparable(scalars: dict[str, dict[int, float]], steps) -> dict[str, list[float]]:
