@@ -195,3 +195,16 @@ def atomic_write(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
         raise
     if fsync:
         _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def work_dir(path: str | Path | None, prefix: str) -> Iterator[Path]:
+    """A benchmark's scratch folder: ``path`` (created if missing, kept afterwards, to look
+    into), or a fresh temp dir that is removed afterwards, however the run ends (a 0.5B
+    run leaves GBs of checkpoints and publications)."""
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)

@@ -18,17 +18,16 @@ Prints the figures, then ONE JSON line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 from simko_tune.metrics.tensorboard import read_scalars
+from simko_tune.paths import work_dir
 
 THREADS = 2
 
@@ -96,12 +95,7 @@ def main() -> None:
     if not set(levels) <= {0, 1}:
         parser.error("--staleness: 0 and/or 1")
     runs = []
-    with (
-        tempfile.TemporaryDirectory(prefix="bench_staleness_")
-        if args.work_dir is None
-        else contextlib.nullcontext(args.work_dir)
-    ) as work_dir:
-        work = Path(work_dir)
+    with work_dir(args.work_dir, "bench_staleness_") as work:
         print(f"work dir {work}; {args.steps} steps, seeds {seeds}", flush=True)
         for seed in seeds:
             for staleness in levels:

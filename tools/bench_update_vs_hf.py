@@ -19,16 +19,16 @@ Prints the figures, then ONE JSON line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from simko_tune.paths import work_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
@@ -120,13 +120,8 @@ def main() -> None:
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first is dropped)")
     torch.set_num_threads(THREADS)
-    with (
-        tempfile.TemporaryDirectory(prefix="bench_update_vs_hf_")
-        if args.work_dir is None
-        else contextlib.nullcontext(args.work_dir)
-    ) as work:
-        Path(work).mkdir(parents=True, exist_ok=True)
-        med = run(args, Path(work))
+    with work_dir(args.work_dir, "bench_update_vs_hf_") as work:
+        med = run(args, work)
     print(
         f"update, {args.layers} of 24 blocks, {THREADS} threads: simko-tune {med['ours']:.2f} s, "
         f"transformers + AdamW ({args.hf_optim}) {med['hf']:.2f} s: "

@@ -43,18 +43,17 @@ Prints the figures, then ONE JSON line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from simko_tune.metrics.tensorboard import read_scalars
+from simko_tune.paths import work_dir
 
 BATCH = {"prompts": 4, "samples": 8, "max_new_tokens": 32, "lr": 1e-3, "weight_decay": 0.01}
 NUM_PROBLEMS = 64  # the prompt pool both trainers draw from
@@ -334,13 +333,8 @@ def main() -> None:
     unknown = {m.strip() for m in args.models.split(",") if m.strip()} - {"tiny", "0.5b"}
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)} (known: tiny, 0.5b)")
-    with (
-        tempfile.TemporaryDirectory(prefix="bench_vs_trl_")
-        if args.work_dir is None
-        else contextlib.nullcontext(args.work_dir)
-    ) as work:
-        Path(work).mkdir(parents=True, exist_ok=True)
-        run(args, Path(work))
+    with work_dir(args.work_dir, "bench_vs_trl_") as work:
+        run(args, work)
 
 
 def run(args: argparse.Namespace, work: Path) -> None:

@@ -90,6 +90,18 @@ def test_atomic_write_replaces_files_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
+def test_work_dir_keeps_a_given_folder_and_removes_a_temp_one(tmp_path):
+    from simko_tune.paths import work_dir
+
+    with pytest.raises(RuntimeError), work_dir(None, "bench_x_") as tmp:
+        (tmp / "big").write_text("x")
+        raise RuntimeError("the run failed")
+    assert tmp.name.startswith("bench_x_") and not tmp.exists()  # removed all the same
+    with work_dir(tmp_path / "kept" / "here", "bench_x_") as kept:
+        (kept / "f").write_text("x")
+    assert (tmp_path / "kept" / "here" / "f").is_file()
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_export_from_the_model_indexes_every_shard(tmp_path, tiny_model_dir, dtype):
     """The export is the model's weights (in the requested dtype), split over several
