@@ -42,7 +42,6 @@ def overrides(out: Path, steps: int, staleness: int, seed: int) -> list[str]:
         "eval.before_training=false",
         "checkpoint.every_n_steps=0",  # only the final save
         "log.samples_every_n_steps=0",
-        f"generation.sync_dir={out}/sync",
     ]
 
 

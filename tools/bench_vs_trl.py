@@ -210,7 +210,6 @@ def our_overrides(model_dir: Path, out: Path, steps: int, staleness: int) -> lis
         "eval.before_training=false",
         f"checkpoint.every_n_steps={steps + 1}",  # only the final save, after the last step
         "log.samples_every_n_steps=0",
-        f"generation.sync_dir={out}/sync",
     ]
 
 
