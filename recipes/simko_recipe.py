@@ -486,7 +486,7 @@ class SimKORecipe:
         cfg = self.cfg
         if cfg.rollout.old_logprobs == "workers":
             return torch.zeros(0, dtype=torch.long)
-        _, kept = self._kept_rows(rollout)
+        kept = self._kept_indices(rollout)
         if cfg.ppo.epochs > 1:  # later epochs revisit the first mini-batch after a step
             return kept
         return kept[cfg.ppo.mini_batch_prompts * cfg.rollout.samples_per_prompt :]
@@ -521,7 +521,7 @@ class SimKORecipe:
         out = {}
         for name, model, needed in passes:
             out[name] = torch.zeros(shape, device=self.device)
-            sub = rollout.select(needed)
+            sub = rollout if len(needed) == len(rollout) else rollout.select(needed)
             for local in self._micro_batches(sub, range(len(sub)), budget):
                 mb, rows = sub.select(local), needed[local]
                 hidden = hidden_states(model, mb.tokens.to(self.device))
@@ -691,16 +691,19 @@ class SimKORecipe:
         out["kept_responses"] = float(len(kept))
         return out
 
-    def _kept_rows(self, rollout: RolloutBatch) -> tuple[RolloutBatch, torch.Tensor]:
-        """The rows this mode trains on and their indices. PSR / NSR drop the other
+    def _kept_indices(self, rollout: RolloutBatch) -> torch.Tensor:
+        """The indices of the rows this mode trains on. PSR / NSR drop the other
         responses, as the official code does, so mini-batches and normalisers count the kept
         ones only; trimmed to a multiple of the data-parallel size. When none is kept (PSR
         on a batch with no correct response) every row stays, all with advantage 0."""
         kept = kept_responses(rollout.rewards, self.loss_cfg).nonzero().squeeze(1)
         kept = kept[: len(kept) - len(kept) % self.dp_size]
-        if len(kept) == len(rollout) or len(kept) == 0:
-            return rollout, torch.arange(len(rollout))
-        return rollout.select(kept), kept
+        return kept if 0 < len(kept) < len(rollout) else torch.arange(len(rollout))
+
+    def _kept_rows(self, rollout: RolloutBatch) -> tuple[RolloutBatch, torch.Tensor]:
+        """The kept rows (:meth:`_kept_indices`) and their indices."""
+        kept = self._kept_indices(rollout)
+        return (rollout if len(kept) == len(rollout) else rollout.select(kept)), kept
 
     def _normalizer(self, rollout: RolloutBatch, rows: range) -> float:
         """The loss denominator over the whole mini-batch (all micro-batches, all ranks):
