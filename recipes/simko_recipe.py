@@ -152,7 +152,9 @@ class SimKORecipe:
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last
         )
         self.weight_sync = WeightSync(
-            cfg.generation.sync_dir or default_sync_dir(_run_name(self.output_dir)),
+            None
+            if cfg.generation.weight_transfer == "memory"
+            else cfg.generation.sync_dir or default_sync_dir(_run_name(self.output_dir)),
             self.hf_config,
             dtype=self._weight_dtype(),
             remove_on_close=not cfg.generation.sync_dir,

@@ -99,6 +99,9 @@ class GenerationSection:
     addresses: list[str] | None = None  # remote workers (tcp://host:port); overrides local start
     tensor_parallel_size: int = 1
     sync_dir: str | None = None  # default: /dev/shm/simko_tune-<uid>/<run name> (0700)
+    # "files": publications in sync_dir | "memory": snapshots handed to a native generator
+    # in the trainer's process (backend native, one rank): no files, no reload
+    weight_transfer: str = "files"
     # dtype of the published weights; default: the engine's dtype (native backend: float32)
     weight_dtype: str | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)

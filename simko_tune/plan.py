@@ -106,6 +106,16 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
             f"ppo.mini_batch_prompts x rollout.samples_per_prompt = {rows} rows do not split "
             f"evenly over {dp} data-parallel ranks"
         )
+    if g.weight_transfer not in ("files", "memory"):
+        errors.append(
+            f"generation.weight_transfer: {g.weight_transfer!r} is not 'files' or 'memory'"
+        )
+    elif g.weight_transfer == "memory" and (g.backend != "native" or world != 1):
+        errors.append(
+            "generation.weight_transfer=memory hands the weights to a generator in the "
+            "trainer's process: it needs generation.backend=native and one trainer rank "
+            f"(got backend {g.backend!r}, world size {world})"
+        )
     if g.devices is not None and len(g.devices) != g.num_workers:
         errors.append(
             f"generation.devices has {len(g.devices)} entries for num_workers={g.num_workers}"

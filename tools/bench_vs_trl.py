@@ -25,8 +25,12 @@ What one step contains:
   With ``rollout.max_staleness=1`` the next step's weight delivery (the worker's reload),
   generation and scoring run while this one updates; the step then only writes the
   weights. Per-step times are the recipe's ``time/step`` scalars (TensorBoard).
+- simko-tune native (``--native``, default for the tiny model): the same, but generating in
+  the trainer's process with torchtune's KV cache (``generation.backend=native``) and the
+  weights handed over as an in-memory copy (``generation.weight_transfer=memory``): no
+  worker process, no files, no reload; what TRL's ``model.generate`` does, too.
 
-Runs alternate (TRL, ours at staleness 0, ours at staleness 1, then again per round), so
+Runs alternate (TRL, ours at staleness 0 and 1, native at 0 and 1, then again per round), so
 load on the shared machine hits all alike. Reported: the median step time over the steps
 after the first of each run (pooled over rounds) and the ratios TRL / ours (> 1: ours is
 faster). Models: ``tiny`` is tiny_cpu's warm-started Countdown policy (2 layers, 0.4M
@@ -213,11 +217,15 @@ def our_overrides(model_dir: Path, out: Path, steps: int, staleness: int) -> lis
     ]
 
 
-def run_ours(model_dir: Path, steps: int, staleness: int, work: Path) -> dict:
-    out = work / f"ours_s{staleness}_{time.monotonic_ns()}"
+# the in-process generator (torchtune KV cache) with the weights handed over in memory
+NATIVE = ["generation.backend=native", "generation.weight_transfer=memory"]
+
+
+def run_ours(model_dir: Path, steps: int, staleness: int, work: Path, native: bool) -> dict:
+    out = work / f"ours_{'native_' if native else ''}s{staleness}_{time.monotonic_ns()}"
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONUNBUFFERED": "1"}
     cmd = ["tune", "run", "simko_recipe", "--config", "tiny_cpu"]
-    cmd += our_overrides(model_dir, out, steps, staleness)
+    cmd += our_overrides(model_dir, out, steps, staleness) + (NATIVE if native else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"simko-tune run failed:\n{proc.stderr[-4000:]}")
@@ -265,17 +273,21 @@ def median_after_first(runs: list[dict]) -> float:
 
 
 def bench_model(
-    name: str, model_dir: Path, steps: int, rounds: int, work: Path, trl_optim: str
+    name: str, model_dir: Path, steps: int, rounds: int, work: Path, trl_optim: str, native: bool
 ) -> dict:
+    """``ours_s*``: vLLM worker; ``native_s*``: the in-process generator (``NATIVE``)."""
     check_same_prompts(model_dir)
-    runs: dict[str, list[dict]] = {"trl": [], "ours_s0": [], "ours_s1": []}
+    keys = ["trl", "ours_s0", "ours_s1"] + (["native_s0", "native_s1"] if native else [])
+    runs: dict[str, list[dict]] = {k: [] for k in keys}
     for r in range(rounds):
         for key in runs:
             t0 = time.perf_counter()
             if key == "trl":
                 runs[key].append(run_trl(model_dir, steps, work / f"trl_{r}", trl_optim))
             else:
-                runs[key].append(run_ours(model_dir, steps, int(key[-1]), work))
+                runs[key].append(
+                    run_ours(model_dir, steps, int(key[-1]), work, key.startswith("native"))
+                )
             print(
                 f"[{name}] round {r + 1}/{rounds} {key}: steps "
                 + " ".join(f"{t:.3f}" for t in runs[key][-1]["step_s"])
@@ -283,27 +295,25 @@ def bench_model(
                 flush=True,
             )
     med = {k: median_after_first(v) for k, v in runs.items()}
-    result = {
-        "trl_step_s": med["trl"],
-        "ours_s0_step_s": med["ours_s0"],
-        "ours_s1_step_s": med["ours_s1"],
-        "speedup_s0_vs_trl": med["trl"] / med["ours_s0"],
-        "speedup_s1_vs_trl": med["trl"] / med["ours_s1"],
-        "steps_per_run": steps,
-        "rounds": rounds,
-    }
-    for key in ("ours_s0", "ours_s1"):
+    result: dict = {"trl_step_s": med["trl"], "steps_per_run": steps, "rounds": rounds}
+    ours = [k for k in keys if k != "trl"]
+    for key in ours:
+        result[f"{key}_step_s"] = med[key]
+        result[f"speedup_{key.removeprefix('ours_')}_vs_trl"] = med["trl"] / med[key]
+    print(
+        f"[{name}] median s/step (steps after the first): TRL {med['trl']:.3f}; simko-tune "
+        + ", ".join(
+            f"{'native ' if k.startswith('native') else ''}staleness {k[-1]} {med[k]:.3f} "
+            f"({med['trl'] / med[k]:.2f}x TRL)"
+            for k in ours
+        )
+    )
+    for key in ours:
         result[f"{key}_phases_s"] = {
             p: statistics.median(v for run in runs[key] for v in run["phases"][p][1:])
             for p in runs[key][0]["phases"]
             if any(run["phases"][p][1:] for run in runs[key])
         }
-    print(
-        f"[{name}] median s/step (steps after the first): TRL {med['trl']:.3f}, "
-        f"simko-tune staleness 0 {med['ours_s0']:.3f} ({result['speedup_s0_vs_trl']:.2f}x TRL), "
-        f"staleness 1 {med['ours_s1']:.3f} ({result['speedup_s1_vs_trl']:.2f}x TRL)"
-    )
-    for key in ("ours_s0", "ours_s1"):
         phases = ", ".join(f"{p} {v:.3f}" for p, v in result[f"{key}_phases_s"].items())
         print(f"[{name}]   {key} phases (median s): {phases}")
     return result
@@ -322,6 +332,11 @@ def main() -> None:
         "--work-dir", default=None, help="kept afterwards (default: a temp dir, removed)"
     )
     parser.add_argument("--trl-optim", default="adamw_torch", help="TRL's optim (its default)")
+    parser.add_argument(
+        "--native",
+        default="tiny",
+        help="models also run with the in-process native generator (comma list; '' for none)",
+    )
     parser.add_argument("--trl-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker:
@@ -338,18 +353,19 @@ def main() -> None:
 
 def run(args: argparse.Namespace, work: Path) -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    native = {m.strip() for m in args.native.split(",") if m.strip()}
     print(f"work dir {work}; batch {BATCH}; {THREADS} threads per trainer", flush=True)
     results = {}
     for name in models:
         if name == "tiny":
             model_dir = Path(args.tiny_model_dir) if args.tiny_model_dir else tiny_policy()
             results[name] = bench_model(
-                name, model_dir, args.steps_tiny, args.rounds, work, args.trl_optim
+                name, model_dir, args.steps_tiny, args.rounds, work, args.trl_optim, name in native
             )
         else:
             model_dir = qwen2_5_0_5b_shape(work)
             results[name] = bench_model(
-                name, model_dir, args.steps_0_5b, args.rounds, work, args.trl_optim
+                name, model_dir, args.steps_0_5b, args.rounds, work, args.trl_optim, name in native
             )
     print(
         json.dumps(

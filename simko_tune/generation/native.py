@@ -101,6 +101,13 @@ class NativeGenerator(Generator):
         self.model.to(device=self.device, dtype=self.dtype)
         self._version = version
 
+    def load_state(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        """Copy a one-rank trainer's weights (its ``state_dict``: torchtune names, the same
+        model) into this model: the in-memory transfer (``WeightSync(None, ...)``), no files.
+        Strict: a missing, unexpected or misshapen tensor raises, naming it."""
+        self.model.load_state_dict(state, strict=True)
+        self._version = version
+
     def generate(
         self, prompts: list[list[int]], n: int, sampling: SamplingConfig
     ) -> list[list[Completion]]:

@@ -22,7 +22,10 @@ suffices.
 
 Another transport (e.g. an NCCL broadcast from the trainer to the engines) would replace
 :meth:`WeightSync.publish`'s write and the generators' ``load_weights`` read, keeping the
-same version numbers, acknowledgement and rollback rules.
+same version numbers, acknowledgement and rollback rules. One is here: with no sync
+directory, a one-rank trainer whose generator runs in its own process (the native backend)
+gets each version as an in-memory snapshot of the weights, with the same versions and
+deferred delivery, and no files at all.
 """
 
 from __future__ import annotations
@@ -547,6 +550,13 @@ class WeightConsumer(Protocol):
     def load_weights(self, version: int, timeout_s: float = ...) -> None: ...
 
 
+class InMemoryConsumer(Protocol):
+    """What receives in-memory publications: a generator in the trainer's own process that
+    copies ``state`` (the trainer's ``state_dict`` names) into its model."""
+
+    def load_state(self, version: int, state: dict[str, torch.Tensor]) -> None: ...
+
+
 class WeightSync:
     """The sync directory and the whole life of each publication in it.
 
@@ -562,18 +572,24 @@ class WeightSync:
     it. That thread and the trainer's may then publish and deliver at once: pruning only
     removes versions older than the acknowledged one (never one being written), and the
     pruner is handed over under a lock. Up to three versions can then be on disk.
+
+    With ``sync_dir=None`` (one trainer rank, a consumer in this process: the native
+    generator) a publication is a snapshot of the weights in memory instead, a copy taken
+    when the trainer publishes, so a deferred delivery hands over exactly the weights of
+    that version while the trainer goes on updating its own. No files, no checksums: the
+    bytes never leave the process.
     """
 
     def __init__(
         self,
-        sync_dir: str | Path,
+        sync_dir: str | Path | None,
         hf_config: dict,
         *,
         dtype: torch.dtype | None = None,
         max_shard_bytes: int = 2**30,
         remove_on_close: bool = False,
     ) -> None:
-        self.sync_dir = Path(sync_dir)
+        self.sync_dir = Path(sync_dir) if sync_dir is not None else None
         self.hf_config = hf_config
         self.dtype = dtype
         self.max_shard_bytes = max_shard_bytes
@@ -588,6 +604,15 @@ class WeightSync:
         self.last_timings: dict[str, float] = {}
         self._pruner: threading.Thread | None = None
         self._pruner_lock = threading.Lock()
+        # in memory: version -> its snapshot, until delivered (two at most: one-step-off)
+        self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        if self.sync_dir is None:
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                raise ValueError(
+                    "in-memory weight transfer needs one trainer rank: the consumer holds a "
+                    "whole, unsharded copy (use a sync dir with several ranks)"
+                )
+            return
         error = None
         if self.rank == 0:
             try:
@@ -600,8 +625,13 @@ class WeightSync:
             )
         self._writers = _publication_writers()
 
-    def attach(self, consumer: WeightConsumer) -> None:
+    def attach(self, consumer: WeightConsumer | InMemoryConsumer) -> None:
         """Rank 0: the generator every publication is delivered to."""
+        if self.sync_dir is None and not hasattr(consumer, "load_state"):
+            raise TypeError(
+                f"{type(consumer).__name__} loads weights from files: in-memory weight "
+                "transfer needs a generator in this process (generation.backend=native)"
+            )
         self.consumer = consumer
 
     def publish(
@@ -609,8 +639,20 @@ class WeightSync:
     ) -> Path | None:
         """Write ``model`` as ``version`` (collective), then on rank 0, with ``deliver``,
         hand it to the consumer at once (:meth:`deliver`). Returns the publication's path on
-        rank 0, None elsewhere."""
+        rank 0, None elsewhere and in memory."""
         t0 = time.perf_counter()
+        if self.sync_dir is None:
+            snapshot = {
+                name: t.detach().to(self.dtype or t.dtype, copy=True)
+                for name, t in model.state_dict().items()
+            }
+            with self._pruner_lock:
+                self._snapshots[version] = snapshot
+            self.written = version
+            self.last_timings = {"write_s": time.perf_counter() - t0}
+            if deliver:
+                self.last_timings.update(self.deliver(version, timeout_s))
+            return None
         error = None
         if self.rank == 0:
             self._join_pruner()
@@ -653,6 +695,19 @@ class WeightSync:
         ):
             return {}
         t0 = time.perf_counter()
+        if self.sync_dir is None:
+            with self._pruner_lock:
+                snapshot = self._snapshots.get(version)
+                if snapshot is None:
+                    raise PublicationError(
+                        f"version {version}: no snapshot in memory (only the newest "
+                        "published version can be delivered)"
+                    )
+                for v in [v for v in self._snapshots if v <= version]:
+                    del self._snapshots[v]  # a newer one, being delivered later, stays
+            self.consumer.load_state(version, snapshot)
+            self.acknowledged = version
+            return {"ack_s": time.perf_counter() - t0}
         self.consumer.load_weights(version, timeout_s)
         self.acknowledged = version
         timings = {"ack_s": time.perf_counter() - t0}
@@ -676,6 +731,9 @@ class WeightSync:
         """Rank 0: wait for pruning; with ``remove_on_close`` remove every publication (the
         workers hold their weights in memory; nothing reads them after the run)."""
         if self.rank != 0:
+            return
+        self._snapshots.clear()
+        if self.sync_dir is None:
             return
         self._join_pruner()
         if self.remove_on_close and self.sync_dir.is_dir():

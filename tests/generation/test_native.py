@@ -78,6 +78,22 @@ def test_load_weights_from_publication(gen_model_dir, ref, tmp_path):
     assert out.token_ids == ref.naive_greedy(model, PROMPTS[0], 6, gen.eos_ids)
 
 
+def test_load_state_from_memory_serves_the_trainers_weights(gen_model_dir, ref):
+    """The in-memory transfer: the trainer's state dict, copied in, decodes as the trainer's
+    model does (naive greedy reference); a missing tensor is refused, naming it."""
+    gen = NativeGenerator(gen_model_dir)
+    model = ref.perturbed_model(gen_model_dir, seed=4)
+    gen.load_state(3, model.state_dict())
+    assert gen.weight_version == 3
+    out = gen.generate(PROMPTS[:1], 1, SamplingConfig(temperature=0, max_tokens=6))[0][0]
+    assert out.weight_version == 3
+    assert out.token_ids == ref.naive_greedy(model, PROMPTS[0], 6, gen.eos_ids)
+    state = dict(model.state_dict())
+    del state["norm.scale"]
+    with pytest.raises(RuntimeError, match="norm.scale"):
+        gen.load_state(4, state)
+
+
 def test_kv_caches_are_built_on_the_generators_device(native):
     """The caches follow the model, not the default device: with ``meta`` as the default
     (standing in for CPU beside CUDA weights, the first GPU run's failure), decoding on CPU

@@ -335,6 +335,70 @@ def test_weight_sync_deferred_delivery(gen_model_dir, ref, tmp_path):
     assert published_versions(sync.sync_dir) == [3] and sync.acknowledged == 3
 
 
+class _StateConsumer:
+    """An in-process generator stand-in: keeps a copy of every state it is handed."""
+
+    def __init__(self) -> None:
+        self.loads: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    def load_state(self, version: int, state: dict[str, torch.Tensor]) -> None:
+        self.loads.append((version, {k: v.clone() for k, v in state.items()}))
+
+
+def test_weight_sync_in_memory_hands_over_each_version_as_published(
+    gen_model_dir, ref, tmp_path, monkeypatch
+):
+    """Without a sync dir, a version is a copy of the weights taken at publish time: a
+    deferred delivery hands over those weights, not the ones the trainer has updated since;
+    delivered and older snapshots are dropped, a newer one is kept; no file is written."""
+    monkeypatch.chdir(tmp_path)
+    sync = WeightSync(None, read_hf_config(gen_model_dir), dtype=torch.float32)
+    with pytest.raises(TypeError, match="generation.backend=native"):
+        sync.attach(_Consumer(tmp_path))  # reads files: cannot take snapshots
+    consumer = _StateConsumer()
+    sync.attach(consumer)
+    model = ref.trainer_model(gen_model_dir)
+    expected = {}
+    assert sync.deliver(0) == {}  # the start-up weights: nothing to hand over
+    for version in (1, 2):
+        expected[version] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        assert sync.publish(model, version, deliver=False) is None
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # the trainer's next update, before any delivery
+    assert consumer.loads == [] and set(sync.last_timings) == {"write_s"}
+    assert sorted(sync._snapshots) == [1, 2]
+    assert "ack_s" in sync.deliver(1) and sync.acknowledged == 1
+    assert sorted(sync._snapshots) == [2]  # the delivered one dropped, the newer kept
+    assert sync.deliver(1) == {} and sync.deliver(3) == {}  # served; not published
+    sync.publish(model, 3)  # staleness 0: delivered at once
+    assert sync._snapshots == {} and sync.acknowledged == 3
+    with pytest.raises(PublicationError, match="version 2: no snapshot"):
+        sync.deliver(2)  # superseded by 3, which was delivered
+    sync.close()
+    assert [v for v, _ in consumer.loads] == [1, 3]
+    for version, state in consumer.loads[:1]:
+        assert state.keys() == expected[version].keys()
+        for name, tensor in state.items():
+            torch.testing.assert_close(tensor, expected[version][name], rtol=0, atol=0)
+    final = consumer.loads[1][1]
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=0)
+    assert list(tmp_path.iterdir()) == []  # nothing on disk
+
+
+def test_weight_sync_in_memory_casts_to_the_publication_dtype(gen_model_dir, ref):
+    sync = WeightSync(None, read_hf_config(gen_model_dir), dtype=torch.bfloat16)
+    consumer = _StateConsumer()
+    sync.attach(consumer)
+    model = ref.trainer_model(gen_model_dir)
+    sync.publish(model, 1)
+    ((_, state),) = consumer.loads
+    for name, tensor in model.state_dict().items():
+        assert state[name].dtype == torch.bfloat16
+        torch.testing.assert_close(state[name], tensor.to(torch.bfloat16), rtol=0, atol=0)
+
+
 def test_weight_sync_clears_stale_versions_and_keeps_the_rest(gen_model_dir, tmp_path):
     root = tmp_path / "sync"
     for name in ["v000001", "v000002.tmp", "worker_logs"]:

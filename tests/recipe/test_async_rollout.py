@@ -365,6 +365,66 @@ def test_one_step_off_overlaps_generation_with_the_update(tmp_path, policy_dir):
     assert spans[3][0] > loads[1][1]  # the evaluation generated with v2
 
 
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_in_memory_weight_transfer_trains_as_the_publication_path(tmp_path, policy_dir, staleness):
+    """``generation.weight_transfer=memory`` (snapshots handed to the native generator) gives
+    the same rollouts and weights as publishing through files, synchronous and one-step-off,
+    and leaves no sync dir behind."""
+    runs = {}
+    for transfer in ("files", "memory"):
+        recipe = make_recipe(
+            tmp_path / transfer,
+            policy_dir,
+            **{
+                "generation.weight_transfer": transfer,
+                "rollout.max_staleness": staleness,
+                "max_steps": 3,
+            },
+        )
+        try:
+            seen = _spy_updates(recipe)
+            loads = []
+            recipe.weight_sync.consumer = _Recording(recipe.generator, loads)
+            recipe.train()
+            runs[transfer] = (seen, _weights(recipe), loads)
+        finally:
+            recipe.cleanup()
+    (files, files_weights, file_loads), (memory, memory_weights, memory_loads) = (
+        runs["files"],
+        runs["memory"],
+    )
+    # one-step-off never serves v2: step 3 sampled with v1, and v3 came after the last step
+    delivered = [1, 2, 3] if staleness == 0 else [1, 3]
+    assert file_loads == [(v, "load_weights") for v in delivered]
+    assert memory_loads == [(v, "load_state") for v in delivered]
+    assert not (tmp_path / "memory" / "sync").exists()
+    assert any(float(s["rollout"].rewards.std()) > 0 for s in files), "no learning signal"
+    for a, b in zip(files, memory, strict=True):
+        assert a["version"] == b["version"]
+        assert torch.equal(a["rollout"].tokens, b["rollout"].tokens)
+        assert torch.equal(a["rollout"].weight_versions, b["rollout"].weight_versions)
+        assert torch.equal(a["rollout"].worker_logprobs, b["rollout"].worker_logprobs)
+    for k in files_weights:
+        assert torch.equal(files_weights[k], memory_weights[k]), k
+
+
+class _Recording:
+    """A generator wrapper for WeightSync that records which way each version came in."""
+
+    def __init__(self, generator, loads: list) -> None:
+        self.generator, self.loads = generator, loads
+        if hasattr(generator, "load_state"):
+            self.load_state = self._load_state
+
+    def load_weights(self, version, *args, **kwargs):
+        self.loads.append((version, "load_weights"))
+        return self.generator.load_weights(version, *args, **kwargs)
+
+    def _load_state(self, version, state):
+        self.loads.append((version, "load_state"))
+        return self.generator.load_state(version, state)
+
+
 def test_version_window_is_enforced(tmp_path, policy_dir):
     import simko_recipe
 

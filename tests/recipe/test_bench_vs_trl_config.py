@@ -19,12 +19,16 @@ def _bench():
     return load_module(TOOL)
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("staleness", [0, 1])
-def test_our_overrides_are_a_valid_config_with_the_promised_batch(tmp_path, staleness, monkeypatch):
+def test_our_overrides_are_a_valid_config_with_the_promised_batch(
+    tmp_path, staleness, native, monkeypatch
+):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     bench = _bench()
     cfg = OmegaConf.load(resolve_config_path("tiny_cpu"))
     overrides = bench.our_overrides(tmp_path / "model", tmp_path / "out", 5, staleness)
+    overrides += bench.NATIVE if native else []
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     cfg = check_schema(cfg)
     errors, _ = validate(cfg)
@@ -36,3 +40,6 @@ def test_our_overrides_are_a_valid_config_with_the_promised_batch(tmp_path, stal
     assert cfg.lr_scheduler is None or cfg.lr_scheduler.get("_component_") is None
     assert cfg.eval.every_n_steps == 0 and not cfg.eval.before_training
     assert cfg.optimizer.fused is True  # the docstring promises the fused AdamW kernel
+    if native:
+        assert cfg.generation.backend == "native"
+        assert cfg.generation.weight_transfer == "memory"

@@ -92,6 +92,16 @@ def test_schema_errors_name_the_key(key, value, message):
         ({"generation.backend": "sglang"}, r"generation\.backend"),
         ({"rollout.max_staleness": 2}, r"rollout\.max_staleness: 2 is not 0 or 1"),
         ({"rollout.is_cap": 0.5}, r"rollout\.is_cap: 0\.5 must be >= 1"),
+        ({"generation.weight_transfer": "nccl"}, r"weight_transfer: 'nccl' is not"),
+        ({"generation.weight_transfer": "memory"}, r"needs generation\.backend=native"),
+        (
+            {
+                "generation.weight_transfer": "memory",
+                "generation.backend": "native",
+                "parallel.dp_shard": 2,
+            },
+            r"weight_transfer=memory .* world size 2",
+        ),
     ],
 )
 def test_semantic_errors_name_the_key(overrides, message, monkeypatch):
@@ -99,6 +109,15 @@ def test_semantic_errors_name_the_key(overrides, message, monkeypatch):
     cfg = _load("qwen2_5_7b", **overrides)
     errors, _ = validate(cfg)
     assert errors and any(__import__("re").search(message, e) for e in errors), errors
+
+
+def test_in_memory_weight_transfer_is_valid_with_one_native_rank(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = _load(
+        "tiny_cpu", **{"generation.weight_transfer": "memory", "generation.backend": "native"}
+    )
+    errors, _ = validate(cfg)
+    assert errors == []
 
 
 def test_dry_run_reports_every_error_at_once(monkeypatch):
