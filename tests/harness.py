@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -126,14 +128,20 @@ def _run_together(
     others are then ended: they may be waiting for it) or ``timeout_s`` has passed. One
     result: the first non-zero exit code, the outputs one after the other."""
     deadline = time.monotonic() + timeout_s
-    env = child_env() if env is None else env
-    children = [_Child(cmd, cwd, env, on_line) for cmd in commands]
-    codes = [child.proc.poll() for child in children]
-    while None in codes and not any(codes) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # A temp dir of the run's own, removed after it: torchrun's agents leave their log dirs
+    # (torchelastic_*) in the temp dir, and killed vLLM engines their file stores.
+    tmp = tempfile.mkdtemp(prefix="simko_test_run_")
+    env = {**(child_env() if env is None else env), "TMPDIR": tmp}
+    try:
+        children = [_Child(cmd, cwd, env, on_line) for cmd in commands]
         codes = [child.proc.poll() for child in children]
-    timed_out = None in codes and not any(codes)
-    results = [child.finish() for child in children]
+        while None in codes and not any(codes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            codes = [child.proc.poll() for child in children]
+        timed_out = None in codes and not any(codes)
+        results = [child.finish() for child in children]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     result = results[0]
     if len(results) > 1:
         label = [f"--- process {i} ---\n" for i in range(len(results))]

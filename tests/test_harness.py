@@ -25,6 +25,19 @@ def test_child_env_drops_rank_variables_and_applies_overrides(monkeypatch):
     assert run.stdout.strip() == "None"
 
 
+def test_each_run_gets_a_temp_dir_of_its_own_removed_after_it():
+    """What children leave in the temp dir (torchrun's log dirs) goes with the run."""
+    code = (
+        "import tempfile, pathlib; d = tempfile.gettempdir(); "
+        "pathlib.Path(tempfile.mkdtemp(prefix='torchelastic_')).joinpath('x').write_text('x'); "
+        "print(d)"
+    )
+    first = harness.run_process([sys.executable, "-c", code]).stdout.strip()
+    second = harness.run_process([sys.executable, "-c", code]).stdout.strip()
+    assert first != second and Path(first).name.startswith("simko_test_run_")
+    assert not Path(first).exists() and not Path(second).exists()
+
+
 def test_failure_shows_both_streams_and_every_line_is_seen():
     code = "import sys; print('to stdout'); print('to stderr', file=sys.stderr); sys.exit(3)"
     seen = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,6 +221,8 @@ class VLLMWorkers(Generator):
         self._curve = {"server_key": curve_server_key, "client_key": curve_client_key}
         self._acked = INITIAL_VERSION
         self._closed = False
+        # local workers' TMPDIR, removed on close (see start_local)
+        self._tmp_root: Path | None = None
         # Slowest worker's seconds to verify and to reload the last loaded version (metrics).
         self.last_load_timings: dict[str, float] = {}
         # Slowest worker's seconds inside its engine for the last generate call (metrics).
@@ -271,20 +274,26 @@ class VLLMWorkers(Generator):
             )
         log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        workers = [
-            _Worker(
-                address="",
-                launch=_Launch(
-                    model_dir=str(model_dir),
-                    sync_dir=None if sync_dir is None else str(sync_dir),
-                    engine_kwargs=dict(engine_kwargs or {}),
-                    env=_worker_env(devices[k], tensor_parallel_size),
-                    tensor_parallel_size=tensor_parallel_size,
-                    log_path=log_dir / f"worker{k}.log",
-                ),
+        # Each worker's TMPDIR is a folder of ours: vLLM puts its process-group file store
+        # and IPC sockets in the temp dir and leaves them behind when a worker is killed;
+        # close() removes them all.
+        tmp_root = Path(tempfile.mkdtemp(prefix="simko_workers_"))
+        workers = []
+        for k in range(num_workers):
+            (tmp_root / f"worker{k}").mkdir()
+            env = {
+                **_worker_env(devices[k], tensor_parallel_size),
+                "TMPDIR": str(tmp_root / f"worker{k}"),
+            }
+            launch = _Launch(
+                model_dir=str(model_dir),
+                sync_dir=None if sync_dir is None else str(sync_dir),
+                engine_kwargs=dict(engine_kwargs or {}),
+                env=env,
+                tensor_parallel_size=tensor_parallel_size,
+                log_path=log_dir / f"worker{k}.log",
             )
-            for k in range(num_workers)
-        ]
+            workers.append(_Worker(address="", launch=launch))
         self = cls(
             workers,
             sync_dir,
@@ -292,6 +301,7 @@ class VLLMWorkers(Generator):
             restart_on_failure=restart_on_failure,
             startup_timeout_s=startup_timeout_s,
         )
+        self._tmp_root = tmp_root
         try:
             for w in workers:  # start all first: engines initialise in parallel
                 self._spawn(w)
@@ -631,6 +641,8 @@ class VLLMWorkers(Generator):
             if w.sock is not None:
                 w.sock.close(linger=0)
         self._ctx.term()
+        if self._tmp_root is not None:
+            shutil.rmtree(self._tmp_root, ignore_errors=True)
 
     def __enter__(self) -> VLLMWorkers:
         return self

@@ -603,7 +603,7 @@ class WeightSync:
         # "reload"; logged as metrics, read by the benchmarks
         self.last_timings: dict[str, float] = {}
         self._pruner: threading.Thread | None = None
-        self._pruner_lock = threading.Lock()
+        self._lock = threading.Lock()  # the pruner hand-over; the snapshots (in memory)
         # in memory: version -> its snapshot, until delivered (two at most: one-step-off)
         self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
         if self.sync_dir is None:
@@ -646,7 +646,7 @@ class WeightSync:
                 name: t.detach().to(self.dtype or t.dtype, copy=True)
                 for name, t in model.state_dict().items()
             }
-            with self._pruner_lock:
+            with self._lock:
                 self._snapshots[version] = snapshot
             self.written = version
             self.last_timings = {"write_s": time.perf_counter() - t0}
@@ -696,7 +696,7 @@ class WeightSync:
             return {}
         t0 = time.perf_counter()
         if self.sync_dir is None:
-            with self._pruner_lock:
+            with self._lock:
                 snapshot = self._snapshots.get(version)
                 if snapshot is None:
                     raise PublicationError(
@@ -712,7 +712,7 @@ class WeightSync:
         self.acknowledged = version
         timings = {"ack_s": time.perf_counter() - t0}
         timings.update(getattr(self.consumer, "last_load_timings", {}))
-        with self._pruner_lock:
+        with self._lock:
             if self._pruner is not None:
                 self._pruner.join()
             self._pruner = threading.Thread(
@@ -722,7 +722,7 @@ class WeightSync:
         return timings
 
     def _join_pruner(self) -> None:
-        with self._pruner_lock:
+        with self._lock:
             if self._pruner is not None:
                 self._pruner.join()
                 self._pruner = None

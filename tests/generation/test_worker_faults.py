@@ -4,6 +4,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,19 @@ def test_killed_worker_is_reported_with_log_tail(pool):
     assert f"pid {pid}" in message and "exited with code -9" in message
     assert "--- tail of" in message and "worker0.log" in message
     assert done_at - killed_at < 10  # seen by the process watch, not by the 300 s timeout
+
+
+def test_close_removes_what_the_workers_left_in_their_temp_dir(pool):
+    """Each local worker's TMPDIR is the pool's own folder; vLLM's process-group file store
+    lives there, and killed workers leave theirs behind (this module killed worker 0 twice).
+    close() removes the folder, leftovers and all."""
+    tmp_dirs = [Path(w.launch.env["TMPDIR"]) for w in pool._workers]
+    root = tmp_dirs[0].parent
+    assert root.name.startswith("simko_workers_") and [d.name for d in tmp_dirs] == [
+        "worker0",
+        "worker1",
+    ]
+    for d in tmp_dirs:
+        assert list(d.glob("vllm_dist_*")), f"{d}: vLLM did not use the worker's TMPDIR"
+    pool.close()
+    assert not root.exists()
