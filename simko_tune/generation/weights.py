@@ -642,17 +642,26 @@ class WeightSync:
         rank 0, None elsewhere and in memory."""
         t0 = time.perf_counter()
         if self.sync_dir is None:
-            snapshot = {
-                name: t.detach().to(self.dtype or t.dtype, copy=True)
-                for name, t in model.state_dict().items()
-            }
-            with self._lock:
-                self._snapshots[version] = snapshot
-            self.written = version
-            self.last_timings = {"write_s": time.perf_counter() - t0}
-            if deliver:
-                self.last_timings.update(self.deliver(version, timeout_s))
-            return None
+            path = self._snapshot(model, version)
+        else:
+            path = self._write_files(model, version)
+        self.written = version
+        self.last_timings = {"write_s": time.perf_counter() - t0}
+        if deliver and self.rank == 0:
+            self.last_timings.update(self.deliver(version, timeout_s))
+        return path
+
+    def _snapshot(self, model: nn.Module, version: int) -> None:
+        """In memory: a copy of the weights as they are now, kept until delivered."""
+        snapshot = {
+            name: t.detach().to(self.dtype or t.dtype, copy=True)
+            for name, t in model.state_dict().items()
+        }
+        with self._lock:
+            self._snapshots[version] = snapshot
+
+    def _write_files(self, model: nn.Module, version: int) -> Path | None:
+        """Check free space (rank 0, agreed by all), then write the publication."""
         error = None
         if self.rank == 0:
             self._join_pruner()
@@ -666,7 +675,7 @@ class WeightSync:
                 )
         if _agree_on_error(error):
             raise error or PublicationError(f"sync dir {self.sync_dir}: not enough free space")
-        path = publish_weights(
+        return publish_weights(
             model,
             version,
             self.sync_dir,
@@ -675,11 +684,6 @@ class WeightSync:
             max_shard_bytes=self.max_shard_bytes,
             writers=self._writers,
         )
-        self.written = version
-        self.last_timings = {"write_s": time.perf_counter() - t0}
-        if deliver and self.rank == 0:
-            self.last_timings.update(self.deliver(version, timeout_s))
-        return path
 
     def deliver(self, version: int, timeout_s: float = 300.0) -> dict[str, float]:
         """Rank 0: make the consumer serve ``version``, a publication of this sync, wait for
