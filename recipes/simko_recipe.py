@@ -61,6 +61,7 @@ from simko_tune.generation import (
 from simko_tune.generation.client import trainer_cuda_devices
 from simko_tune.generation.weights import default_sync_dir, parse_weight_dtype
 from simko_tune.loss import (
+    GATED_METRICS,
     LossConfig,
     kept_responses,
     mode_advantages,
@@ -123,6 +124,7 @@ class SimKORecipe:
         self.reward_pool = None
         self.metric_logger = None
         self._eval_cache = None
+        self.eval_history: dict[str, dict[int, dict[int, float]]] = {}  # set -> step -> K -> pass@K
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -394,16 +396,11 @@ class SimKORecipe:
                 progress.set_postfix(
                     reward=f"{stats['reward/mean']:.3f}",
                     loss=f"{stats['loss']:.4f}",
-                    ent=f"{stats['entropy_mean']:.2f}",
+                    ent=f"{stats['policy/entropy_all']:.2f}",
                     top1=f"{stats['sampled_top1_frac']:.2f}",
                     refresh=False,
                 )
-                tqdm.write(
-                    f"step {self.step:>5} reward {stats['reward/mean']:.3f} "
-                    f"loss {stats['loss']:+.4f} Λ1 {stats['logprob_top1_mean']:.3f} "
-                    f"Λ2 {stats['logprob_top2_mean']:.2f} entropy {stats['entropy_mean']:.3f} "
-                    f"len {stats['response/len_mean']:.1f} {elapsed:.1f}s"
-                )
+                tqdm.write(_step_line(self.step, stats, elapsed))
 
             if cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0:
                 if next_rollout is not None:  # evaluation needs the workers, idle
@@ -413,6 +410,9 @@ class SimKORecipe:
             if (every and self.step % every == 0) or self.step == cfg.max_steps:
                 self.save_checkpoint()
         progress.close()
+        if self.is_rank_zero:
+            for line in _eval_summary(self.eval_history):
+                tqdm.write(line)
 
     def _rollout(
         self, indices: list[int], timings: dict[str, float], sampled: SampledRollout | None = None
@@ -638,6 +638,7 @@ class SimKORecipe:
                     loss.backward()
                     mini_loss = mini_loss + loss.detach()
                     n_tok = metrics.pop("num_tokens")
+                    n_gated = metrics.pop("num_gated")
                     ratio_max = torch.maximum(ratio_max, metrics.pop("ratio_max").detach())
                     if is_cap is not None:
                         is_max = torch.maximum(is_max, metrics.pop("is_weight_max"))
@@ -650,8 +651,10 @@ class SimKORecipe:
                             mismatch["max"], metrics.pop("logprob_mismatch_max_abs")
                         )
                     for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v.detach() * n_tok
+                        weight = n_gated if k in GATED_METRICS else n_tok
+                        sums[k] = sums.get(k, 0.0) + v.detach() * weight
                     sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
+                    sums["_gated"] = sums.get("_gated", 0.0) + n_gated
                 grad_norm = clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
                 # A NaN/inf loss or gradient on any rank skips the update on every rank: a
                 # clipped loss can be NaN with finite gradients, so both are checked.
@@ -668,11 +671,16 @@ class SimKORecipe:
                 grad_norm_sum = grad_norm_sum + grad_norm.to(self.device)  # before clipping
                 num_updates += 1
         # metrics: token-weighted means over all ranks' rows; loss: summed over dp ranks
-        names = sorted(k for k in sums if k != "_tokens")
-        local = torch.stack([loss_sum] + [sums[k] for k in names] + [sums["_tokens"]])
+        names = sorted(k for k in sums if k not in ("_tokens", "_gated"))
+        local = torch.stack(
+            [loss_sum] + [sums[k] for k in names] + [sums["_tokens"], sums["_gated"]]
+        )
         reduced = all_reduce_sum(local.float(), group=self.dp_group).tolist()
-        total_tokens = max(reduced[-1], 1.0)
-        out = {k: reduced[1 + i] / total_tokens for i, k in enumerate(names)}
+        total_tokens, total_gated = max(reduced[-2], 1.0), max(reduced[-1], 1.0)
+        out = {
+            k: reduced[1 + i] / (total_gated if k in GATED_METRICS else total_tokens)
+            for i, k in enumerate(names)
+        }
         out["loss"] = reduced[0] / max(num_updates, 1)
         out["grad_norm_mean"] = float(grad_norm_sum) / max(num_updates, 1)
         # a maximum over every micro-batch of every rank, not a mean of maxima
@@ -768,6 +776,9 @@ class SimKORecipe:
                     for k in ks
                 }
                 self.metric_logger.log_dict(scores, step=self.step)
+                self.eval_history.setdefault(name, {})[self.step] = {
+                    k: sum(curve[k] for curve in curves) / len(curves) for k in ks
+                }
                 tqdm.write(
                     f"eval {name}: "
                     + " ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in scores.items())
@@ -775,10 +786,13 @@ class SimKORecipe:
         barrier()
 
     def _eval_sets(self) -> dict[str, tuple[list, list[list[int]]]]:
-        """The evaluation problems and their prompt ids, loaded and tokenised once."""
+        """The evaluation problems and their prompt ids, loaded and tokenised once. A set
+        switched off on the command line (``eval.sets.NAME=null``) is skipped."""
         if self._eval_cache is None:
             self._eval_cache = {}
             for name, spec in self.cfg.eval.sets.items():
+                if not _configured(spec):
+                    continue
                 problems = tt_config.instantiate(spec)
                 self._eval_cache[name] = (problems, self._tokenize_all(problems))
         return self._eval_cache
@@ -872,6 +886,41 @@ def _peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _eval_summary(history: dict[str, dict[int, dict[int, float]]]) -> list[str]:
+    """One line per evaluation set: pass@K at each K, first evaluation → last (with
+    ``eval.before_training`` the first is the policy before RL)."""
+    lines = []
+    for name, by_step in history.items():
+        first, last = min(by_step), max(by_step)
+        if first == last:
+            continue
+        cells = ", ".join(
+            f"pass@{k} {by_step[first][k]:.3f} → {by_step[last][k]:.3f}" for k in by_step[last]
+        )
+        lines.append(f"eval {name}, step {first} → {last}: {cells}")
+    return lines
+
+
+def _step_line(step: int, stats: dict[str, float], elapsed: float) -> str:
+    """The console summary of one step: the policy's shape over all tokens, then over the
+    entropy-gated ones, where SimKO acts (Λn: mean log-prob of the rank-n candidate;
+    m2..K: the probability the ranks 2..K hold)."""
+
+    def shape(kind: str) -> str:
+        return (
+            f"Λ1 {stats[f'policy/logprob_rank1_{kind}']:.3f} "
+            f"Λ2 {stats[f'policy/logprob_rank2_{kind}']:.2f} "
+            f"H {stats[f'policy/entropy_{kind}']:.3f} "
+            f"m2..K {stats[f'policy/mass_rank2_to_k_{kind}']:.3f}"
+        )
+
+    return (
+        f"step {step:>5} reward {stats['reward/mean']:.3f} loss {stats['loss']:+.4f} "
+        f"| all: {shape('all')} | gated: {shape('gated')} "
+        f"| len {stats['response/len_mean']:.1f} {elapsed:.1f}s"
+    )
 
 
 def _rollout_stats(rollout: RolloutBatch, group_size: int) -> dict[str, float]:

@@ -32,8 +32,6 @@ KL_TYPES = ("k1", "k2", "k3")
 # for NSR), so the token mean is over them, as the official code does by dropping the rest
 # of the batch; "all" keeps every response, the others with advantage 0, in the normaliser.
 PSR_NSR_NORMS = ("kept", "all")
-# Λ(1), Λ(2), Λ(3) are logged whatever top_k is.
-_NUM_LOGGED_RANKS = 3
 
 
 @dataclass
@@ -254,13 +252,21 @@ def _kl(logp: Tensor, ref_logp: Tensor, kind: str) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- the loss
 
 
+# The policy's shape where SimKO acts and over every token, side by side: "_gated" means over
+# the entropy-gated tokens (the top 1 - τ of each response), "_all" over every valid token.
+# Λ(n) of the paper is logprob_rank{n}: the mean log-prob of the rank-n candidate;
+# mass_rank2_to_k is the probability the ranks 2..K hold together (K = top_k).
+_NUM_LOGGED_RANKS = 3
+_SHAPE_STATS = (
+    "entropy",
+    *(f"logprob_rank{n}" for n in range(1, _NUM_LOGGED_RANKS + 1)),
+    "mass_rank2_to_k",
+)
+GATED_METRICS = tuple(f"policy/{name}_gated" for name in _SHAPE_STATS)
 _METRIC_SUMS = (
-    "entropy_mean",
+    *(f"policy/{name}_all" for name in _SHAPE_STATS),
     "gated_frac",
     "sampled_top1_frac",  # sampled tokens that are the argmax of the current logits
-    "logprob_top1_mean",  # Λ(n) of the paper: mean log-prob of the rank-n candidate
-    "logprob_top2_mean",
-    "logprob_top3_mean",
     "logprob_sampled_mean",  # Λ_sample: mean log-prob of the sampled token
     "clip_frac_low",
     "clip_frac_high",
@@ -269,6 +275,15 @@ _METRIC_SUMS = (
     "kl_ref",
     "logprob_mismatch_mean_abs",  # |current - sampler| log-prob, when sampler_logprobs given
 )
+
+
+def _shape_stats(entropy: Tensor, top_logp: Tensor, top_k: int) -> dict[str, Tensor]:
+    """Per-token entropy, rank-n log-probs and rank-2..K mass, keyed as in ``_SHAPE_STATS``."""
+    out = {"entropy": entropy}
+    for n in range(_NUM_LOGGED_RANKS):
+        out[f"logprob_rank{n + 1}"] = top_logp[:, n]
+    out["mass_rank2_to_k"] = top_logp[:, 1:top_k].exp().sum(dim=1)
+    return out
 
 
 def _token_terms(
@@ -416,8 +431,9 @@ def policy_loss(
     the argmax of the current logits; the top-K boost applies to gated tokens of ``correct``
     responses. Gradients are computed during this call (fused); the loss supports one
     backward (no double backward). Returns the scalar loss and detached metrics: means over
-    the local valid tokens, ``gate_threshold_mean`` over local non-empty responses, and
-    ``num_tokens`` to weight them when reducing across ranks.
+    the local valid tokens, the ``GATED_METRICS`` over the local gated tokens,
+    ``gate_threshold_mean`` over local non-empty responses, and ``num_tokens`` and
+    ``num_gated`` to weight them when reducing across ranks.
     """
     hidden, weight = unshard(hidden), unshard(weight)
     if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
@@ -533,7 +549,8 @@ def _fused_forward(
     grad_h = torch.zeros_like(h) if grad_hidden else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if grad_weight else None
     total = torch.zeros((), dtype=torch.float32, device=device)
-    sums = dict.fromkeys(_METRIC_SUMS, total)
+    sums = dict.fromkeys(_METRIC_SUMS + GATED_METRICS, total)
+    num_gated = total
     thresholds_sum, ratio_max, mismatch_max = total, total, total
     is_sum, is_capped, is_max = total, total, total
 
@@ -585,12 +602,12 @@ def _fused_forward(
 
         ratio = terms["ratio"]
         clip_active = terms["clip_active"]
-        sums["entropy_mean"] = sums["entropy_mean"] + entropy.sum()
+        for name, per_token in _shape_stats(entropy, top_logp, cfg.top_k).items():
+            sums[f"policy/{name}_all"] = sums[f"policy/{name}_all"] + per_token.sum()
+            sums[f"policy/{name}_gated"] = sums[f"policy/{name}_gated"] + (per_token * gated).sum()
+        num_gated = num_gated + gated.sum()
         sums["gated_frac"] = sums["gated_frac"] + gated.sum()
         sums["sampled_top1_frac"] = sums["sampled_top1_frac"] + is_top1.sum()
-        for n in range(_NUM_LOGGED_RANKS):
-            key = f"logprob_top{n + 1}_mean"
-            sums[key] = sums[key] + top_logp[:, n].sum()
         sums["logprob_sampled_mean"] = sums["logprob_sampled_mean"] + logp.sum()
         sums["clip_frac_low"] = sums["clip_frac_low"] + (clip_active & (ratio < 1.0)).sum()
         sums["clip_frac_high"] = sums["clip_frac_high"] + (clip_active & (ratio > 1.0)).sum()
@@ -609,6 +626,9 @@ def _fused_forward(
     num_tokens = sum(counts)
     num_rows = sum(1 for n in counts if n)
     metrics = {k: v.float() / max(num_tokens, 1) for k, v in sums.items()}
+    for key in GATED_METRICS:  # means over the gated tokens (0 when none is gated)
+        metrics[key] = sums[key].float() / num_gated.clamp_min(1)
+    metrics["num_gated"] = num_gated.float()
     if "ref" not in tokens:
         del metrics["kl_ref"]
     if "sampler" in tokens:

@@ -256,23 +256,34 @@ def solve(numbers: Sequence[int], target: int) -> list[str]:
 # Problem generation
 
 
+SPLITS = ("train", "val", "test")
+
+
 @dataclass(frozen=True)
 class CountdownSpec:
-    """What problems look like. The defaults give 1,716 distinct problems (1,551 train,
-    165 test), median 4 solutions each; prompts are 15–16 tokens, answers 5–8."""
+    """What problems look like. The defaults give 1,716 distinct problems (1,358 train, 193
+    val, 165 test), median 4 solutions each; prompts are 15–16 tokens, answers 5–8. The
+    validation split is for choosing settings, so the test split stays unseen until the
+    report."""
 
     num_count: int = 3
     max_number: int = 9
     max_target: int = 50
     min_solutions: int = 2
     test_fraction: float = 0.1
+    val_fraction: float = 0.1
 
 
-def problem_split(numbers: Sequence[int], target: int, test_fraction: float) -> str:
-    """``"train"`` or ``"test"``, fixed per problem (multiset + target) by a stable hash, so
-    held-out problems never appear in training whatever the seed."""
+def problem_split(
+    numbers: Sequence[int], target: int, test_fraction: float, val_fraction: float = 0.0
+) -> str:
+    """``"train"``, ``"val"`` or ``"test"``, fixed per problem (multiset + target) by a
+    stable hash, so held-out problems never appear in training whatever the seed."""
     key = format_gold(sorted(numbers), target).encode()
-    return "test" if zlib.crc32(key) % 1000 < test_fraction * 1000 else "train"
+    bucket = zlib.crc32(key) % 1000
+    if bucket < test_fraction * 1000:
+        return "test"
+    return "val" if bucket < (test_fraction + val_fraction) * 1000 else "train"
 
 
 @lru_cache(maxsize=16)
@@ -292,21 +303,22 @@ def problem_universe(spec: CountdownSpec) -> tuple[tuple[tuple[int, ...], int], 
 
 
 def make_countdown_problems(
-    n: int, seed: int, split: str = "train", spec: CountdownSpec | None = None
+    n: int | None, seed: int, split: str = "train", spec: CountdownSpec | None = None
 ) -> list[MathProblem]:
-    """``n`` distinct problems of ``split`` (``"train"``/``"test"``) in a seeded random order,
+    """``n`` distinct problems of ``split`` (one of ``SPLITS``) in a seeded random order,
     numbers shown in a seeded random order. For one seed, a smaller ``n`` gives a prefix of a
-    larger one. Raises if the split holds fewer than ``n`` problems."""
+    larger one; ``None``: the whole split. Raises if the split holds fewer than ``n``."""
     from simko_tune.data import MathProblem
 
     spec = spec or CountdownSpec()
-    if split not in ("train", "test"):
-        raise ValueError(f"countdown split must be 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"countdown split must be one of {SPLITS}, got {split!r}")
     pool = [
         (numbers, target)
         for numbers, target in problem_universe(spec)
-        if problem_split(numbers, target, spec.test_fraction) == split
+        if problem_split(numbers, target, spec.test_fraction, spec.val_fraction) == split
     ]
+    n = len(pool) if n is None else n
     if n > len(pool):
         raise ValueError(
             f"countdown {split} split holds {len(pool)} problems, {n} were requested ({spec}); "
@@ -325,13 +337,17 @@ def make_countdown_problems(
 
 def load_countdown(
     split: str = "train",
-    n: int = 2000,
+    n: int | None = None,
     seed: int = 0,
     num_count: int = 3,
     max_number: int = 9,
     max_target: int = 50,
     min_solutions: int = 2,
+    test_fraction: float = 0.1,
+    val_fraction: float = 0.1,
 ) -> list[MathProblem]:
     """Dataset entry point for configs (``_component_: simko_tune.demo.countdown.load_countdown``)."""
-    spec = CountdownSpec(num_count, max_number, max_target, min_solutions)
+    spec = CountdownSpec(
+        num_count, max_number, max_target, min_solutions, test_fraction, val_fraction
+    )
     return make_countdown_problems(n, seed, split, spec)

@@ -14,7 +14,7 @@ import logging
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -255,10 +255,33 @@ def build_tiny_policy(out_dir: str | Path, cfg: WarmStartConfig | None = None) -
     return out
 
 
-def ensure_tiny_policy(out_dir: str | Path, cfg: WarmStartConfig | None = None) -> Path:
-    """``out_dir`` if it holds a finished build (its ``warm_start.json`` is written before
-    the directory is published), else build it now."""
+def warm_start_config(**settings) -> WarmStartConfig:
+    """The defaults with ``settings`` replacing fields (``dims`` and ``spec`` as dicts of
+    the fields they change): what a config's ``prepare_model`` section passes."""
+    cfg = WarmStartConfig()
+    unknown = set(settings) - {f.name for f in fields(WarmStartConfig)}
+    if unknown:
+        raise TypeError(f"unknown warm-start settings {sorted(unknown)}")
+    for name, cls in (("dims", TinyQwen2Dims), ("spec", CountdownSpec)):
+        if name in settings:
+            settings[name] = cls(**{**asdict(getattr(cfg, name)), **dict(settings[name])})
+    return replace(cfg, **settings)
+
+
+def ensure_tiny_policy(out_dir: str | Path, cfg: WarmStartConfig | None = None, **settings) -> Path:
+    """``out_dir`` if it holds a finished build of these settings (its ``warm_start.json``
+    is written before the directory is published), else build it now: a build made with
+    other settings (an older version's, say) is replaced, never silently reused.
+    ``settings``: see :func:`warm_start_config` (not with ``cfg``)."""
     out = Path(out_dir)
-    if (out / MARKER).is_file():
-        return out
+    if cfg is not None and settings:
+        raise TypeError("pass either cfg or settings, not both")
+    cfg = cfg or warm_start_config(**settings)
+    marker = out / MARKER
+    if marker.is_file():
+        record = json.loads(marker.read_text())
+        wanted = json.loads(json.dumps(asdict(cfg)))
+        if {k: record.get(k) for k in wanted} == wanted:
+            return out
+        logger.info("%s was built with other warm-start settings: rebuilding it", out)
     return build_tiny_policy(out, cfg)

@@ -13,6 +13,7 @@ import pytest
 
 from simko_tune.demo.countdown import (
     MAX_PAREN_DEPTH,
+    SPLITS,
     CountdownSpec,
     ExpressionError,
     countdown_reward,
@@ -350,9 +351,10 @@ def test_generator_is_deterministic_by_seed():
 def test_generated_problems_are_valid_distinct_and_split():
     spec = CountdownSpec()
     train = make_countdown_problems(400, seed=0, split="train")
+    val = make_countdown_problems(100, seed=0, split="val")
     test = make_countdown_problems(100, seed=0, split="test")
     keys = {}
-    for split, problems in (("train", train), ("test", test)):
+    for split, problems in (("train", train), ("val", val), ("test", test)):
         assert len({p.id for p in problems}) == len(problems)
         for p in problems:
             numbers, target = parse_gold(p.answer)
@@ -363,9 +365,21 @@ def test_generated_problems_are_valid_distinct_and_split():
             )
             assert 1 <= target <= spec.max_target
             assert len(solve(numbers, target)) >= spec.min_solutions
-            assert problem_split(numbers, target, spec.test_fraction) == split
+            assert problem_split(numbers, target, spec.test_fraction, spec.val_fraction) == split
             keys[format_gold(sorted(numbers), target)] = split
-    assert len(keys) == 500  # no problem is in both splits
+    assert len(keys) == 600  # no problem is in two splits
+
+
+def test_splits_partition_the_universe():
+    """Train, val and test are disjoint and cover every problem; n=None takes a whole split;
+    the test split is the one it was before the validation split existed (same hash)."""
+    universe = problem_universe(CountdownSpec())
+    sizes = {s: len(make_countdown_problems(None, seed=0, split=s)) for s in SPLITS}
+    assert sum(sizes.values()) == len(universe) == 1716
+    assert sizes == {"train": 1358, "val": 193, "test": 165}
+    assert [k for k in universe if problem_split(*k, 0.1, 0.1) == "test"] == [
+        k for k in universe if problem_split(*k, 0.1) == "test"
+    ]
 
 
 def test_universe_matches_brute_force():
@@ -381,7 +395,7 @@ def test_universe_matches_brute_force():
 
 def test_generator_reports_an_exhausted_split():
     test_size = len(
-        [k for k in problem_universe(CountdownSpec()) if problem_split(*k, 0.1) == "test"]
+        [k for k in problem_universe(CountdownSpec()) if problem_split(*k, 0.1, 0.1) == "test"]
     )
     assert len(make_countdown_problems(test_size, seed=0, split="test")) == test_size
     with pytest.raises(ValueError, match="test split holds"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from simko_tune.demo.warm_start import (
     build_tiny_policy,
     ensure_tiny_policy,
     sample_answers,
+    warm_start_config,
 )
 from simko_tune.models import load_hf_model
 
@@ -146,6 +148,27 @@ def test_ensure_reuses_a_finished_build(policy_dir, tmp_path):
     before = marker.stat().st_mtime_ns
     assert ensure_tiny_policy(policy_dir, FEW_STEPS) == policy_dir
     assert marker.stat().st_mtime_ns == before
+
+
+def test_ensure_rebuilds_a_build_of_other_settings(policy_dir, tmp_path):
+    """A cached policy made with other warm-start settings (an older version's) is rebuilt,
+    never reused: the CPU default's results depend on it."""
+    copy = tmp_path / "policy"
+    shutil.copytree(policy_dir, copy)
+    record = json.loads((copy / MARKER).read_text())
+    record["spec"]["val_fraction"] = 0.0  # as built before the validation split existed
+    (copy / MARKER).write_text(json.dumps(record))
+    assert ensure_tiny_policy(copy, FEW_STEPS) == copy
+    rebuilt = json.loads((copy / MARKER).read_text())
+    assert rebuilt["spec"]["val_fraction"] == 0.1 and rebuilt["steps"] == 25
+
+
+def test_warm_start_config_from_settings():
+    cfg = warm_start_config(target_success=0.5, dims={"num_layers": 3}, spec={"max_target": 40})
+    assert cfg.target_success == 0.5 and cfg.dims.num_layers == 3 and cfg.spec.max_target == 40
+    assert cfg.dims.embed_dim == WarmStartConfig().dims.embed_dim  # the rest: defaults
+    with pytest.raises(TypeError, match="unknown warm-start settings"):
+        warm_start_config(learning_rate=1.0)
 
 
 @pytest.mark.slow

@@ -366,13 +366,20 @@ def test_metrics_match_reference_statistics(batch_factory):
         ((entropy[i] > t) & mask[i]).sum()
         for i, t in zip([i for i in range(len(mask)) if mask[i].any()], thresholds)
     )
+    gate = torch.zeros_like(mask)
+    for i, t in zip([i for i in range(len(mask)) if mask[i].any()], thresholds):
+        gate[i] = (entropy[i] > t) & mask[i]
+    rank2_to_k = top[..., 1:3].exp().sum(-1)  # K = 3
     d = b["ref_logprobs"] - sampled
     expected = {
-        "entropy_mean": entropy[mask].mean(),
+        "policy/entropy_all": entropy[mask].mean(),
+        "policy/entropy_gated": entropy[gate].mean(),
+        "policy/mass_rank2_to_k_all": rank2_to_k[mask].mean(),
+        "policy/mass_rank2_to_k_gated": rank2_to_k[gate].mean(),
+        **{f"policy/logprob_rank{n + 1}_all": top[..., n][mask].mean() for n in range(3)},
+        **{f"policy/logprob_rank{n + 1}_gated": top[..., n][gate].mean() for n in range(3)},
+        "num_gated": gate.sum().float(),
         "sampled_top1_frac": (b["targets"] == logits.argmax(-1))[mask].float().mean(),
-        "logprob_top1_mean": top[..., 0][mask].mean(),
-        "logprob_top2_mean": top[..., 1][mask].mean(),
-        "logprob_top3_mean": top[..., 2][mask].mean(),
         "logprob_sampled_mean": sampled[mask].mean(),
         "ratio_mean": ratio[mask].mean(),
         "ratio_max": ratio[mask].max(),
@@ -389,6 +396,18 @@ def test_metrics_match_reference_statistics(batch_factory):
         close(metrics[name], value.float(), rtol=1e-5)
         assert not metrics[name].requires_grad
     assert 0 < metrics["clip_frac_low"] and 0 < metrics["clip_frac_high"]
+
+
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_rank2_to_k_mass_follows_top_k(batch_factory, top_k):
+    b = batch_factory(seed=15)
+    _, _, _, metrics = fast_loss(b, LossConfig(top_k=top_k, chunk_size=8, compile=False))
+    with torch.no_grad():
+        probs = torch.softmax(b["hidden"] @ b["weight"].T, -1)
+    ranked = probs.sort(-1, descending=True).values
+    expected = ranked[..., 1:top_k].sum(-1)[b["mask"]].mean()
+    close(metrics["policy/mass_rank2_to_k_all"], expected, rtol=1e-5)
+    assert (metrics["policy/mass_rank2_to_k_all"] == 0) == (top_k == 1)
 
 
 @pytest.mark.parametrize("agg", AGGREGATIONS)

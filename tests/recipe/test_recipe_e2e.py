@@ -21,8 +21,9 @@ from simko_tune.metrics.tensorboard import read_scalars
 pytestmark = pytest.mark.slow
 
 SCALARS = {
-    "loss", "entropy_mean", "gate_threshold_mean", "gated_frac", "sampled_top1_frac",
-    "logprob_top1_mean", "logprob_top2_mean", "logprob_top3_mean", "logprob_sampled_mean",
+    "loss", "gate_threshold_mean", "gated_frac", "sampled_top1_frac", "logprob_sampled_mean",
+    *(f"policy/{name}_{kind}" for kind in ("all", "gated") for name in (
+        "entropy", "logprob_rank1", "logprob_rank2", "logprob_rank3", "mass_rank2_to_k")),
     "clip_frac_low", "clip_frac_high", "ratio_mean", "ratio_max", "approx_kl", "grad_norm_mean",
     "lr", "weight_version", "reward/timeouts_total",
     "reward/mean", "reward/identical_group_frac", "response/len_mean", "response/len_max",
@@ -96,10 +97,13 @@ def test_tiny_cpu_two_steps_with_vllm_logs_everything(tmp_path, policy_dir):
     ]
     assert {ev.step for ev in samples} == {1, 2}  # sample completions as text, every step here
     assert b"**gold**" in samples[0].tensor_proto.string_val[0]
-    for tag in ("logprob_top1_mean", "logprob_top2_mean", "logprob_top3_mean"):
-        assert all(v <= 0 for v in scalars[tag].values())
-    top1, top2, top3 = (scalars[f"logprob_top{n}_mean"][1] for n in (1, 2, 3))
-    assert top1 >= top2 >= top3
+    for kind in ("all", "gated"):
+        ranks = [scalars[f"policy/logprob_rank{n}_{kind}"] for n in (1, 2, 3)]
+        assert all(v <= 0 for rank in ranks for v in rank.values())
+        assert ranks[0][1] >= ranks[1][1] >= ranks[2][1]
+        assert 0 < scalars[f"policy/mass_rank2_to_k_{kind}"][1] < 1
+    # the gate picks the high-entropy tokens: their entropy is above the all-token mean
+    assert scalars["policy/entropy_gated"][1] > scalars["policy/entropy_all"][1]
     # the checkpoint carries an HF export that transformers loads, equal to the trainer's weights
     from transformers import AutoModelForCausalLM
 
@@ -202,7 +206,8 @@ def test_torchrun_ranks_match_one_process(tmp_path, policy_dir, nproc, layout):
     _tune_run(tmp_path, _args(single, policy_dir, *common, *plain))
     _tune_run(tmp_path, _args(multi, policy_dir, *common, *layout, *efficient), nproc=nproc)
     a, b = read_scalars(single / "tb"), read_scalars(multi / "tb")
-    for tag in ("loss", "reward/mean", "logprob_top1_mean", "entropy_mean", "grad_norm_mean"):
+    for tag in ("loss", "reward/mean", "policy/logprob_rank1_all", "policy/entropy_gated",
+                "grad_norm_mean"):  # fmt: skip
         assert b[tag][1] == pytest.approx(a[tag][1], rel=1e-4, abs=1e-6), tag
     wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
     assert wa.keys() == wb.keys()

@@ -42,64 +42,75 @@ def test_collect_and_verdict_from_numbers():
     table = tool.collect(results)
     assert table["base"][4] == [0.6, 0.6, 0.6] and table["simko"][1] == [0.30, 0.315, 0.305]
     lines = tool.verdict(table, n=4)
+    assert "concentration signature (pass@K" in lines[0]  # GRPO 0.50 < base 0.6 at K=4
     simko = next(line for line in lines if line.startswith("- **simko vs GRPO**"))
     psr = next(line for line in lines if line.startswith("- **psr vs GRPO**"))
-    # simko - grpo at K=4: +0.10, +0.11, +0.13 -> mean 11.3, clearly above
-    assert "difference +11.3" in simko and "keeps pass@4 above GRPO's" in simko
-    assert "does not keep" not in simko and "pass@1 differs beyond noise" in simko
-    # psr - grpo: 0.0, +0.01, -0.01 -> mean 0: not above, pass@1 within noise
-    assert "does not keep pass@4 above GRPO's" in psr and "pass@1 is within noise" in psr
+    # simko - grpo at K=4: +0.10, +0.11, +0.13 -> mean 11.3, std 1.53, SE 0.88
+    assert "paired difference +11.3 ± 0.9" in simko, simko
+    assert "It keeps pass@4 above GRPO's" in simko
+    # pass@1 difference +5.7: not within 2 points
+    assert "pass@1 difference +5.7" in simko and "is not within 2 points" in simko
+    # psr - grpo: 0.0, +0.01, -0.01 -> mean 0: not above; pass@1 within 2 points
+    assert "It does not keep pass@4 above" in psr and "is within 2 points" in psr
     assert any("smoke-test setting, not a result" in line for line in lines)
 
 
-def test_a_one_seed_setting_meets_grpo_of_the_same_seed():
-    """The sweep's single-seed settings are paired with GRPO's seed 0, not its mean over
-    seeds, and are called an indication (no spread), never a result either way."""
+def test_judge_against_plain_arithmetic():
+    """The paired difference's standard error is the std of the per-seed differences over
+    the square root of the seeds; one seed has none and is never judged above."""
     tool = _load_tool()
-    results = {
-        "grpo": _run([0.50, 0.70, 0.90]),
-        "simko": _run([0.55, 0.70, 0.90]),
-        "simko_a0.1_l1.5": _run([0.60]),
+    table = {
+        "grpo": {1: [0.30, 0.32, 0.28, 0.31], 256: [0.80, 0.70, 0.75, 0.85]},
+        "simko": {1: [0.31, 0.31, 0.29, 0.33], 256: [0.86, 0.78, 0.80, 0.88]},
+        "one": {1: [0.5], 256: [0.9]},
     }
-    lines = tool.verdict(tool.collect(results), n=4)
-    line = next(line for line in lines if line.startswith("- **simko_a0.1_l1.5 vs GRPO**"))
-    # pass@4: 0.60 vs GRPO seed 0's 0.50 (not the 0.70 mean): +10.0; pass@1 0.30 vs 0.25
-    assert "pass@4 60.0 vs 50.0 (difference +10.0)" in line, line
-    assert "pass@1 30.0 vs 25.0 (difference +5.0)" in line, line
-    assert "(seed 0 only)" in line and "an indication" in line
-    assert "paper's α, λ on this seed: +5.0" in line, line
-    assert "beyond two standard errors" not in line and "within noise" not in line
+    j = tool.judge(table, "simko")
+    diffs = [0.06, 0.08, 0.05, 0.03]
+    mean = sum(diffs) / 4
+    std = (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5
+    assert j["diff_top"] == pytest.approx(mean) and j["se_top"] == pytest.approx(std / 2)
+    assert j["keeps_top"] == (mean > 2 * std / 2) and j["keeps_top"]
+    assert j["diff_pass1"] == pytest.approx(0.0075) and j["pass1_within"]
+    one = tool.judge({"grpo": {1: [0.3], 256: [0.8]}, "one": table["one"]}, "one")
+    assert not one["keeps_top"] and one["seeds"] == 1
+    del table["one"]
+    rows = tool.difference_rows(table | {"base": table["grpo"]}, [1, 256])
+    assert rows[2] == "| simko | 4 | +0.7 ± 0.6 | +5.5 ± 1.0 |"
 
 
-def test_sweep_runs_its_own_number_of_seeds(tmp_path, monkeypatch):
-    """--sweep-seeds bounds the α/λ settings' seeds only; the main methods keep --seeds, and
-    the base evaluation stays in each seed's first run."""
+def test_methods_and_splits_make_the_runs(tmp_path, monkeypatch):
+    """GRPO runs first in each seed (its run evaluates the base policy); seeds start at
+    --first-seed; the validation split replaces the test set in every run."""
     tool = _load_tool()
     ran = []
 
-    def fake_run(directory, overrides, steps, timeout_s):
-        ran.append(
-            (directory.parent.name, directory.name, "eval.before_training=true" in overrides)
-        )
+    def fake_run(directory, overrides, args):
+        ran.append((directory.parent.name, directory.name, overrides))
         return {}
 
     monkeypatch.setattr(tool, "ensure_run", fake_run)
-    monkeypatch.setattr(tool, "write_report", lambda results, args, docs: {})
-    argv = ["--out", str(tmp_path), "--docs", str(tmp_path / "d.md"), "--sweep"]
-    tool.main([*argv, "--seeds", "3", "--sweep-seeds", "1"])
-    sweep = [m for m in tool.methods(False, True) if m not in ("grpo", "simko")]
-    assert len(sweep) == 5
-    assert ran == [
-        *[("grpo", "seed0", True), ("simko", "seed0", False)],
-        *[(m, "seed0", False) for m in sweep],
-        *[("grpo", "seed1", True), ("simko", "seed1", False)],
-        *[("grpo", "seed2", True), ("simko", "seed2", False)],
-    ]
+    monkeypatch.setattr(tool, "write_report", lambda results, plan, args, docs: {})
+    monkeypatch.setattr(tool, "collect", lambda results: {})
+    monkeypatch.setattr(tool, "judge", lambda table, method: {})
+    argv = ["--out", str(tmp_path), "--docs", str(tmp_path / "d.md"), "--steps", "3"]
+    tool.main([*argv, "--methods", "simko,grpo", "--method", "mine=loss.alpha=0.3,loss.lam=2",
+               "--seeds", "2", "--first-seed", "7", "--split", "val"])  # fmt: skip
+    assert [(m, s) for m, s, _ in ran] == [
+        ("grpo", "seed7"), ("simko", "seed7"), ("mine", "seed7"),
+        ("grpo", "seed8"), ("simko", "seed8"), ("mine", "seed8"),
+    ]  # fmt: skip
+    for method, _, overrides in ran:
+        assert ("eval.before_training=true" in overrides) == (method == "grpo")
+        assert "eval.sets.countdown_test=null" in overrides
+        assert "eval.sets.countdown_val.split=val" in overrides
+    assert ran[2][2][-2:] == ["loss.alpha=0.3", "loss.lam=2"]
     ran.clear()
-    tool.main([*argv, "--seeds", "1"])  # default: as many as --seeds
-    assert [r[:2] for r in ran] == [(m, "seed0") for m in ("grpo", "simko", *sweep)]
-    with pytest.raises(SystemExit):
-        tool.main([*argv, "--sweep-seeds", "0"])
+    tool.main([*argv, "--methods", "grpo", "--seeds", "1"])
+    assert "eval.sets.countdown_test=null" not in ran[0][2]
+    for bad in (["--methods", "simko"], ["--methods", "nope"], ["--method", "x=noequals"],
+                ["--method", "grpo=loss.alpha=1"], ["--seeds", "0"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            tool.main([*argv, *bad])
 
 
 @pytest.mark.slow
@@ -113,7 +124,7 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path):
     out, docs = tmp_path / "study", tmp_path / "docs" / "passk_study.md"
     command = [
         sys.executable, str(TOOL), "--steps", "2", "--seeds", "1", "--n", "4",
-        "--out", str(out), "--docs", str(docs),
+        "--out", str(out), "--docs", str(docs), "--methods", "grpo,simko",
         *(f"--override={o}" for o in (
             f"model_dir={policy}", "prepare_model=null", "generation.backend=native",
             "dataset.n=64", "rollout.prompts_per_step=4", "ppo.mini_batch_prompts=2",
@@ -127,12 +138,13 @@ def test_tiny_study_end_to_end_and_resumes(tmp_path):
     for method in ("grpo", "simko"):
         result = json.loads((out / method / "seed0" / "result.json").read_text())
         assert set(result["final_passk"]) == {"1", "2", "4"}
-        assert set(result["curves"]["logprob_top1_mean"]) == {"1", "2"}
+        assert set(result["curves"]["policy/logprob_rank2_gated"]) == {"1", "2"}
         assert (result["base_passk"] is not None) == (method == "grpo")
     text = docs.read_text()
-    for needle in ("| base | 1 |", "| grpo | 1 |", "| simko | 1 |", "simko vs GRPO", "Λ(1)"):
+    for needle in ("| base | 1 |", "| grpo | 1 |", "| simko | 1 |", "simko vs GRPO",
+                   "| simko | 1 | +", "`logprob_rank2_gated`"):  # fmt: skip
         assert needle in text, needle
-    for png in ("passk_study_passk.png", "passk_study_lambda.png"):
+    for png in ("passk_study_passk.png", "passk_study_shape.png"):
         assert (docs.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = run_process(command, timeout_s=600)
     assert again.stdout.count("[skip]") == 2 and "[run ]" not in again.stdout
