@@ -77,6 +77,7 @@ from simko_tune.parallel import (
     barrier,
     broadcast_object,
     clip_grad_norm_,
+    cpu_threads,
     dp_coords,
     dp_group,
     exit_without_teardown,
@@ -195,7 +196,9 @@ class SimKORecipe:
         )
         self.is_rank_zero = self.rank == 0
         if self.device.type == "cpu":
-            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+            threads, source = cpu_threads()
+            torch.set_num_threads(threads)
+            _log(f"trainer threads: {threads} ({source})")
         training.set_seed(cfg.seed + self.rank)
         self.mesh = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp).build_mesh(
             self.device.type
@@ -314,7 +317,10 @@ class SimKORecipe:
         if trainer_cores is not None:  # after the start: the workers inherit no narrow mask
             os.sched_setaffinity(0, trainer_cores)
             torch.set_num_threads(len(trainer_cores))
-            _log(f"one-step-off on CPU: trainer on cores {trainer_cores}, workers on the rest")
+            _log(
+                f"one-step-off on CPU: trainer on cores {trainer_cores} "
+                f"({len(trainer_cores)} threads), workers on the rest"
+            )
         return workers
 
     def _tokenize_all(self, problems) -> list[list[int]]:

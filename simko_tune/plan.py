@@ -20,6 +20,7 @@ from torchtune import config as tt_config
 from simko_tune.config import ConfigError
 from simko_tune.loss import loss_config_problems
 from simko_tune.memory_plan import MemoryPlan, ModelShape, estimate_memory
+from simko_tune.parallel.mesh import cpu_threads
 
 _FILE_KEYS = ("path", "merges_file", "special_tokens_path", "checkpoint_dir")
 
@@ -179,6 +180,16 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
         print(f"  {key}: {value}")
     if plan["missing_files"]:
         print("  note: the files above are missing here; a real run needs them")
+    if cfg.device == "cpu":
+        threads, source = cpu_threads()
+        plan["trainer_threads"] = threads
+        print(f"  trainer threads: {threads} ({source})")
+        g = cfg.generation
+        if cfg.rollout.max_staleness and g.backend == "vllm" and not (g.devices or g.addresses):
+            print(
+                "  one-step-off on CPU: the trainer keeps the first half of these cores, the "
+                "vLLM workers the rest (generation.devices turns the split off)"
+            )
     memory = _memory_plan(cfg, plan)
     if memory is not None:
         plan["memory"] = memory.to_dict()

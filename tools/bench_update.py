@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import string
 import subprocess
@@ -110,7 +109,6 @@ def worker(args) -> None:
     from simko_tune.config import check_schema, resolve_config_path
     from simko_tune.models import read_hf_config
 
-    torch.set_num_threads(1)
     cfg = OmegaConf.load(resolve_config_path("tiny_cpu"))
     max_len = 140 + 400
     for key, value in {
@@ -209,8 +207,8 @@ def main() -> None:
             "--mini-batch-prompts", str(args.mini_batch_prompts),
             "--micro-batch-size", str(args.micro_batch_size), "--order", args.order,
         ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
+        # as users launch it: torchrun gives each of its 2 ranks OMP_NUM_THREADS=1
+        subprocess.run(cmd, check=True, cwd=ROOT)
         res = json.loads(result.read_text())
 
     total = {k: v["old_logprobs_s"] + v["update_s"] for k, v in res.items()}

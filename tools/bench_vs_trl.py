@@ -4,10 +4,11 @@ Both trainers get the same Hugging Face model directory, the same Countdown prom
 ``plain`` template; token ids checked equal), the same reward function, and the same batch:
 4 prompts x 8 samples, at most 32 new tokens, temperature 1, top-p 1, GRPO (ratio clip 0.2,
 each response's token mean, then the mean over responses), no KL, fp32, AdamW (lr 1e-3,
-weight decay 0.01, constant), gradient clipping at 1.0, one optimizer step per rollout, and
-2 CPU cores each (``torch.set_num_threads(2)`` for TRL; ``OMP_NUM_THREADS=2`` for our
-trainer, whose one vLLM worker is bound to the same 2 cores at staleness 0; at staleness 1,
-when both run at once, the recipe gives each one of them).
+weight decay 0.01, constant), gradient clipping at 1.0, one optimizer step per rollout.
+Both run as a user starts them, in this tool's environment with no thread variable added:
+torch's own default for TRL, the recipe's rule for ours (every core of the affinity mask,
+its vLLM worker bound to the same cores at staleness 0; at staleness 1, when both run at
+once, the recipe gives each half of them).
 
 What one step contains:
 - TRL (``pip install -e .[trl]``): ``model.generate`` of 32 completions (transformers, no
@@ -15,8 +16,8 @@ What one step contains:
   the current ones, detached: ``num_iterations=1``; no reference model: ``beta=0``) and one
   AdamW step. Its defaults that would skew a CPU timing are set explicitly: ``bf16=False``,
   ``gradient_checkpointing=False``, ``loss_type="grpo"`` (not ``dapo``), a constant lr (not
-  linear decay), ``optim="adamw_torch"`` (TRL's default: on CPU a per-tensor loop of
-  element-wise ops; ``--trl-optim adamw_torch_fused`` gives it the fused kernel ours uses).
+  linear decay); ``optim`` both ``adamw_torch`` (TRL's default: on CPU a per-tensor loop of
+  element-wise ops) and ``adamw_torch_fused`` (the fused kernel ours uses).
 - simko-tune (``tune run simko_recipe --config tiny_cpu`` with the overrides below): generate
   through a vLLM worker process, score in the verifier process pool, forward + backward +
   fused AdamW (tiny_cpu's ``optimizer.fused``; no old-log-prob pass: with one optimizer
@@ -30,10 +31,11 @@ What one step contains:
   weights handed over as an in-memory copy (``generation.weight_transfer=memory``): no
   worker process, no files, no reload; what TRL's ``model.generate`` does, too.
 
-Runs alternate (TRL, ours at staleness 0 and 1, native at 0 and 1, then again per round), so
-load on the shared machine hits all alike. Reported: the median step time over the steps
-after the first of each run (pooled over rounds) and the ratios TRL / ours (> 1: ours is
-faster). Models: ``tiny`` is tiny_cpu's warm-started Countdown policy (2 layers, 0.4M
+Runs alternate (TRL with its default optimizer and with the fused one, ours at staleness 0
+and 1, native at 0 and 1, then again per round), so load on the shared machine hits all
+alike. Every step's time of every run is printed. Reported, at steady state: the median of
+the second half of each run's steps (pooled over rounds), and the ratios TRL / ours (> 1:
+ours is faster), against both TRL optimizers. Models: ``tiny`` is tiny_cpu's warm-started Countdown policy (2 layers, 0.4M
 parameters; built once under ~/.cache/simko_tune); ``0.5b`` is the Qwen2.5-0.5B shape (24
 layers, d 896, 14 heads, 2 KV heads, MLP 4864) with random weights and a 1,000-token
 vocabulary, so its completions run to the 32-token limit.
@@ -61,7 +63,7 @@ from simko_tune.paths import work_dir
 
 BATCH = {"prompts": 4, "samples": 8, "max_new_tokens": 32, "lr": 1e-3, "weight_decay": 0.01}
 NUM_PROBLEMS = 64  # the prompt pool both trainers draw from
-THREADS = 2
+TRL_OPTIMS = {"trl": "adamw_torch", "trl_fused": "adamw_torch_fused"}  # TRL's default first
 
 
 # ----------------------------------------------------------------------------- models
@@ -85,7 +87,7 @@ def qwen2_5_0_5b_shape(root: Path, layers: int = 24) -> Path:
         return model
     tok = root / "tokenizer_1000"
     if not (tok / "tokenizer.json").is_file():
-        corpus = [f"{p.problem} {p.answer}" for p in load_countdown("train", n=1551, seed=0)]
+        corpus = [f"{p.problem} {p.answer}" for p in load_countdown("train", seed=0)]
         tok = train_tokenizer(corpus, tok, vocab_size=1000)
     dims = TinyQwen2Dims(
         num_layers=layers,
@@ -117,7 +119,6 @@ def trl_worker(model_dir: str, steps: int, out: str, optim: str) -> None:
     from simko_tune.data import render_prompt
     from simko_tune.demo.countdown import countdown_reward
 
-    torch.set_num_threads(THREADS)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
@@ -180,9 +181,8 @@ def trl_worker(model_dir: str, steps: int, out: str, optim: str) -> None:
 
 
 def run_trl(model_dir: Path, steps: int, work: Path, optim: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, __file__, "--trl-worker", str(model_dir), str(steps), str(work), optim]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"TRL run failed:\n{proc.stderr[-4000:]}")
     return {"step_s": json.loads(proc.stdout.strip().splitlines()[-1])["step_s"]}
@@ -223,10 +223,9 @@ NATIVE = ["generation.backend=native", "generation.weight_transfer=memory"]
 
 def run_ours(model_dir: Path, steps: int, staleness: int, work: Path, native: bool) -> dict:
     out = work / f"ours_{'native_' if native else ''}s{staleness}_{time.monotonic_ns()}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONUNBUFFERED": "1"}
     cmd = ["tune", "run", "simko_recipe", "--config", "tiny_cpu"]
     cmd += our_overrides(model_dir, out, steps, staleness) + (NATIVE if native else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"simko-tune run failed:\n{proc.stderr[-4000:]}")
     scalars = read_scalars(out / "tb")
@@ -268,22 +267,29 @@ def check_same_prompts(model_dir: Path) -> None:
             raise RuntimeError(f"prompt {p.id!r}: simko-tune ids {a} != TRL ids {b}")
 
 
-def median_after_first(runs: list[dict]) -> float:
-    return statistics.median(t for r in runs for t in r["step_s"][1:])
+def steady(step_s: list[float]) -> list[float]:
+    """The second half of a run's steps: warm-up (compilation, allocator growth, the first
+    reloads) is over by then."""
+    return step_s[len(step_s) // 2 :]
+
+
+def median_steady(runs: list[dict]) -> float:
+    return statistics.median(t for r in runs for t in steady(r["step_s"]))
 
 
 def bench_model(
-    name: str, model_dir: Path, steps: int, rounds: int, work: Path, trl_optim: str, native: bool
+    name: str, model_dir: Path, steps: int, rounds: int, work: Path, native: bool
 ) -> dict:
-    """``ours_s*``: vLLM worker; ``native_s*``: the in-process generator (``NATIVE``)."""
+    """``trl*``: TRL with each optimizer; ``ours_s*``: vLLM worker; ``native_s*``: the
+    in-process generator (``NATIVE``)."""
     check_same_prompts(model_dir)
-    keys = ["trl", "ours_s0", "ours_s1"] + (["native_s0", "native_s1"] if native else [])
+    keys = [*TRL_OPTIMS, "ours_s0", "ours_s1"] + (["native_s0", "native_s1"] if native else [])
     runs: dict[str, list[dict]] = {k: [] for k in keys}
     for r in range(rounds):
         for key in runs:
             t0 = time.perf_counter()
-            if key == "trl":
-                runs[key].append(run_trl(model_dir, steps, work / f"trl_{r}", trl_optim))
+            if key in TRL_OPTIMS:
+                runs[key].append(run_trl(model_dir, steps, work / f"{key}_{r}", TRL_OPTIMS[key]))
             else:
                 runs[key].append(
                     run_ours(model_dir, steps, int(key[-1]), work, key.startswith("native"))
@@ -294,25 +300,29 @@ def bench_model(
                 + f" s ({time.perf_counter() - t0:.0f} s with start-up)",
                 flush=True,
             )
-    med = {k: median_after_first(v) for k, v in runs.items()}
-    result: dict = {"trl_step_s": med["trl"], "steps_per_run": steps, "rounds": rounds}
-    ours = [k for k in keys if k != "trl"]
+    med = {k: median_steady(v) for k, v in runs.items()}
+    result: dict = {"steps_per_run": steps, "rounds": rounds}
+    result.update({f"{k}_step_s": med[k] for k in TRL_OPTIMS})
+    result["step_s_per_run"] = {k: [r["step_s"] for r in v] for k, v in runs.items()}
+    ours = [k for k in keys if k not in TRL_OPTIMS]
     for key in ours:
         result[f"{key}_step_s"] = med[key]
-        result[f"speedup_{key.removeprefix('ours_')}_vs_trl"] = med["trl"] / med[key]
+        for trl in TRL_OPTIMS:
+            result[f"speedup_{key.removeprefix('ours_')}_vs_{trl}"] = med[trl] / med[key]
     print(
-        f"[{name}] median s/step (steps after the first): TRL {med['trl']:.3f}; simko-tune "
+        f"[{name}] median s/step (second half of each run): TRL {med['trl']:.3f}, TRL fused "
+        f"{med['trl_fused']:.3f}; simko-tune "
         + ", ".join(
             f"{'native ' if k.startswith('native') else ''}staleness {k[-1]} {med[k]:.3f} "
-            f"({med['trl'] / med[k]:.2f}x TRL)"
+            f"({med['trl'] / med[k]:.2f}x TRL, {med['trl_fused'] / med[k]:.2f}x TRL fused)"
             for k in ours
         )
     )
     for key in ours:
         result[f"{key}_phases_s"] = {
-            p: statistics.median(v for run in runs[key] for v in run["phases"][p][1:])
+            p: statistics.median(v for run in runs[key] for v in steady(run["phases"][p]))
             for p in runs[key][0]["phases"]
-            if any(run["phases"][p][1:] for run in runs[key])
+            if any(steady(run["phases"][p]) for run in runs[key])
         }
         phases = ", ".join(f"{p} {v:.3f}" for p, v in result[f"{key}_phases_s"].items())
         print(f"[{name}]   {key} phases (median s): {phases}")
@@ -322,16 +332,17 @@ def bench_model(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,0.5b", help="comma list of tiny, 0.5b")
-    parser.add_argument("--steps-tiny", type=int, default=12)
-    parser.add_argument("--steps-0-5b", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--steps-tiny", type=int, default=16)
+    parser.add_argument("--steps-0-5b", type=int, default=8)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs per side; their steady-state steps are pooled"
+    )
     parser.add_argument(
         "--tiny-model-dir", default=None, help="another tiny policy (default: tiny_cpu's)"
     )
     parser.add_argument(
         "--work-dir", default=None, help="kept afterwards (default: a temp dir, removed)"
     )
-    parser.add_argument("--trl-optim", default="adamw_torch", help="TRL's optim (its default)")
     parser.add_argument(
         "--native",
         default="tiny",
@@ -354,26 +365,31 @@ def main() -> None:
 def run(args: argparse.Namespace, work: Path) -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     native = {m.strip() for m in args.native.split(",") if m.strip()}
-    print(f"work dir {work}; batch {BATCH}; {THREADS} threads per trainer", flush=True)
+    threads = os.environ.get("OMP_NUM_THREADS")
+    print(
+        f"work dir {work}; batch {BATCH}; "
+        + (f"OMP_NUM_THREADS={threads} (yours)" if threads else "no thread variable set"),
+        flush=True,
+    )
     results = {}
     for name in models:
         if name == "tiny":
             model_dir = Path(args.tiny_model_dir) if args.tiny_model_dir else tiny_policy()
             results[name] = bench_model(
-                name, model_dir, args.steps_tiny, args.rounds, work, args.trl_optim, name in native
+                name, model_dir, args.steps_tiny, args.rounds, work, name in native
             )
         else:
             model_dir = qwen2_5_0_5b_shape(work)
             results[name] = bench_model(
-                name, model_dir, args.steps_0_5b, args.rounds, work, args.trl_optim, name in native
+                name, model_dir, args.steps_0_5b, args.rounds, work, name in native
             )
     print(
         json.dumps(
             {
                 "bench": "vs_trl",
-                "threads": THREADS,
+                "omp_num_threads": threads,
                 **BATCH,
-                "trl_optim": args.trl_optim,
+                "trl_optims": TRL_OPTIMS,
                 "results": results,
             }
         )

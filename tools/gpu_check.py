@@ -1,4 +1,4 @@
-"""GPU check: three independent parts, each in its own process with its own time limit, then
+"""GPU check: four independent parts, each in its own process with its own time limit, then
 ONE JSON line with every part's figures or error.
 
     bash tools/gpu_check.sh                  # on the GPU machine: wheels, then this script
@@ -12,6 +12,12 @@ ONE JSON line with every part's figures or error.
   activation checkpointing, compiled blocks and loss; tokens/s, peak memory and MFU.
 - (c) the chunked policy loss against the plain full-logits formulation
   (``tools/bench_loss.py``'s) at N = 16,384 tokens, V = 151,936: time and peak-memory ratios.
+- (d) learning on the device: the CPU default's warm-started Countdown policy (``--d-model-dir``,
+  built on a CPU and carried; built here if missing) trained with SimKO for ``--d-steps``
+  steps on ``--device`` with the native generator, held-out pass@1 evaluated before and
+  after; beside it, at the same time, the same run on the CPU for ``--d-cpu-seeds`` seeds.
+  Reported: the reward curve, pass@1 before → after, and the gap between the device's
+  reward curve and the CPU seeds' mean against their seed-to-seed spread.
 
 A part that fails, crashes or runs out of time records its error; the others still run.
 Small shapes and ``--device cpu`` run every part here (tests/tools/test_gpu_check.py).
@@ -33,7 +39,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("a", "b", "c")
+PARTS = ("a", "b", "c", "d")
 H200_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM bf16 dense peak (NVIDIA's datasheet, no sparsity)
 # Qwen2.5-1.5B's shape (torchtune qwen2_5_1_5b_base) and a tiny one for CPU tests.
 MODEL_SHAPES = {
@@ -52,13 +58,14 @@ MODEL_SHAPES = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="a,b,c", help="comma-separated subset of a,b,c")
+    ap.add_argument("--parts", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to rehearse on a CPU")
     ap.add_argument("--out-dir", default="outputs/gpu_check", help="logs, runs, part results")
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall-clock limit, all parts")
-    ap.add_argument("--timeout-a", type=float, default=180.0)
-    ap.add_argument("--timeout-b", type=float, default=150.0)
-    ap.add_argument("--timeout-c", type=float, default=90.0)
+    ap.add_argument("--timeout-a", type=float, default=120.0)
+    ap.add_argument("--timeout-b", type=float, default=120.0)
+    ap.add_argument("--timeout-c", type=float, default=60.0)
+    ap.add_argument("--timeout-d", type=float, default=120.0)
     ap.add_argument("--no-compile", action="store_true", help="eager blocks and loss (debugging)")
     # (a) the recipe end to end
     ap.add_argument("--a-steps", type=int, default=3)
@@ -76,12 +83,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--c-dim", type=int, default=3584, help="hidden size (Qwen2.5-7B's)")
     ap.add_argument("--c-chunk", type=int, default=2048)
     ap.add_argument("--c-repeats", type=int, default=2)
+    # (d) learning
+    ap.add_argument(
+        "--d-model-dir", default=".gpu_check/tiny_cpu_policy",
+        help="the warm-started tiny policy (carried; built here when missing)",
+    )  # fmt: skip
+    ap.add_argument("--d-steps", type=int, default=40)
+    ap.add_argument("--d-prompts", type=int, default=32, help="prompts per step")
+    ap.add_argument("--d-eval-problems", type=int, default=None, help="default: the test split")
+    ap.add_argument("--d-eval-n", type=int, default=8, help="samples per held-out problem")
+    ap.add_argument("--d-cpu-seeds", type=int, default=3, help="CPU runs beside the device's")
+    ap.add_argument("--d-cpu-threads", type=int, default=4, help="threads of each CPU run")
+    ap.add_argument(
+        "--d-expect-learning", action=argparse.BooleanOptionalAction, default=True,
+        help="fail part (d) unless reward and pass@1 rise (off for few-step rehearsals)",
+    )  # fmt: skip
     ap.add_argument("--worker", choices=PARTS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
     if bad or not parts:
-        ap.error(f"--parts: {args.parts!r}; expected a comma-separated subset of a,b,c")
+        ap.error(f"--parts: {args.parts!r}; expected a comma-separated subset of a,b,c,d")
     args.parts = parts
     if args.device not in ("cuda", "cpu") and not args.device.startswith("cuda:"):
         ap.error(f"--device: {args.device!r}; expected cuda, cuda:N or cpu")
@@ -187,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
 def run_worker(args: argparse.Namespace, out_dir: Path) -> dict:
     """One part in this process: its figures (or error) to ``part_<x>.json``, written by
     rename so that the parent never reads half a file."""
-    fn = {"a": part_a_recipe, "b": part_b_train_step, "c": part_c_loss}[args.worker]
+    fn = {"a": part_a_recipe, "b": part_b_train_step, "c": part_c_loss, "d": part_d_learning}[
+        args.worker
+    ]
     try:
         result = {"ok": True, **fn(args, out_dir / f"part_{args.worker}")}
     except Exception as e:
@@ -555,6 +579,124 @@ def part_c_loss(args: argparse.Namespace, work: Path) -> dict:
         if device.type == "cuda"
         else "CUDA only",
     }
+
+
+# ---------------------------------------------------------------------------- (d) learning
+def learning_command(
+    args: argparse.Namespace, model_dir: Path, run_dir: Path, device: str, seed: int
+) -> list[str]:
+    """The CPU default's SimKO run on ``device``: the native generator with in-memory
+    weights, fp32 as on the CPU, held-out pass@1 before the first step and after the last."""
+    eval_n = "null" if args.d_eval_problems is None else str(args.d_eval_problems)
+    overrides = [
+        f"device={device}", f"output_dir={run_dir}", f"model_dir={model_dir}",
+        "prepare_model=null", f"seed={seed}", f"max_steps={args.d_steps}",
+        f"rollout.prompts_per_step={args.d_prompts}",
+        f"ppo.mini_batch_prompts={max(args.d_prompts // 2, 1)}",
+        "checkpoint.every_n_steps=0", f"eval.every_n_steps={args.d_steps}",
+        "eval.before_training=true", f"eval.n={args.d_eval_n}",
+        f"eval.sets.countdown_test.n={eval_n}", "generation.backend=native",
+        "generation.weight_transfer=memory", "rewards.num_workers=1",
+        "log.samples_every_n_steps=0",
+    ]  # fmt: skip
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+        "-m", "simko_recipe", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), *overrides,
+    ]  # fmt: skip
+
+
+def _window_means(values: list[float], windows: int) -> list[float]:
+    size = max(len(values) // windows, 1)
+    return [statistics.fmean(values[i : i + size]) for i in range(0, size * windows, size)]
+
+
+def compare_curves(device_curve: list[float], cpu_curves: list[list[float]], windows: int = 4):
+    """The device's reward curve against the CPU seeds', in ``windows`` consecutive windows
+    of steps (a step's reward is noisy: window means are what can agree): the gap between
+    the device's window mean and the CPU seeds' mean, against the CPU seeds' sample std."""
+    dev = _window_means(device_curve, windows)
+    cpu = [_window_means(c, windows) for c in cpu_curves]
+    mean = [statistics.fmean(col) for col in zip(*cpu)]
+    spread = [statistics.stdev(col) if len(col) > 1 else float("nan") for col in zip(*cpu)]
+    gaps = [abs(d - m) for d, m in zip(dev, mean)]
+    return {
+        "device_window_means": [round(v, 4) for v in dev],
+        "cpu_window_means": [round(v, 4) for v in mean],
+        "cpu_window_std": [round(v, 4) for v in spread],
+        "gap": [round(v, 4) for v in gaps],
+        "gap_over_cpu_std": [round(g / s, 2) if s > 0 else None for g, s in zip(gaps, spread)],
+        "within_2_cpu_std": all(g <= 2 * s for g, s in zip(gaps, spread) if s == s),
+    }
+
+
+def part_d_learning(args: argparse.Namespace, work: Path) -> dict:
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model_dir = Path(args.d_model_dir)
+    model_dir = model_dir if model_dir.is_absolute() else ROOT / model_dir
+    built_here = not (model_dir / "warm_start.json").is_file()
+    if built_here:
+        from simko_tune.demo.warm_start import ensure_tiny_policy
+
+        model_dir = ensure_tiny_policy(work / "tiny_cpu_policy")
+    runs = {"device": (args.device, 0)}
+    runs.update({f"cpu_seed{s}": ("cpu", s) for s in range(args.d_cpu_seeds)})
+    procs = {}
+    for name, (device, seed) in runs.items():
+        env = child_env(work)
+        if device == "cpu":
+            env["OMP_NUM_THREADS"] = str(args.d_cpu_threads)
+        log = open(work / f"{name}.log", "w")  # noqa: SIM115 (closed below)
+        cmd = learning_command(args, model_dir, work / name, device, seed)
+        procs[name] = (subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=log), log)
+    failed = []
+    for name, (proc, log) in procs.items():
+        if proc.wait() != 0:
+            failed.append(name)
+        log.close()
+    if failed:
+        tail = (work / f"{failed[0]}.log").read_text(errors="replace")[-1500:]
+        raise RuntimeError(f"runs {failed} failed; {failed[0]}'s log tail:\n{tail}")
+
+    def curves(name: str) -> tuple[list[float], dict[int, float]]:
+        scalars = read_scalars(work / name / "tb")
+        reward = [scalars["reward/mean"][s] for s in sorted(scalars["reward/mean"])]
+        if len(reward) != args.d_steps:
+            raise RuntimeError(f"{name}: {len(reward)} steps logged, not {args.d_steps}")
+        return reward, scalars["eval/countdown_test/pass@1"]
+
+    device_reward, device_pass1 = curves("device")
+    cpu = [curves(n) for n in runs if n != "device"]
+    quarter = max(args.d_steps // 4, 1)
+    early, late = (
+        statistics.fmean(device_reward[:quarter]),
+        statistics.fmean(device_reward[-quarter:]),
+    )
+    before, after = device_pass1[0], device_pass1[args.d_steps]
+    cpu_after = [p[args.d_steps] for _, p in cpu]
+    result = {
+        "policy": "tiny_cpu's warm-started Countdown policy"
+        + (" (built here)" if built_here else " (carried)"),
+        "steps": args.d_steps,
+        "reward": [round(r, 4) for r in device_reward],
+        "reward_first_quarter": round(early, 4),
+        "reward_last_quarter": round(late, 4),
+        "pass1_before": round(before, 4),
+        "pass1_after": round(after, 4),
+        "reward_rises": late > early,
+        "pass1_rises": after > before,
+        "cpu_seeds": args.d_cpu_seeds,
+        "cpu_pass1_after": [round(p, 4) for p in cpu_after],
+        "settings": f"SimKO (tiny_cpu's loss), {args.d_prompts} prompts x 8 samples, fp32, "
+        f"native generator; pass@1 over {args.d_eval_n} samples per held-out problem",
+    }
+    if cpu:
+        result["vs_cpu"] = compare_curves(device_reward, [r for r, _ in cpu])
+    if args.d_expect_learning and not (result["reward_rises"] and result["pass1_rises"]):
+        raise RuntimeError(f"no learning on {args.device}: {json.dumps(result)}")
+    return result
 
 
 if __name__ == "__main__":

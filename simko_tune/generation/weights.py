@@ -57,6 +57,7 @@ from simko_tune.parallel.collectives import (
     broadcast_object,
     gather_to,
     hostnames,
+    unshard,
 )
 from simko_tune.paths import checksum_file, replace_dir
 
@@ -652,9 +653,11 @@ class WeightSync:
         return path
 
     def _snapshot(self, model: nn.Module, version: int) -> None:
-        """In memory: a copy of the weights as they are now, kept until delivered."""
+        """In memory: a copy of the weights as they are now, kept until delivered. A model
+        sharded on a one-rank mesh (torchrun with one process) holds DTensors: the consumer
+        gets their plain, whole values."""
         snapshot = {
-            name: t.detach().to(self.dtype or t.dtype, copy=True)
+            name: unshard(t).detach().to(self.dtype or t.dtype, copy=True)
             for name, t in model.state_dict().items()
         }
         with self._lock:

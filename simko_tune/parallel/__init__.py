@@ -31,7 +31,7 @@ from simko_tune.parallel.collectives import (
     unshard,
     wait_group,
 )
-from simko_tune.parallel.mesh import ParallelDims, clip_grad_norm_
+from simko_tune.parallel.mesh import ParallelDims, clip_grad_norm_, cpu_threads
 from simko_tune.parallel.microbatch import micro_batches, row_lengths
 from simko_tune.parallel.tp_plans import get_tp_plan
 
@@ -47,6 +47,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "clip_grad_norm_",
+    "cpu_threads",
     "dp_coords",
     "dp_group",
     "exit_without_teardown",

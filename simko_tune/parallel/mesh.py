@@ -1,4 +1,4 @@
-"""The 2-D device mesh and gradient clipping across its meshes.
+"""The 2-D device mesh, gradient clipping across its meshes, and each CPU rank's threads.
 
 The trainer's ranks form a 2-D mesh: ``dp_shard`` ranks hold different data and shard
 parameters with FSDP2; the ``tp`` ranks of one data-parallel group hold the same data and
@@ -7,6 +7,8 @@ split each matmul. A single process started without torchrun has no process grou
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +80,28 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     for group in groups.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
+
+
+def cpu_threads(environ: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """How many intra-op threads a CPU trainer rank uses, and why.
+
+    ``OMP_NUM_THREADS`` when it is set; otherwise the cores this process may run on (its
+    affinity mask: a container's or ``taskset``'s limit, not the machine's count) divided
+    among the ranks on this node (torchrun's ``LOCAL_WORLD_SIZE``), at least one. torchrun
+    itself sets ``OMP_NUM_THREADS=1`` when it starts several processes and the variable is
+    unset; that is indistinguishable from a user's setting, so the reason says so."""
+    if environ.get("OMP_NUM_THREADS"):
+        value = environ["OMP_NUM_THREADS"]
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"OMP_NUM_THREADS={value!r}: expected a positive integer")
+        note = " (set by you, or by torchrun for several local ranks)"
+        return threads, "OMP_NUM_THREADS" + (note if environ.get("LOCAL_WORLD_SIZE") else "")
+    cores = len(os.sched_getaffinity(0))
+    ranks = max(int(environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return max(
+        cores // ranks, 1
+    ), f"{cores} cores in this process's affinity mask / {ranks} local rank(s)"

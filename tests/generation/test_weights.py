@@ -399,6 +399,39 @@ def test_weight_sync_in_memory_casts_to_the_publication_dtype(gen_model_dir, ref
         torch.testing.assert_close(state[name], tensor.to(torch.bfloat16), rtol=0, atol=0)
 
 
+def test_weight_sync_in_memory_unshards_a_one_rank_fsdp2_model(gen_model_dir, tmp_path):
+    """torchrun with one process: the trainer's model is FSDP2-sharded on a one-rank mesh
+    and holds DTensors; the in-process generator must get plain tensors, whole."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from simko_tune.models import model_from_hf_config
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = model_from_hf_config(gen_model_dir)
+        torch.manual_seed(0)
+        model = model_from_hf_config(gen_model_dir)
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert any(type(p).__name__ == "DTensor" for p in model.parameters())
+        sync = WeightSync(None, read_hf_config(gen_model_dir), dtype=torch.float32)
+        consumer = _StateConsumer()
+        sync.attach(consumer)
+        sync.publish(model, 1)
+        sync.close()
+    finally:
+        dist.destroy_process_group()
+    ((_, state),) = consumer.loads
+    expected = plain.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in state.items():
+        assert type(tensor) is torch.Tensor, name
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
 def test_weight_sync_clears_stale_versions_and_keeps_the_rest(gen_model_dir, tmp_path):
     root = tmp_path / "sync"
     for name in ["v000001", "v000002.tmp", "worker_logs"]:

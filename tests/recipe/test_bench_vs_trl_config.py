@@ -43,3 +43,31 @@ def test_our_overrides_are_a_valid_config_with_the_promised_batch(
     if native:
         assert cfg.generation.backend == "native"
         assert cfg.generation.weight_transfer == "memory"
+
+
+def test_steady_state_is_the_second_half_of_each_run():
+    bench = _bench()
+    assert bench.steady([9.0, 5.0, 2.0, 2.2]) == [2.0, 2.2]
+    assert bench.steady([9.0, 5.0, 2.0, 2.2, 2.1]) == [2.0, 2.2, 2.1]
+    runs = [{"step_s": [9.0, 5.0, 2.0, 2.4]}, {"step_s": [8.0, 4.0, 2.2, 2.6]}]
+    assert bench.median_steady(runs) == pytest.approx(2.3)  # median of 2.0, 2.4, 2.2, 2.6
+
+
+def test_both_sides_run_in_the_users_environment(tmp_path, monkeypatch):
+    """No thread variable (or any other) is added for either trainer: both start as a user
+    starts them."""
+    bench = _bench()
+    seen = []
+
+    class Done:
+        returncode, stdout, stderr = 0, '{"step_s": [1.0]}\n', ""
+
+    def fake_run(cmd, **kwargs):
+        seen.append(kwargs)
+        return Done()
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "read_scalars", lambda path: {"time/step": {1: 1.0}})
+    bench.run_trl(tmp_path, 2, tmp_path / "trl", "adamw_torch")
+    bench.run_ours(tmp_path, 2, 0, tmp_path, native=False)
+    assert len(seen) == 2 and all("env" not in kwargs for kwargs in seen)

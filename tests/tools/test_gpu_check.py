@@ -49,8 +49,10 @@ def _check(*args: str, timeout: int = 900, cmd=None, env=None) -> tuple[dict, st
 # ---------------------------------------------------------------------------- arguments
 def test_defaults_fit_the_eight_minute_budget(gpu_check):
     args = gpu_check.parse_args([])
-    assert args.parts == ["a", "b", "c"] and args.device == "cuda"
-    assert args.timeout_a + args.timeout_b + args.timeout_c <= args.budget_s <= 8 * 60 - 20
+    assert args.parts == ["a", "b", "c", "d"] and args.device == "cuda"
+    limits = args.timeout_a + args.timeout_b + args.timeout_c + args.timeout_d
+    assert limits <= args.budget_s <= 8 * 60 - 20
+    assert args.d_steps >= 40 and args.d_expect_learning  # the issue's "40 or more" steps
     assert (args.c_tokens, args.c_vocab) == (16_384, 151_936)
     assert args.b_model == "1.5b" and args.peak_tflops == 989.0
     assert gpu_check.parse_args(["--parts", "c, a", "--device", "cpu"]).parts == ["c", "a"]
@@ -60,7 +62,7 @@ def test_defaults_fit_the_eight_minute_budget(gpu_check):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--parts", "a,d"], ["--parts", ""], ["--device", "tpu"], ["--b-model", "70b"]]
+    "argv", [["--parts", "a,e"], ["--parts", ""], ["--device", "tpu"], ["--b-model", "70b"]]
 )
 def test_bad_arguments_exit_with_usage(gpu_check, argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -115,6 +117,22 @@ def test_flops_per_token_formula(gpu_check):
     shape = gpu_check.MODEL_SHAPES["1.5b"]
     n = 1_543_714_304  # Qwen2.5-1.5B, tied embeddings
     assert gpu_check.flops_per_token(shape, n, 4096) == 6 * n + 12 * 28 * 1536 * 4096
+
+
+def test_curve_comparison_against_plain_arithmetic(gpu_check):
+    """Window means of 8 steps in 4 windows of 2; the CPU seeds' mean and sample std per
+    window; the gap is |device - mean|."""
+    device = [0.1, 0.3, 0.2, 0.2, 0.4, 0.4, 0.5, 0.7]
+    cpu = [[0.2, 0.2, 0.2, 0.2, 0.3, 0.3, 0.6, 0.6], [0.0, 0.0, 0.4, 0.4, 0.5, 0.5, 0.4, 0.4]]
+    out = gpu_check.compare_curves(device, cpu, windows=4)
+    assert out["device_window_means"] == [0.2, 0.2, 0.4, 0.6]
+    assert out["cpu_window_means"] == [0.1, 0.3, 0.4, 0.5]
+    assert out["cpu_window_std"] == [round(0.2 / 2**0.5, 4)] * 2 + [round(0.2 / 2**0.5, 4)] * 2
+    assert out["gap"] == [0.1, 0.1, 0.0, 0.1]
+    assert out["gap_over_cpu_std"] == [0.71, 0.71, 0.0, 0.71]
+    assert out["within_2_cpu_std"] is True
+    far = gpu_check.compare_curves([1.0] * 8, cpu, windows=4)
+    assert far["within_2_cpu_std"] is False
 
 
 def test_part_b_memory_plan_is_dry_runs_arithmetic(gpu_check):
@@ -291,6 +309,35 @@ def test_parts_b_and_c_with_tiny_shapes_on_cpu(tmp_path):
         c["chunked"]["time_s"] / c["full_logits"]["time_s"], rel=1e-2
     )
     assert c["peak_chunked_over_full"] is None  # peak memory is measured on CUDA only
+
+
+@pytest.mark.slow
+def test_part_d_runs_the_device_and_cpu_runs_side_by_side(tmp_path):
+    """(d) through its code path on the CPU: a (few-step) warm-started policy carried in as
+    the GPU machine gets it, the "device" run and two CPU seeds at once, each with held-out
+    pass@1 before and after, compared window by window. Few steps cannot show learning, so
+    the rehearsal does not require it; the real run does (the default)."""
+    from simko_tune.demo.warm_start import WarmStartConfig, build_tiny_policy
+
+    policy = build_tiny_policy(
+        tmp_path / "policy",
+        WarmStartConfig(max_steps=40, target_success=None, sft_problems=200, eval_problems=8),
+    )
+    report, _ = _check(
+        "--parts", "d", "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+        "--d-model-dir", str(policy), "--d-steps", "4", "--d-prompts", "4",
+        "--d-eval-problems", "8", "--d-eval-n", "2", "--d-cpu-seeds", "2",
+        "--d-cpu-threads", "1", "--no-d-expect-learning", "--timeout-d", "1500",
+        "--budget-s", "1600", timeout=1700,
+    )  # fmt: skip
+    d = report["parts"]["d"]
+    assert d["ok"], d.get("error")
+    assert d["steps"] == 4 and len(d["reward"]) == 4 and "(carried)" in d["policy"]
+    assert 0 <= d["pass1_before"] <= 1 and 0 <= d["pass1_after"] <= 1
+    assert len(d["cpu_pass1_after"]) == 2
+    assert len(d["vs_cpu"]["gap"]) == 4 and isinstance(d["vs_cpu"]["within_2_cpu_std"], bool)
+    for run in ("device", "cpu_seed0", "cpu_seed1"):
+        assert (tmp_path / "out" / "part_d" / run / "tb").is_dir(), run
 
 
 @pytest.mark.slow
