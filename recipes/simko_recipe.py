@@ -8,20 +8,20 @@ One step of the loop (``SimKORecipe.train``):
   1. draw ``prompts_per_step`` prompts (resumable order),
   2. sample ``samples_per_prompt`` completions each from the generation workers (rank 0),
      every completion tagged with the weight version that produced it,
-  3. score them in the verifier process pool, group advantages (GRPO/SimKO/... rules),
-     With ``rollout.max_staleness=1`` steps 2-3 for the NEXT step's prompts run in a
-     background thread on rank 0 with the current weights while 4-6 run (one-step-off);
-     that thread first delivers those weights to the workers (their reload, step 6's
-     second half, then hides behind the update too),
+  3. score them in the verifier process pool. With ``rollout.max_staleness=1`` steps 2-3
+     for the NEXT step's prompts run in a background thread on rank 0 with the current
+     weights while 4-5 run (one-step-off); that thread first delivers those weights to the
+     workers (their reload, step 6's second half, then hides behind the update too),
   4. old (proximal) log-probs from the policy before the update (or the workers'; mismatch
      logged), skipped when the rollout feeds one optimizer step (then they are the current
      ones, detached); off-policy rows get truncated importance weights against them,
-  5. PPO updates over mini-batches: micro-batches on every data-parallel rank, the loss
+  5. the update (``simko_tune.ppo``): group advantages by the loss mode's rule, then PPO
+     updates over mini-batches: micro-batches on every data-parallel rank, the loss
      normalised by the mini-batch's global token (or sequence) count, gradients summed,
      clipped, a NaN/inf guard, AdamW + lr schedule,
   6. publish the new weights (safetensors + manifest), then deliver them: every worker
      reloads and acknowledges,
-  7. log, checkpoint (DCP, atomic, last N kept), evaluate pass@K now and then.
+  7. log, evaluate pass@K and checkpoint (DCP, atomic, last N kept) at their cadences.
 """
 
 from __future__ import annotations
@@ -60,40 +60,26 @@ from simko_tune.generation import (
 )
 from simko_tune.generation.client import trainer_cuda_devices
 from simko_tune.generation.weights import default_sync_dir, parse_weight_dtype
-from simko_tune.loss import (
-    GATED_METRICS,
-    LossConfig,
-    kept_responses,
-    mode_advantages,
-    policy_loss,
-    token_logprobs,
-)
+from simko_tune.loss import LossConfig
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.models import read_hf_config
 from simko_tune.parallel import (
     ParallelDims,
-    all_reduce_max,
-    all_reduce_sum,
     barrier,
     broadcast_object,
-    clip_grad_norm_,
     cpu_threads,
     dp_coords,
     dp_group,
     exit_without_teardown,
-    full_output_weight,
-    hidden_states,
     init_distributed,
     load_rank0_state_dict,
     materialize,
-    micro_batches,
     parallelize_model,
-    reshard,
-    row_lengths,
-    set_gradient_sync,
+    rank,
     shutdown_distributed,
 )
 from simko_tune.plan import dry_run, validate
+from simko_tune.ppo import PPOSettings, PPOUpdate
 from simko_tune.rewards import RewardPool
 from simko_tune.rollout import RolloutBatch, build_rollout_batch
 
@@ -130,7 +116,7 @@ class SimKORecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self._setup_parallel()
+        self.setup_parallel()
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -140,7 +126,7 @@ class SimKORecipe:
         barrier()
         self.hf_config = read_hf_config(cfg.model_dir)
 
-        self.model = self._setup_model()
+        self.model = self.build_model()
         self.ref_model = self._setup_reference_model()
         self.tokenizer = tt_config.instantiate(cfg.tokenizer)
         self.stop_ids = stop_token_ids(self.tokenizer)
@@ -150,7 +136,7 @@ class SimKORecipe:
             len(self.problems), cfg.rollout.prompts_per_step, seed=cfg.seed, shuffle=True
         )
 
-        self._setup_optimizer()
+        self.setup_update()
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last
         )
@@ -187,7 +173,7 @@ class SimKORecipe:
             # the workers start from model_dir: give them the resumed weights
             self._publish(self.weight_version)
 
-    def _setup_parallel(self) -> None:
+    def setup_parallel(self) -> None:
         """Process groups (the main one for collectives, a CPU one for waits), the mesh."""
         cfg = self.cfg
         self.rank, self.world_size = init_distributed(
@@ -206,7 +192,7 @@ class SimKORecipe:
         self.dp_rank, self.dp_size = dp_coords(self.mesh)
         self.dp_group = dp_group(self.mesh)
 
-    def _setup_model(self) -> torch.nn.Module:
+    def build_model(self) -> torch.nn.Module:
         """Build on the meta device, parallelize, allocate on ``cfg.device``, load the
         checkpoint (rank 0 reads it, every rank keeps its shard)."""
         cfg = self.cfg
@@ -233,13 +219,29 @@ class SimKORecipe:
         del state
         return model
 
-    def _setup_optimizer(self) -> None:
+    def setup_update(self) -> None:
+        """The optimizer, its lr schedule and the update (:class:`PPOUpdate`) from the
+        config, for the model built. Tests and benchmarks that change ``ppo`` settings
+        between updates call it again."""
         cfg = self.cfg
         self.optimizer = tt_config.instantiate(cfg.optimizer, self.model.parameters())
         self.lr_scheduler = (
             tt_config.instantiate(cfg.lr_scheduler, self.optimizer)
             if _configured(cfg.lr_scheduler)
             else None
+        )
+        self.ppo = PPOUpdate(
+            self.model,
+            self.optimizer,
+            self.lr_scheduler,
+            self.loss_cfg,
+            PPOSettings.from_config(cfg),
+            device=self.device,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            dp_group=self.dp_group,
+            ref_model=self.ref_model,
+            log=_log,
         )
 
     def _weight_dtype(self) -> torch.dtype:
@@ -256,7 +258,7 @@ class SimKORecipe:
         the initial checkpoint, also after a resume, built and sharded like the policy."""
         if self.loss_cfg.kl_coef <= 0:
             return None
-        return self._setup_model().requires_grad_(False).eval()
+        return self.build_model().requires_grad_(False).eval()
 
     def _trainer_cpu_cores(self) -> list[int] | None:
         """The cores the trainer keeps when one-step-off generation runs beside it on CPU.
@@ -360,20 +362,20 @@ class SimKORecipe:
 
             with _timed(timings, "wait_rollout"):  # the time generation did NOT hide
                 sampled = next_rollout.result() if next_rollout is not None else None
-                rollout, texts = self._rollout(indices, timings, sampled)
+                rollout, texts = self.get_rollout(indices, timings, sampled)
             next_rollout = None
             if self.prefetcher is not None and self.step + 1 < cfg.max_steps:
                 next_rollout = self.prefetcher.submit(
-                    self._sample, self.batches.peek_batch(), self.step + 1, self.weight_version
+                    self.sample, self.batches.peek_batch(), self.step + 1, self.weight_version
                 )
             with _timed(timings, "old_logprobs"):
-                old_logprobs, ref_logprobs = self._old_logprobs(
-                    rollout, policy_rows=self._old_logprob_rows(rollout)
+                old_logprobs, ref_logprobs = self.ppo.old_logprobs(
+                    rollout, policy_rows=self.ppo.old_logprob_rows(rollout)
                 )
             # off-policy: the loss weighs each token by min(proximal / behaviour, is_cap)
             is_cap = cfg.rollout.is_cap if cfg.rollout.max_staleness else None
             with _timed(timings, "update"):
-                stats = self._update(rollout, old_logprobs, ref_logprobs, is_cap)
+                stats = self.ppo.update(rollout, old_logprobs, ref_logprobs, is_cap, self.step)
             # One-step-off, this only writes the files: the rollout thread delivers them
             # before it samples the next rollout, once the workers are idle.
             with _timed(timings, "publish"):
@@ -382,45 +384,59 @@ class SimKORecipe:
             self.step += 1
 
             if self.is_rank_zero:
-                stats.update(_rollout_stats(rollout, cfg.rollout.samples_per_prompt))
-                staleness = (self.weight_version - 1 - rollout.weight_versions).float()
-                stats["rollout/staleness_mean"] = float(staleness.mean())
-                stats["rollout/staleness_max"] = float(staleness.max())
-                stats.update({f"time/{k}": v for k, v in timings.items()})
-                elapsed = time.perf_counter() - t_step
-                stats["time/step"] = elapsed
-                stats["throughput/response_tokens_per_s"] = float(rollout.mask.sum()) / elapsed
-                stats["weight_version"] = self.weight_version
-                stats["lr"] = self.optimizer.param_groups[0]["lr"]
-                stats["memory/peak_gib"] = _peak_memory_gib(self.device)
-                stats["reward/timeouts_total"] = self.reward_pool.stats.timeouts  # since start
-                if self.step % cfg.log.every_n_steps == 0:
-                    self.metric_logger.log_dict(stats, step=self.step)
-                if cfg.log.samples_every_n_steps and self.step % cfg.log.samples_every_n_steps == 0:
-                    self._log_samples(indices, texts, rollout)
-                progress.update(1)
-                progress.set_postfix(
-                    reward=f"{stats['reward/mean']:.3f}",
-                    loss=f"{stats['loss']:.4f}",
-                    ent=f"{stats['policy/entropy_all']:.2f}",
-                    top1=f"{stats['sampled_top1_frac']:.2f}",
-                    refresh=False,
-                )
-                tqdm.write(_step_line(self.step, stats, elapsed))
-
-            if cfg.eval.every_n_steps and self.step % cfg.eval.every_n_steps == 0:
+                self._log_step(stats, timings, rollout, t_step, progress)
+                self._log_samples(indices, texts, rollout)
+            if self._due(cfg.eval.every_n_steps):
                 if next_rollout is not None:  # evaluation needs the workers, idle
                     next_rollout.exception()
                 self.evaluate()
-            every = cfg.checkpoint.every_n_steps  # 0: only the final save
-            if (every and self.step % every == 0) or self.step == cfg.max_steps:
+            if self._due(cfg.checkpoint.every_n_steps) or self.step == cfg.max_steps:
                 self.save_checkpoint()
         progress.close()
         if self.is_rank_zero:
             for line in _eval_summary(self.eval_history):
                 tqdm.write(line)
 
-    def _rollout(
+    def _due(self, every: int) -> bool:
+        """A cadence of ``every`` steps is due after this step (0: never)."""
+        return bool(every) and self.step % every == 0
+
+    def _log_step(
+        self,
+        stats: dict[str, float],
+        timings: dict[str, float],
+        rollout: RolloutBatch,
+        t_step: float,
+        progress: tqdm,
+    ) -> None:
+        """Rank 0: the step's metrics (update, rollout, timings, resources) to the metric
+        logger every ``log.every_n_steps``, and its line to the console."""
+        cfg = self.cfg
+        stats.update(_rollout_stats(rollout, cfg.rollout.samples_per_prompt))
+        staleness = (self.weight_version - 1 - rollout.weight_versions).float()
+        stats["rollout/staleness_mean"] = float(staleness.mean())
+        stats["rollout/staleness_max"] = float(staleness.max())
+        stats.update({f"time/{k}": v for k, v in timings.items()})
+        elapsed = time.perf_counter() - t_step
+        stats["time/step"] = elapsed
+        stats["throughput/response_tokens_per_s"] = float(rollout.mask.sum()) / elapsed
+        stats["weight_version"] = self.weight_version
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        stats["memory/peak_gib"] = _peak_memory_gib(self.device)
+        stats["reward/timeouts_total"] = self.reward_pool.stats.timeouts  # since start
+        if self._due(cfg.log.every_n_steps):
+            self.metric_logger.log_dict(stats, step=self.step)
+        progress.update(1)
+        progress.set_postfix(
+            reward=f"{stats['reward/mean']:.3f}",
+            loss=f"{stats['loss']:.4f}",
+            ent=f"{stats['policy/entropy_all']:.2f}",
+            top1=f"{stats['sampled_top1_frac']:.2f}",
+            refresh=False,
+        )
+        tqdm.write(_step_line(self.step, stats, elapsed))
+
+    def get_rollout(
         self, indices: list[int], timings: dict[str, float], sampled: SampledRollout | None = None
     ) -> tuple[RolloutBatch, list[str]]:
         """This step's rollout: the prefetched one (``sampled``, rank 0) or one sampled now,
@@ -428,7 +444,7 @@ class SimKORecipe:
         batch, texts = None, []
         if self.is_rank_zero:
             if sampled is None:
-                sampled = self._sample(indices, self.step, self.weight_version)
+                sampled = self.sample(indices, self.step, self.weight_version)
             elif sampled.indices != indices:
                 raise RuntimeError(
                     f"step {self.step}: the prefetched rollout is for prompts "
@@ -445,7 +461,7 @@ class SimKORecipe:
             timings.update(sampled.timings)
         return broadcast_object(batch), texts
 
-    def _sample(self, indices: list[int], step: int, version: int) -> SampledRollout:
+    def sample(self, indices: list[int], step: int, version: int) -> SampledRollout:
         """Generate and score on rank 0 for ``step``'s prompts with the workers' current
         weights ``version``; thread-safe against the training loop (it touches only the
         generator, the reward pool and the tokenizer, which the loop leaves alone meanwhile).
@@ -481,267 +497,6 @@ class SimKORecipe:
             weight_versions=[c.weight_version for c in flat],
         )
         return SampledRollout(indices, batch, texts, timings)
-
-    def _old_logprob_rows(self, rollout: RolloutBatch) -> torch.Tensor:
-        """The rows whose old log-probs need a separate forward pass before the update.
-
-        Not the first mini-batch's (of a single epoch): its update runs before any optimizer
-        step, so the policy it takes the ratio against is the current one, and the loss
-        takes those log-probs from its own forward, detached (as TRL and verl do for a
-        rollout consumed by one step, and as exact here for the first step of several).
-        Off-policy, they are the proximal log-probs of the importance weights too. No row
-        when the workers' log-probs stand in (``rollout.old_logprobs: workers``)."""
-        cfg = self.cfg
-        if cfg.rollout.old_logprobs == "workers":
-            return torch.zeros(0, dtype=torch.long)
-        kept = self._kept_indices(rollout)
-        if cfg.ppo.epochs > 1:  # later epochs revisit the first mini-batch after a step
-            return kept
-        return kept[cfg.ppo.mini_batch_prompts * cfg.rollout.samples_per_prompt :]
-
-    @torch.no_grad()
-    def _old_logprobs(
-        self, rollout: RolloutBatch, policy_rows: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Log-probs of the sampled tokens under the policy before this step's update, for
-        ``policy_rows`` (default: every row; see :meth:`_old_logprob_rows`; the other rows
-        are NaN, so that a use of one could not pass unnoticed), and under the reference
-        policy, every row, when the KL penalty needs them (None otherwise). Forward only:
-        micro-batches of ``ppo.logprob_max_tokens_per_micro_batch`` tokens.
-
-        The policy's are None when no row needs them (the loss takes the current ones), and
-        the workers' with ``rollout.old_logprobs: workers``."""
-        if self.cfg.rollout.old_logprobs == "workers":
-            old = rollout.worker_logprobs
-        else:
-            policy_rows = torch.arange(len(rollout)) if policy_rows is None else policy_rows
-            old = None
-        passes = []  # (name, model, the rollout's rows it needs)
-        if old is None and len(policy_rows):
-            passes.append(("old", self.model, policy_rows))
-        if self.ref_model is not None:
-            passes.append(("ref", self.ref_model, torch.arange(len(rollout))))
-        if not passes:
-            return old, None
-        ppo = self.cfg.ppo
-        budget = ppo.logprob_max_tokens_per_micro_batch or ppo.max_tokens_per_micro_batch
-        shape = rollout.worker_logprobs.shape
-        out = {}
-        for name, model, needed in passes:
-            out[name] = torch.zeros(shape, device=self.device)
-            sub = rollout if len(needed) == len(rollout) else rollout.select(needed)
-            for local in self._micro_batches(sub, range(len(sub)), budget):
-                mb, rows = sub.select(local), needed[local]
-                hidden = hidden_states(model, mb.tokens.to(self.device))
-                lp = token_logprobs(
-                    hidden,
-                    full_output_weight(model),
-                    mb.targets.to(self.device),
-                    temperature=self.loss_cfg.temperature,
-                    chunk_size=self.loss_cfg.chunk_size,
-                    mask=mb.mask,  # on the host: response positions only, no device sync
-                )
-                out[name][rows.to(self.device), : lp.shape[1]] = lp
-        if self.ref_model is not None:
-            reshard(self.ref_model)  # forward only: its root's compute copy is not needed again
-        # every rank computed its own rows; sum to share them (rows are disjoint)
-        out = {k: all_reduce_sum(v, group=self.dp_group).cpu() for k, v in out.items()}
-        if "old" in out:
-            skipped = torch.ones(len(rollout), dtype=torch.bool)
-            skipped[policy_rows] = False
-            out["old"][skipped] = float("nan")
-        return out.get("old", old), out.get("ref")
-
-    def _update(
-        self,
-        rollout: RolloutBatch,
-        old_logprobs: torch.Tensor | None,
-        ref_logprobs: torch.Tensor | None = None,
-        is_cap: float | None = None,
-    ) -> dict[str, float]:
-        """PPO updates. ``old_logprobs``: each row's ratio denominator; a row of NaN (or
-        None for every row) takes the current policy's, detached, which is exact only
-        before the first optimizer step: in the first mini-batch of the first epoch (see
-        :meth:`_old_logprob_rows`). ``ref_logprobs``: the KL penalty's reference.
-        ``is_cap``: off-policy, each token's loss is weighted by min(exp(proximal -
-        behaviour), is_cap), proximal = the old log-probs, behaviour = the workers'.
-
-        The first mini-batch's forward also measures the generator-vs-trainer mismatch: its
-        current log-probs precede any optimizer step of this update.
-
-        Per mini-batch: micro-batches (token budget) forward + backward, gradients reduced
-        over data-parallel ranks on the last one only, clip, a NaN/inf guard, the step.
-        Metrics stay on the device; the guard's flag is the loop's one host sync per
-        mini-batch (the loss reads row lengths off the host mask).
-        """
-        cfg = self.cfg
-        g = cfg.rollout.samples_per_prompt
-        advantages = mode_advantages(
-            rollout.rewards, g, self.loss_cfg.mode, self.loss_cfg.positive_weight
-        )
-        rollout, kept = self._kept_rows(rollout)
-        advantages = advantages[kept]
-        old_logprobs, ref_logprobs = (
-            None if t is None else t[kept] for t in (old_logprobs, ref_logprobs)
-        )
-        # rows whose old log-probs are the current ones (on the host: no device sync)
-        current = (
-            torch.ones(len(rollout), dtype=torch.bool)
-            if old_logprobs is None
-            else old_logprobs.isnan().all(dim=1)
-        )
-        correct = rollout.rewards >= 1.0
-        rows_per_update = cfg.ppo.mini_batch_prompts * g
-        first = current[:rows_per_update]
-        if (
-            bool(current[rows_per_update:].any())
-            or (cfg.ppo.epochs > 1 and bool(current.any()))
-            or bool(first.any()) != bool(first.all())
-        ):
-            raise ValueError(
-                "old log-probs are missing for some rows: only the first mini-batch of the "
-                "first epoch may go without (all its rows), since the current policy is the "
-                "old one only before the first optimizer step"
-            )
-        measure_mismatch = cfg.rollout.old_logprobs == "trainer"
-        sums: dict[str, torch.Tensor] = {}  # token-weighted metric sums of this rank's rows
-        loss_sum = grad_norm_sum = ratio_max = is_max = torch.zeros((), device=self.device)
-        mismatch = {"sum": ratio_max, "tokens": ratio_max, "max": ratio_max}  # see above
-        num_updates = skipped = 0
-        for epoch in range(cfg.ppo.epochs):
-            for start in range(0, len(rollout), rows_per_update):
-                mini = range(start, min(start + rows_per_update, len(rollout)))
-                measure = measure_mismatch and epoch == 0 and start == 0
-                normalizer = self._normalizer(rollout, mini)
-                mini_loss = torch.zeros((), device=self.device)
-                micro = self._micro_batches(rollout, mini, cfg.ppo.max_tokens_per_micro_batch)
-                for i, rows in enumerate(micro):
-                    set_gradient_sync(
-                        self.model, not cfg.ppo.defer_grad_sync or i == len(micro) - 1
-                    )
-                    mb = rollout.select(rows)
-                    width = mb.tokens.shape[1]
-                    hidden = hidden_states(self.model, mb.tokens.to(self.device))
-                    old = None if bool(current[rows].all()) else old_logprobs
-                    loss, metrics = policy_loss(
-                        hidden,
-                        full_output_weight(self.model),
-                        mb.targets.to(self.device),
-                        _rows(old, rows, width, self.device),
-                        advantages[rows].to(self.device),
-                        mb.mask,  # on the host: the loss reads row lengths off it, no sync
-                        correct[rows].to(self.device),
-                        self.loss_cfg,
-                        ref_logprobs=_rows(ref_logprobs, rows, width, self.device),
-                        normalizer=normalizer,
-                        sampler_logprobs=(
-                            _rows(rollout.worker_logprobs, rows, width, self.device)
-                            if measure or is_cap is not None
-                            else None
-                        ),
-                        is_cap=is_cap,
-                    )
-                    loss.backward()
-                    mini_loss = mini_loss + loss.detach()
-                    n_tok = metrics.pop("num_tokens")
-                    n_gated = metrics.pop("num_gated")
-                    ratio_max = torch.maximum(ratio_max, metrics.pop("ratio_max").detach())
-                    if is_cap is not None:
-                        is_max = torch.maximum(is_max, metrics.pop("is_weight_max"))
-                    if measure:
-                        mismatch["sum"] = (
-                            mismatch["sum"] + metrics.pop("logprob_mismatch_mean_abs") * n_tok
-                        )
-                        mismatch["tokens"] = mismatch["tokens"] + n_tok
-                        mismatch["max"] = torch.maximum(
-                            mismatch["max"], metrics.pop("logprob_mismatch_max_abs")
-                        )
-                    for k, v in metrics.items():
-                        weight = n_gated if k in GATED_METRICS else n_tok
-                        sums[k] = sums.get(k, 0.0) + v.detach() * weight
-                    sums["_tokens"] = sums.get("_tokens", 0.0) + n_tok
-                    sums["_gated"] = sums.get("_gated", 0.0) + n_gated
-                grad_norm = clip_grad_norm_(self.model.parameters(), cfg.ppo.max_grad_norm)
-                # A NaN/inf loss or gradient on any rank skips the update on every rank: a
-                # clipped loss can be NaN with finite gradients, so both are checked.
-                bad = (~torch.isfinite(mini_loss) | ~torch.isfinite(grad_norm)).float()
-                if all_reduce_sum(bad).item() == 0:  # the mini-batch's one host sync
-                    self.optimizer.step()
-                else:
-                    skipped += 1
-                    _log(f"step {self.step}: non-finite loss or gradient, update skipped")
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.lr_scheduler is not None:
-                    self.lr_scheduler.step()
-                loss_sum = loss_sum + mini_loss
-                grad_norm_sum = grad_norm_sum + grad_norm.to(self.device)  # before clipping
-                num_updates += 1
-        # metrics: token-weighted means over all ranks' rows; loss: summed over dp ranks
-        names = sorted(k for k in sums if k not in ("_tokens", "_gated"))
-        local = torch.stack(
-            [loss_sum] + [sums[k] for k in names] + [sums["_tokens"], sums["_gated"]]
-        )
-        reduced = all_reduce_sum(local.float(), group=self.dp_group).tolist()
-        total_tokens, total_gated = max(reduced[-2], 1.0), max(reduced[-1], 1.0)
-        out = {
-            k: reduced[1 + i] / (total_gated if k in GATED_METRICS else total_tokens)
-            for i, k in enumerate(names)
-        }
-        out["loss"] = reduced[0] / max(num_updates, 1)
-        out["grad_norm_mean"] = float(grad_norm_sum) / max(num_updates, 1)
-        # a maximum over every micro-batch of every rank, not a mean of maxima
-        out["ratio_max"] = float(all_reduce_max(ratio_max, group=self.dp_group))
-        if is_cap is not None:
-            out["is_weight/mean"] = out.pop("is_weight_mean")
-            out["is_weight/capped_frac"] = out.pop("is_weight_capped_frac")
-            out["is_weight/max"] = float(all_reduce_max(is_max, group=self.dp_group))
-        if measure_mismatch:
-            total = all_reduce_sum(
-                torch.stack([mismatch["sum"], mismatch["tokens"]]).float(), group=self.dp_group
-            ).tolist()
-            out["logprob_mismatch/mean_abs"] = total[0] / max(total[1], 1.0)
-            out["logprob_mismatch/max_abs"] = float(
-                all_reduce_max(mismatch["max"], group=self.dp_group)
-            )
-        out["updates_skipped_nonfinite"] = float(skipped)
-        out["kept_responses"] = float(len(kept))
-        return out
-
-    def _kept_indices(self, rollout: RolloutBatch) -> torch.Tensor:
-        """The indices of the rows this mode trains on. PSR / NSR drop the other
-        responses, as the official code does, so mini-batches and normalisers count the kept
-        ones only; trimmed to a multiple of the data-parallel size. When none is kept (PSR
-        on a batch with no correct response) every row stays, all with advantage 0."""
-        kept = kept_responses(rollout.rewards, self.loss_cfg).nonzero().squeeze(1)
-        kept = kept[: len(kept) - len(kept) % self.dp_size]
-        return kept if 0 < len(kept) < len(rollout) else torch.arange(len(rollout))
-
-    def _kept_rows(self, rollout: RolloutBatch) -> tuple[RolloutBatch, torch.Tensor]:
-        """The kept rows (:meth:`_kept_indices`) and their indices."""
-        kept = self._kept_indices(rollout)
-        return (rollout if len(kept) == len(rollout) else rollout.select(kept)), kept
-
-    def _normalizer(self, rollout: RolloutBatch, rows: range) -> float:
-        """The loss denominator over the whole mini-batch (all micro-batches, all ranks):
-        every rank holds the full rollout, so it is computed locally, identically."""
-        mask = rollout.mask[rows.start : rows.stop]
-        if self.loss_cfg.agg == "token_mean":
-            return float(mask.sum())
-        return float(len(rows))
-
-    def _micro_batches(
-        self, rollout: RolloutBatch, rows: range, max_tokens: int | None
-    ) -> list[torch.Tensor]:
-        """This data-parallel rank's rows of ``rows``, in micro-batches (a token budget, or
-        ``ppo.micro_batch_size`` rows when ``max_tokens`` is None)."""
-        return micro_batches(
-            rows,
-            row_lengths(rollout.mask),
-            self.dp_rank,
-            self.dp_size,
-            max_rows=self.cfg.ppo.micro_batch_size,
-            max_tokens=max_tokens,
-        )
 
     def _publish(self, version: int, deliver: bool = True) -> None:
         """Weights → safetensors + manifest (ranks share the writing), then, with
@@ -804,6 +559,9 @@ class SimKORecipe:
         return self._eval_cache
 
     def _log_samples(self, indices: list[int], texts: list[str], rollout: RolloutBatch) -> None:
+        """Rank 0: a few completions as text, every ``log.samples_every_n_steps``."""
+        if not self._due(self.cfg.log.samples_every_n_steps):
+            return
         g = self.cfg.rollout.samples_per_prompt
         lines = []
         for j in range(min(self.cfg.log.num_samples, len(indices))):
@@ -854,7 +612,7 @@ class SimKORecipe:
 
 # ---------------------------------------------------------------------- helpers
 def _log(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank() == 0:
         tqdm.write(msg, file=sys.stderr)
 
 
@@ -862,10 +620,6 @@ def _configured(node: DictConfig | None) -> bool:
     """A ``_component_`` section that is present and not switched off (``key=null`` on the
     command line empties its ``_component_``)."""
     return node is not None and node.get("_component_") is not None
-
-
-def _rows(t: torch.Tensor | None, rows: torch.Tensor, width: int, device) -> torch.Tensor | None:
-    return None if t is None else t[rows, :width].to(device)
 
 
 def _model_family(hf_config: dict) -> str:

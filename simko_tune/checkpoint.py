@@ -35,17 +35,18 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from simko_tune.parallel.collectives import all_gather_object, barrier, broadcast_object
+from simko_tune.parallel.collectives import (
+    all_gather_object,
+    barrier,
+    broadcast_object,
+)
+from simko_tune.parallel.collectives import rank as process_rank
 from simko_tune.paths import STEP_DIR, checksum_file, replace_dir, step_dir_name
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 CHECKSUM = "xxh3_64"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _rng_states() -> dict[str, Any]:
@@ -87,7 +88,7 @@ def _save_synced(obj: Any, path: Path) -> None:
 
 
 def _world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return (dist.getprocess_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _checksums(root: Path, names: list[str]) -> dict[str, str]:
@@ -171,7 +172,7 @@ class CheckpointManager:
         """
         final = self.step_dir(step)
         tmp = final.with_name(final.name + ".tmp")
-        rank = _rank()
+        rank = process_rank()
         if rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -265,11 +266,11 @@ class CheckpointManager:
             if saved["lr_scheduler"] is None:
                 raise ValueError(f"{path}: saved without an lr_scheduler state")
             lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        rng_file = path / f"rng_rank{_rank():05d}.pt"
+        rng_file = path / f"rng_rank{process_rank():05d}.pt"
         if rng_file.is_file():
             _set_rng_states(torch.load(rng_file, weights_only=True))
         else:
-            log.warning("%s: no RNG state for rank %d (saved by fewer ranks)", path, _rank())
+            log.warning("%s: no RNG state for rank %d (saved by fewer ranks)", path, process_rank())
         return saved["extra"]
 
     def resume(

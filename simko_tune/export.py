@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from simko_tune.generation.weights import write_shards
+from simko_tune.parallel.collectives import rank as process_rank
 
 # Everything of the base model directory except its weights: config, tokenizer, generation config.
 _HF_SIDE_FILES = (
@@ -42,7 +42,7 @@ def export_hf(
     on rank 0's node). The caller publishes ``out_dir`` atomically (it lives inside a
     checkpoint's temp folder)."""
     out, base = Path(out_dir), Path(base_model_dir)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = process_rank()
     files = write_shards(model, out, hf_config, dtype=dtype, max_shard_bytes=max_shard_bytes)
     if rank != 0:
         return out

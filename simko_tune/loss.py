@@ -12,7 +12,7 @@ compiled, update it in place). Chunks hold whole responses, so a response longer
 ``chunk_size`` tokens is a chunk of its own: the bound is max(chunk_size, longest
 response) × V × 4 bytes, plus an fp32 [V, D] weight-gradient accumulator.
 
-The math follows DESIGN.md §1 (SimKO, arXiv 2510.14807, and its official verl code).
+The math follows docs/design.md §1 (SimKO, arXiv 2510.14807, and its official verl code).
 """
 
 from __future__ import annotations

@@ -35,16 +35,11 @@ CORPUS = [
 
 def build_model(root: Path, num_layers: int) -> Path:
     from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
+    from simko_tune.model_shapes import QWEN2_5_SHAPES
 
     tok = train_tokenizer(CORPUS, root / "tokenizer", vocab_size=512)
-    dims = TinyQwen2Dims(
-        num_layers=num_layers,
-        num_heads=14,
-        num_kv_heads=2,
-        embed_dim=896,
-        intermediate_dim=4864,
-        max_seq_len=2048,
-    )
+    shape = {**QWEN2_5_SHAPES["0.5b"], "num_layers": num_layers}
+    dims = TinyQwen2Dims(**shape, max_seq_len=2048)
     return build_tiny_qwen2(tok, root / "model", dims, seed=0)
 
 

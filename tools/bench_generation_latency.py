@@ -1,5 +1,5 @@
-"""Latency of one generate call through a vLLM worker on a tiny model (issue 10's setting:
-4 prompts x 8 samples x 32 new tokens, temperature 1), against Hugging Face
+"""Latency of one generate call through a vLLM worker on a tiny model (the TRL comparison's
+batch: 4 prompts x 8 samples x 32 new tokens, temperature 1), against Hugging Face
 ``generate`` on the same model and batch in this process.
 
 Reports, as medians over alternating repeats: the round trip through the worker (seeded, as

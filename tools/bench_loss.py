@@ -3,7 +3,7 @@
 Same inputs, same process settings, reported as ratios (CPU, fp32, Qwen2.5-0.5B shapes by
 default: V = 151,936, D = 896, N = B·T tokens, every token valid):
 
-- ``full``: the plain formulation (as in the tests' reference): fp32 logits for all tokens,
+- ``full``: ``simko_tune.loss_reference`` (what the tests check against): fp32 logits for all tokens,
   log-softmax, gathers, per-response ``torch.quantile`` gate, SimKO by autograd.
 - ``simko`` / ``grpo``: ``simko_tune.loss.policy_loss`` in those modes (compiled).
 
@@ -39,40 +39,11 @@ def _status_kb(field: str) -> int:
         return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
 
 
-def _full_logits_simko(hidden, weight, targets, old, adv, mask, correct, cfg):
-    """The plain formulation: every [N, V] intermediate materialised, autograd backward."""
-    import torch
-
-    B, T, _ = hidden.shape
-    logits = (hidden @ weight.T).float() / cfg.temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        gate = torch.zeros_like(mask)
-        for i in range(B):
-            gate[i] = mask[i] & (entropy[i] > torch.quantile(entropy[i][mask[i]], cfg.tau))
-        top_ids = logits.topk(cfg.top_k, dim=-1).indices
-        is_argmax = targets == top_ids[..., 0]
-    w = gate.float()
-    A = adv[:, None].expand(B, T)
-    A = torch.where(gate & is_argmax & (A < 0), A * cfg.lam, A)
-    ratio = torch.exp(logp - old)
-    top_logp = logp_all.gather(-1, top_ids)
-    gamma_n = torch.exp(top_logp)
-    boosted = (1 - cfg.alpha * w) * ratio + (cfg.alpha * w / cfg.top_k) * (
-        (ratio[..., None] / gamma_n).detach() * gamma_n
-    ).sum(-1)
-    ratio = torch.where(correct[:, None], boosted, ratio)
-    pg = torch.max(-A * ratio, -A * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high))
-    m = mask.float()
-    return (pg * m).sum() / m.sum()
-
-
 def worker(impl: str, n: int, vocab: int, dim: int, chunk_size: int, repeats: int) -> dict:
     import torch
 
     from simko_tune.loss import LossConfig, group_advantages, policy_loss, token_logprobs
+    from simko_tune.loss_reference import reference_policy_loss
 
     torch.manual_seed(0)
     batch = n // SEQ_LEN
@@ -89,7 +60,7 @@ def worker(impl: str, n: int, vocab: int, dim: int, chunk_size: int, repeats: in
 
     def step() -> None:
         if impl == "full":
-            loss = _full_logits_simko(hidden, weight, targets, old, adv, mask, correct, cfg)
+            loss = reference_policy_loss(hidden, weight, targets, old, adv, mask, correct, cfg)
         else:
             loss, _ = policy_loss(hidden, weight, targets, old, adv, mask, correct, cfg)
         loss.backward()

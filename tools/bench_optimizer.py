@@ -21,7 +21,11 @@ THREADS = 2
 
 
 def block_shapes(layers: int) -> list[tuple[int, ...]]:
-    d, kv, mlp = 896, 128, 4864
+    from simko_tune.model_shapes import QWEN2_5_SHAPES
+
+    shape = QWEN2_5_SHAPES["0.5b"]
+    d, mlp = shape["embed_dim"], shape["intermediate_dim"]
+    kv = d // shape["num_heads"] * shape["num_kv_heads"]
     one = [(d, d), (d,), (kv, d), (kv,), (kv, d), (kv,), (d, d), (mlp, d), (mlp, d), (d, mlp)]
     return one * layers + [(d,)] * 2 * layers  # + the two RMSNorm scales per block
 

@@ -51,6 +51,7 @@ def build_model_dir(out: Path, layers: int, vocab: int) -> Path:
         build_tiny_qwen2,
         train_tokenizer,
     )
+    from simko_tune.model_shapes import QWEN2_5_SHAPES
     from simko_tune.models import read_hf_config
 
     rng = random.Random(0)
@@ -60,15 +61,8 @@ def build_model_dir(out: Path, layers: int, vocab: int) -> Path:
     ]
     texts = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(vocab // 4)]
     tok_dir = train_tokenizer(texts, out / "tokenizer", vocab_size=vocab - len(SPECIAL_TOKENS))
-    dims = TinyQwen2Dims(
-        num_layers=layers,
-        num_heads=14,
-        num_kv_heads=2,
-        embed_dim=896,
-        intermediate_dim=4864,
-        max_seq_len=1024,
-        tie_word_embeddings=True,
-    )
+    shape = {**QWEN2_5_SHAPES["0.5b"], "num_layers": layers}
+    dims = TinyQwen2Dims(**shape, max_seq_len=1024, tie_word_embeddings=True)
     model_dir = build_tiny_qwen2(tok_dir, out / "model", dims, seed=0)
     built = read_hf_config(model_dir)["vocab_size"]
     if built != vocab:
@@ -126,9 +120,9 @@ def worker(args) -> None:
     }.items():
         OmegaConf.update(cfg, key, value, force_add=True)
     recipe = simko_recipe.SimKORecipe(check_schema(cfg))
-    recipe._setup_parallel()
+    recipe.setup_parallel()
     recipe.hf_config = read_hf_config(args.model_dir)
-    recipe.model = recipe._setup_model()
+    recipe.model = recipe.build_model()
     initial = {n: p.detach().clone() for n, p in recipe.model.named_parameters()}
     rollout = synthetic_rollout(args)
     settings = {
@@ -145,23 +139,24 @@ def worker(args) -> None:
             defer_grad_sync=True,
         ),
     }
+    recipe.setup_update()
     # warm-up (FSDP2's lazy init, first allocations) so that neither timed run pays for it
-    recipe._old_logprobs(rollout.select(torch.arange(2)))
+    recipe.ppo.old_logprobs(rollout.select(torch.arange(2)))
     recipe.model.reshard()  # a forward without backward leaves FSDP2's root unsharded
     results = {}
     for name in args.order.split(","):
         with torch.no_grad():
             for n, p in recipe.model.named_parameters():
                 p.copy_(initial[n])
-        recipe._setup_optimizer()
         for k, v in settings[name].items():
             recipe.cfg.ppo[k] = v
+        recipe.setup_update()
         torch.distributed.barrier()
         t0, cpu0 = time.perf_counter(), time.process_time()
-        rows = recipe._old_logprob_rows(rollout) if name == "after" else None  # None: all
-        old, _ = recipe._old_logprobs(rollout, policy_rows=rows)
+        rows = recipe.ppo.old_logprob_rows(rollout) if name == "after" else None  # None: all
+        old, _ = recipe.ppo.old_logprobs(rollout, policy_rows=rows)
         t1 = time.perf_counter()
-        stats = recipe._update(rollout, old)
+        stats = recipe.ppo.update(rollout, old)
         t2, cpu2 = time.perf_counter(), time.process_time()
         results[name] = {
             "old_logprobs_s": t1 - t0,

@@ -74,10 +74,10 @@ def our_update(model_dir: Path, work: Path):
     recipe = simko_recipe.SimKORecipe(
         check_schema(OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides)))
     )
-    recipe._setup_parallel()
+    recipe.setup_parallel()
     recipe.hf_config = read_hf_config(model_dir)
-    recipe.model = recipe._setup_model()
-    recipe._setup_optimizer()
+    recipe.model = recipe.build_model()
+    recipe.setup_update()
     return recipe
 
 
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, float]:
     recipe = our_update(model_dir, work)
     rollout = synthetic_rollout(recipe.hf_config["vocab_size"])
     steps = {
-        "ours": lambda: recipe._update(rollout, None),
+        "ours": lambda: recipe.ppo.update(rollout, None),
         "hf": hf_step_fn(model_dir, rollout, fused=args.hf_optim == "fused"),
     }
     times: dict[str, list[float]] = {name: [] for name in steps}

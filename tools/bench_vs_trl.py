@@ -81,6 +81,7 @@ def qwen2_5_0_5b_shape(root: Path, layers: int = 24) -> Path:
     tiny_cpu's)."""
     from simko_tune.demo.countdown import load_countdown
     from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer
+    from simko_tune.model_shapes import QWEN2_5_SHAPES
 
     model = root / ("qwen2_5_0_5b_shape" + ("" if layers == 24 else f"_{layers}_layers"))
     if (model / "config.json").is_file():
@@ -89,14 +90,8 @@ def qwen2_5_0_5b_shape(root: Path, layers: int = 24) -> Path:
     if not (tok / "tokenizer.json").is_file():
         corpus = [f"{p.problem} {p.answer}" for p in load_countdown("train", seed=0)]
         tok = train_tokenizer(corpus, tok, vocab_size=1000)
-    dims = TinyQwen2Dims(
-        num_layers=layers,
-        num_heads=14,
-        num_kv_heads=2,
-        embed_dim=896,
-        intermediate_dim=4864,
-        max_seq_len=512,
-    )
+    shape = {**QWEN2_5_SHAPES["0.5b"], "num_layers": layers}
+    dims = TinyQwen2Dims(**shape, max_seq_len=512)
     return build_tiny_qwen2(tok, model, dims, seed=0)
 
 

@@ -39,14 +39,17 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's package, installed or not (the GPU machine)
+from simko_tune.model_shapes import QWEN2_5_SHAPES  # noqa: E402
+
 PARTS = ("a", "b", "c", "d")
+C_SEQ_LEN = 256  # part (c): its tokens come as rows of this many
 H200_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM bf16 dense peak (NVIDIA's datasheet, no sparsity)
 # Qwen2.5-1.5B's shape (torchtune qwen2_5_1_5b_base) and a tiny one for CPU tests.
 MODEL_SHAPES = {
     "1.5b": dict(
-        vocab_size=151_936, num_layers=28, num_heads=12, num_kv_heads=2, embed_dim=1536,
-        intermediate_dim=8960, max_seq_len=32_768, norm_eps=1e-6, rope_base=1_000_000.0,
-        tie_word_embeddings=True,
+        vocab_size=151_936, **QWEN2_5_SHAPES["1.5b"], max_seq_len=32_768, norm_eps=1e-6,
+        rope_base=1_000_000.0, tie_word_embeddings=True,
     ),
     "tiny": dict(
         vocab_size=512, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
@@ -510,32 +513,30 @@ def part_b_train_step(args: argparse.Namespace, work: Path) -> dict:
 def part_c_loss(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_loss import SEQ_LEN, _full_logits_simko
-
     from simko_tune.loss import LossConfig, group_advantages, policy_loss, token_logprobs
+    from simko_tune.loss_reference import reference_policy_loss
 
-    if args.c_tokens % SEQ_LEN:
-        raise ValueError(f"--c-tokens must be a multiple of {SEQ_LEN}")
+    if args.c_tokens % C_SEQ_LEN:
+        raise ValueError(f"--c-tokens must be a multiple of {C_SEQ_LEN}")
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    batch, n, vocab, dim = args.c_tokens // SEQ_LEN, args.c_tokens, args.c_vocab, args.c_dim
-    hidden = torch.randn(batch, SEQ_LEN, dim, device=device, dtype=dtype).requires_grad_()
+    batch, n, vocab, dim = args.c_tokens // C_SEQ_LEN, args.c_tokens, args.c_vocab, args.c_dim
+    hidden = torch.randn(batch, C_SEQ_LEN, dim, device=device, dtype=dtype).requires_grad_()
     weight = (torch.randn(vocab, dim, device=device, dtype=dtype) * 0.05).requires_grad_()
-    targets = torch.randint(0, vocab, (batch, SEQ_LEN), device=device)
+    targets = torch.randint(0, vocab, (batch, C_SEQ_LEN), device=device)
     old = token_logprobs(hidden, weight, targets) + 0.05 * torch.randn(
-        batch, SEQ_LEN, device=device
+        batch, C_SEQ_LEN, device=device
     )
     rewards = (torch.arange(batch, device=device) % 2).float()
     adv = group_advantages(rewards, min(4, batch))
-    mask = torch.ones(batch, SEQ_LEN, dtype=torch.bool, device=device)
+    mask = torch.ones(batch, C_SEQ_LEN, dtype=torch.bool, device=device)
     correct = rewards == 1
     cfg = LossConfig(mode="simko", chunk_size=args.c_chunk, compile=not args.no_compile)
 
     def step(impl: str) -> None:
         if impl == "full":
-            loss = _full_logits_simko(hidden, weight, targets, old, adv, mask, correct, cfg)
+            loss = reference_policy_loss(hidden, weight, targets, old, adv, mask, correct, cfg)
         else:
             loss, _ = policy_loss(hidden, weight, targets, old, adv, mask, correct, cfg)
         loss.backward()

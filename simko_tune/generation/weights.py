@@ -59,6 +59,7 @@ from simko_tune.parallel.collectives import (
     hostnames,
     unshard,
 )
+from simko_tune.parallel.collectives import rank as process_rank
 from simko_tune.paths import checksum_file, replace_dir
 
 MANIFEST = "manifest.json"
@@ -290,7 +291,7 @@ def publish_weights(
         raise ValueError(
             f"published versions must be positive (0 is the initial checkpoint): {version}"
         )
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = process_rank()
     final = version_dir(sync_dir, version)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
@@ -595,7 +596,7 @@ class WeightSync:
         self.dtype = dtype
         self.max_shard_bytes = max_shard_bytes
         self.remove_on_close = remove_on_close
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rank = process_rank()
         self.consumer: WeightConsumer | None = None
         self.written: int | None = None  # the newest version this sync published
         self.acknowledged: int | None = None  # the version the consumer serves

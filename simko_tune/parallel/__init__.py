@@ -21,17 +21,20 @@ from simko_tune.parallel.collectives import (
     all_reduce_sum,
     barrier,
     broadcast_object,
+    clip_grad_norm_,
     dp_coords,
     dp_group,
     exit_without_teardown,
     gather_to,
     hostnames,
     init_distributed,
+    rank,
     shutdown_distributed,
     unshard,
     wait_group,
+    world_size,
 )
-from simko_tune.parallel.mesh import ParallelDims, clip_grad_norm_, cpu_threads
+from simko_tune.parallel.mesh import ParallelDims, cpu_threads
 from simko_tune.parallel.microbatch import micro_batches, row_lengths
 from simko_tune.parallel.tp_plans import get_tp_plan
 
@@ -62,9 +65,11 @@ __all__ = [
     "micro_batches",
     "parallelize_model",
     "reshard",
+    "rank",
     "row_lengths",
     "set_gradient_sync",
     "shutdown_distributed",
     "unshard",
     "wait_group",
+    "world_size",
 ]

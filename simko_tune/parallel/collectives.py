@@ -98,6 +98,16 @@ def exit_without_teardown(code: int) -> NoReturn:
     os._exit(code)
 
 
+def rank() -> int:
+    """This process's rank in the default group; 0 in a single process without torchrun."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks; 1 in a single process without torchrun."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     """Wait for every rank, on the CPU wait group: the usual reason to wait is rank 0's work."""
     if dist.is_initialized():
@@ -178,6 +188,34 @@ def unshard(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for parameters living on different meshes.
+
+    Under TP + FSDP2 the transformer blocks' gradients are DTensors on the 2-D mesh while the
+    root's (embedding, norm) are on the ``dp_shard`` mesh alone, and torch's version cannot
+    stack norms across meshes. Here each group of gradients sharing a mesh and placements
+    gets its norm reduced over that mesh, and the groups combine as a sum of squares.
+    Returns the total (pre-clipping) norm as a plain tensor, the same value on every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    groups: dict[object, list[torch.nn.Parameter]] = {}
+    for p in params:
+        key = (
+            (p.grad.device_mesh, tuple(p.grad.placements)) if isinstance(p.grad, DTensor) else None
+        )
+        groups.setdefault(key, []).append(p)
+    squares = []
+    for group in groups.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
+        squares.append(unshard(norm).float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0)
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
 def gather_to(t: torch.Tensor, dst: int, dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """``t``'s whole value on rank ``dst`` (``None`` on the other ranks), floating tensors cast
     to ``dtype`` first (a bf16 publication moves half the bytes). Collective for a DTensor:
@@ -190,19 +228,19 @@ def gather_to(t: torch.Tensor, dst: int, dtype: torch.dtype | None = None) -> to
     world take ``full_tensor()``. A plain tensor is every rank's own copy: no traffic.
     """
     t = t.detach()
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    me = rank()
 
     def cast(x: torch.Tensor) -> torch.Tensor:
         return x.to(dtype) if dtype is not None and x.is_floating_point() else x
 
     if not isinstance(t, DTensor):
-        return cast(t) if rank == dst else None
+        return cast(t) if me == dst else None
     mesh, placements = t.device_mesh, t.placements
     if mesh.size() != dist.get_world_size() or not all(
         type(p) in (Shard, Replicate) for p in placements
     ):
         full = cast(t.full_tensor())
-        return full if rank == dst else None
+        return full if me == dst else None
     local = cast(t.to_local()).contiguous().reshape(-1)
     boxes = [
         shard_box(t.shape, mesh.shape, (mesh.mesh == r).nonzero()[0].tolist(), placements)
@@ -212,7 +250,7 @@ def gather_to(t: torch.Tensor, dst: int, dtype: torch.dtype | None = None) -> to
     send = local
     if local.numel() < width:  # gather takes equal sizes
         send = torch.cat([local, local.new_empty(width - local.numel())])
-    if rank != dst:
+    if me != dst:
         dist.gather(send, None, dst=dst)
         return None
     full = send.new_empty(t.shape)

@@ -1,4 +1,4 @@
-"""The 2-D device mesh, gradient clipping across its meshes, and each CPU rank's threads.
+"""The 2-D device mesh and each CPU rank's threads.
 
 The trainer's ranks form a 2-D mesh: ``dp_shard`` ranks hold different data and shard
 parameters with FSDP2; the ``tp`` ranks of one data-parallel group hold the same data and
@@ -11,11 +11,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-from simko_tune.parallel.collectives import unshard
 
 
 @dataclass
@@ -52,34 +49,6 @@ class ParallelDims:
             return None
         dp_shard, tp = self.resolve(dist.get_world_size())
         return init_device_mesh(device_type, (dp_shard, tp), mesh_dim_names=("dp_shard", "tp"))
-
-
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for parameters living on different meshes.
-
-    Under TP + FSDP2 the transformer blocks' gradients are DTensors on the 2-D mesh while the
-    root's (embedding, norm) are on the ``dp_shard`` mesh alone, and torch's version cannot
-    stack norms across meshes. Here each group of gradients sharing a mesh and placements
-    gets its norm reduced over that mesh, and the groups combine as a sum of squares.
-    Returns the total (pre-clipping) norm as a plain tensor, the same value on every rank.
-    """
-    from torch.distributed.tensor import DTensor
-
-    params = [p for p in parameters if p.grad is not None]
-    groups: dict[object, list[torch.nn.Parameter]] = {}
-    for p in params:
-        key = (
-            (p.grad.device_mesh, tuple(p.grad.placements)) if isinstance(p.grad, DTensor) else None
-        )
-        groups.setdefault(key, []).append(p)
-    squares = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
-        squares.append(unshard(norm).float() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.tensor(0.0)
-    for group in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total
 
 
 def cpu_threads(environ: Mapping[str, str] = os.environ) -> tuple[int, str]:

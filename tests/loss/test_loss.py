@@ -20,6 +20,7 @@ from simko_tune.loss import (
     policy_loss,
     token_logprobs,
 )
+from simko_tune.loss_reference import reference_policy_loss
 
 INPUTS = ("targets", "old_logprobs", "advantages", "mask", "correct")
 
@@ -28,66 +29,18 @@ INPUTS = ("targets", "old_logprobs", "advantages", "mask", "correct")
 
 
 def reference_loss(b, cfg, normalizer=None, old_topk_logprobs=None, use_ref=False):
-    """DESIGN §1 line by line on full fp32 logits, autograd for the gradients."""
-    hidden, weight, mask = b["hidden"], b["weight"], b["mask"]
-    targets, old, correct = b["targets"], b["old_logprobs"], b["correct"]
-    B, T, _ = hidden.shape
-    logits = (hidden.float() @ weight.float().T) / cfg.temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    entropy_with_grad = -(logp_all.exp() * logp_all).sum(-1)
-    entropy = entropy_with_grad.detach()
-
-    gate = torch.zeros(B, T, dtype=torch.bool)
-    for i in range(B):
-        if mask[i].any():
-            q = torch.quantile(entropy[i][mask[i]], cfg.tau)
-            gate[i] = (entropy[i] > q) & mask[i]
-    w = gate.float()
-    is_argmax = targets == logits.detach().argmax(-1)
-
-    A = b["advantages"].float()[:, None].expand(B, T)
-    ratio = torch.exp(logp - old)
-    if cfg.mode == "simko":
-        A = torch.where(gate & is_argmax & (A < 0), A * cfg.lam, A)
-        top_ids = logits.detach().topk(cfg.top_k, dim=-1).indices
-        top_logp = logp_all.gather(-1, top_ids)
-        if old_topk_logprobs is None:
-            old_topk_logprobs = torch.zeros_like(top_logp)
-        gamma_n = torch.exp(top_logp - old_topk_logprobs)
-        gamma_plus = (1 - cfg.alpha * w) * ratio + (cfg.alpha * w / cfg.top_k) * (
-            (ratio[..., None] / gamma_n).detach() * gamma_n
-        ).sum(-1)
-        ratio = torch.where(correct[:, None], gamma_plus, ratio)
-    pg = torch.max(-A * ratio, -A * torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high))
-    if cfg.mode == "forking_only":
-        pg = pg * w
-    per_token = pg
-    if cfg.kl_coef > 0:
-        ref = b["ref_logprobs"]
-        if cfg.kl_type == "k1":
-            kl = logp - ref
-        elif cfg.kl_type == "k2":
-            kl = 0.5 * (logp - ref) ** 2
-        else:
-            kl = torch.exp(ref - logp) - (ref - logp) - 1
-        per_token = per_token + cfg.kl_coef * kl
-    if cfg.entropy_coef > 0:
-        per_token = per_token - cfg.entropy_coef * entropy_with_grad
-
-    m = mask.float()
-    if cfg.agg == "token_mean":
-        denom = normalizer if normalizer is not None else max(m.sum().item(), 1)
-        loss = (per_token * m).sum() / denom
-    else:
-        if cfg.agg == "seq_mean_token_mean":
-            rows = (per_token * m).sum(1) / m.sum(1).clamp_min(1)
-        else:
-            rows = (per_token * m).sum(1) / cfg.max_response_len  # a constant
-        denom = normalizer if normalizer is not None else max((m.sum(1) > 0).sum().item(), 1)
-        loss = rows.sum() / denom
-    gh, gw = torch.autograd.grad(loss, (hidden, weight))
-    return loss.detach(), gh, gw
+    """The plain full-logits loss (simko_tune.loss_reference), autograd for the gradients.
+    bf16 inputs are upcast first: the reference then differs from the fused loss only by the
+    fused loss's bf16 matmuls."""
+    hidden, weight = b["hidden"], b["weight"]
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    loss = reference_policy_loss(
+        h32, w32, b["targets"], b["old_logprobs"], b["advantages"], b["mask"], b["correct"],
+        cfg, normalizer=normalizer, ref_logprobs=b["ref_logprobs"],
+        old_topk_logprobs=old_topk_logprobs,
+    )  # fmt: skip
+    gh, gw = torch.autograd.grad(loss, (h32, w32))
+    return loss.detach(), gh.to(hidden.dtype), gw.to(weight.dtype)
 
 
 def fast_loss(b, cfg, normalizer=None, use_ref=None):

@@ -36,20 +36,20 @@ def recipe(tmp_path, tiny_model_dir):
 
 
 def test_nonfinite_loss_skips_the_update(recipe):
-    rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
-    old, _ = recipe._old_logprobs(rollout)  # (old, reference): no KL here
+    rollout, _ = recipe.get_rollout(recipe.batches.next_batch(), {})
+    old, _ = recipe.ppo.old_logprobs(rollout)  # (old, reference): no KL here
     rollout.rewards[:] = torch.tensor([1.0, 0.0] * (len(rollout) // 2))  # non-zero advantages
     before = {k: v.detach().clone() for k, v in recipe.model.state_dict().items()}
 
     poisoned = old.clone()
     row, col = rollout.mask.nonzero()[0].tolist()
     poisoned[row, col] = float("nan")
-    stats = recipe._update(rollout, poisoned)
+    stats = recipe.ppo.update(rollout, poisoned)
     assert stats["updates_skipped_nonfinite"] == 1.0
     for k, v in recipe.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in recipe.model.parameters())
 
-    stats = recipe._update(rollout, old)  # a finite batch afterwards updates as usual
+    stats = recipe.ppo.update(rollout, old)  # a finite batch afterwards updates as usual
     assert stats["updates_skipped_nonfinite"] == 0.0
     assert any(not torch.equal(v, before[k]) for k, v in recipe.model.state_dict().items())

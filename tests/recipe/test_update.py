@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from simko_tune.config import check_schema, resolve_config_path
-from simko_tune.parallel import materialize
+from simko_tune.parallel import materialize, row_lengths
 
 OVERRIDES = {
     "generation.backend": "native",
@@ -64,7 +64,7 @@ def test_recipe_model_setup_places_every_tensor_on_cfg_device(tmp_path, tiny_mod
     recipe = simko_recipe.SimKORecipe(_cfg(tmp_path, tiny_model_dir, device="meta"))
     recipe.mesh, recipe.is_rank_zero = None, True
     recipe.hf_config = read_hf_config(tiny_model_dir)
-    model = recipe._setup_model()
+    model = recipe.build_model()
     wrong = [(n, t.device) for n, t in _all_tensors(model) if t.device.type != "meta"]
     assert not wrong, f"not on cfg.device: {wrong}"
 
@@ -76,25 +76,25 @@ def test_efficient_update_matches_the_plain_update(tmp_path, tiny_model_dir):
     recipe = simko_recipe.SimKORecipe(_cfg(tmp_path, tiny_model_dir))
     recipe.setup()
     try:
-        rollout, _ = recipe._rollout(recipe.batches.next_batch(), {})
+        rollout, _ = recipe.get_rollout(recipe.batches.next_batch(), {})
         rollout.rewards[:] = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
         initial = {k: v.detach().clone() for k, v in recipe.model.state_dict().items()}
 
         def run(**ppo):
             recipe.model.load_state_dict(initial)
-            recipe._setup_optimizer()
             for k, v in ppo.items():
                 recipe.cfg.ppo[k] = v
-            micro = recipe._micro_batches(
+            recipe.setup_update()
+            micro = recipe.ppo.micro_batches(
                 rollout, range(4), recipe.cfg.ppo.max_tokens_per_micro_batch
             )
-            old, _ = recipe._old_logprobs(rollout)  # (old, reference): no KL here
-            stats = recipe._update(rollout, old)
+            old, _ = recipe.ppo.old_logprobs(rollout)  # (old, reference): no KL here
+            stats = recipe.ppo.update(rollout, old)
             weights = {k: v.detach().clone() for k, v in recipe.model.state_dict().items()}
             return old, stats, weights, len(micro)
 
         plain = run(max_tokens_per_micro_batch=None, defer_grad_sync=False, micro_batch_size=2)
-        widths = simko_recipe.row_lengths(rollout.mask)
+        widths = row_lengths(rollout.mask)
         budget = int(2 * widths.max())  # a few rows per micro-batch, grouped by length
         fast = run(
             max_tokens_per_micro_batch=budget,

@@ -1,4 +1,4 @@
-"""Every labelled case in both reward modes: the public-suite and issue cases of
+"""Every labelled case in both reward modes: the public-suite and answer-form cases of
 labelled_cases.py, and the project's own table (test_answers_match.py) with each prediction
 boxed in a sentence, as a model writes it."""
 
