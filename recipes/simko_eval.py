@@ -1,4 +1,4 @@
-"""pass@K evaluation of a model on the math benchmarks (SimKO paper settings, DESIGN §1).
+"""pass@K evaluation of a model on the math benchmarks (the SimKO paper's settings).
 
     tune run simko_eval --config eval_math model_dir=/path/to/model output_dir=/path/to/out
 
@@ -21,14 +21,19 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchtune import config
-from torchtune.config._utils import _get_component_from_path
 from torchtune.utils import get_logger
 from tqdm import tqdm
 
 import simko_tune.config
-from simko_tune.config import ConfigError, EvalRecipeConfig, check_schema
+from simko_tune.config import (
+    ConfigError,
+    EvalRecipeConfig,
+    GenerationSection,
+    RewardSection,
+    check_schema,
+)
 from simko_tune.data import (
     BENCHMARKS,
     PROMPT_TEMPLATES,
@@ -37,6 +42,7 @@ from simko_tune.data import (
     stop_token_ids,
     tokenize_prompt,
 )
+from simko_tune.generation import build_generator
 from simko_tune.generation.types import INITIAL_VERSION, check_versions
 from simko_tune.metrics import passk_report, read_samples
 from simko_tune.paths import STEP_DIR, atomic_write
@@ -46,7 +52,6 @@ log = get_logger("INFO")
 
 SAMPLES_FILE = "samples.jsonl"
 SETTINGS_FILE = "eval_settings.json"
-GENERATION_BACKENDS = ("vllm", "native")
 
 ProblemKey = tuple[str, str]  # (benchmark, problem_id)
 
@@ -167,53 +172,50 @@ class PassAtKEvalRecipe:
 
     @staticmethod
     def _check_config(cfg: DictConfig) -> DictConfig:
-        """The config merged onto :class:`EvalRecipeConfig` (types, unknown and missing keys),
-        then the checks a type cannot express; every error names the key."""
-        try:
-            cfg = check_schema(cfg, EvalRecipeConfig)
-        except ConfigError as e:
-            raise ValueError(str(e)) from None
+        """The config merged onto :class:`EvalRecipeConfig` (types, unknown and missing keys,
+        closed sets), the ``generation`` and ``rewards`` sections' own checks (the training
+        recipe's), then what only this recipe needs; every error names its key, all of them
+        at once. Raises :class:`ConfigError`."""
+        cfg = check_schema(cfg, EvalRecipeConfig)
+        errors = GenerationSection.problems(cfg.generation) + RewardSection.problems(cfg.rewards)
         for key in ("model_dir", "output_dir"):
             if cfg.get(key) in (None, ""):
-                raise ValueError(f"config key {key!r} is required (pass {key}=...)")
+                errors.append(f"config key {key!r} is required (pass {key}=...)")
         benchmarks = cfg.benchmarks
         if not benchmarks:
-            raise ValueError("config key 'benchmarks' must be a non-empty list")
+            errors.append("config key 'benchmarks' must be a non-empty list")
         for i, name in enumerate(benchmarks):
             if name not in BENCHMARKS:
-                raise ValueError(
+                errors.append(
                     f"config key 'benchmarks[{i}]': unknown benchmark {name!r}; "
                     f"known: {', '.join(sorted(BENCHMARKS))}"
                 )
         if len(set(benchmarks)) != len(benchmarks):
-            raise ValueError(f"config key 'benchmarks' lists a benchmark twice: {list(benchmarks)}")
+            errors.append(f"config key 'benchmarks' lists a benchmark twice: {list(benchmarks)}")
         section = cfg.eval
         for name, n in [("n", section.n), *section.n_per_benchmark.items()]:
             key = "eval.n" if name == "n" else f"eval.n_per_benchmark.{name}"
             if name != "n" and name not in BENCHMARKS:
-                raise ValueError(f"config key {key!r}: unknown benchmark {name!r}")
+                errors.append(f"config key {key!r}: unknown benchmark {name!r}")
             if n < 1:
-                raise ValueError(f"config key {key!r} must be a positive integer, got {n!r}")
+                errors.append(f"config key {key!r} must be a positive integer, got {n!r}")
         if section.problems_per_call < 1:
-            raise ValueError("config key 'eval.problems_per_call' must be a positive integer")
+            errors.append("config key 'eval.problems_per_call' must be a positive integer")
         for k in section.ks or []:
             if k < 1:
-                raise ValueError(f"config key 'eval.ks' must hold positive integers, got {k!r}")
+                errors.append(f"config key 'eval.ks' must hold positive integers, got {k!r}")
         if cfg.prompt_template not in PROMPT_TEMPLATES:
-            raise ValueError(
+            errors.append(
                 f"config key 'prompt_template': unknown template {cfg.prompt_template!r}; "
                 f"known: {', '.join(sorted(PROMPT_TEMPLATES))}"
             )
-        if cfg.generation.backend not in GENERATION_BACKENDS:
-            raise ValueError(
-                f"config key 'generation.backend' must be one of {GENERATION_BACKENDS}, "
-                f"got {cfg.generation.backend!r}"
-            )
         if cfg.generation.addresses:
-            raise ValueError(
+            errors.append(
                 "config key 'generation.addresses': simko_eval starts its own workers on "
                 "model_dir; remote workers serve whatever model they were given"
             )
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return cfg
 
     def setup(self) -> None:
@@ -266,31 +268,12 @@ class PassAtKEvalRecipe:
 
     def _start_generator(self) -> Any:
         """The generation workers, built from the ``generation`` section as in training."""
-        from simko_tune import generation
-
-        g = self._cfg.generation
-        if g.backend == "native":
-            return generation.NativeGenerator(str(self.model_dir), device=self._cfg.device)
-        return generation.VLLMWorkers.start_local(
+        return build_generator(
+            self._cfg.generation,
             str(self.model_dir),
-            num_workers=g.num_workers,
-            sync_dir=g.sync_dir,
-            engine_kwargs=OmegaConf.to_container(g.engine_kwargs, resolve=True),
-            devices=list(g.devices) if g.devices else None,
-            tensor_parallel_size=g.tensor_parallel_size,
-            request_timeout_s=g.request_timeout_s,
-            restart_on_failure=g.restart_on_failure,
+            device=self._cfg.device,
+            sync_dir=self._cfg.generation.sync_dir,
             log_dir=self.output_dir / "worker_logs",
-        )
-
-    def _reward_pool(self) -> RewardPool:
-        """The verifier pool, built from the ``rewards`` section as in training."""
-        r = self._cfg.rewards
-        return RewardPool(
-            num_workers=r.num_workers,
-            timeout_s=r.timeout_s,
-            reward_fn=_get_component_from_path(r.fn) if r.fn else None,
-            mode=r.mode,
         )
 
     def evaluate(self) -> None:
@@ -304,7 +287,7 @@ class PassAtKEvalRecipe:
         per_call = self._cfg.eval.problems_per_call
         with (
             self._start_generator() as generator,
-            self._reward_pool() as rewards,
+            RewardPool.from_config(self._cfg.rewards) as rewards,
             self.samples_path.open("a", encoding="utf-8") as out,
             tqdm(total=total, unit="problem", desc="pass@K eval", dynamic_ncols=True) as bar,
         ):

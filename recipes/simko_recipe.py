@@ -43,7 +43,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune import training
-from torchtune.config._utils import _get_component_from_path
 from tqdm import tqdm
 
 from simko_tune.checkpoint import CheckpointManager
@@ -51,11 +50,10 @@ from simko_tune.config import ConfigError, check_schema, parse
 from simko_tune.data import PromptBatches, stop_token_ids, tokenize_prompt
 from simko_tune.export import export_hf
 from simko_tune.generation import (
-    NativeGenerator,
     SamplingConfig,
     StaleWeightsError,
-    VLLMWorkers,
     WeightSync,
+    build_generator,
     check_versions,
 )
 from simko_tune.generation.client import trainer_cuda_devices
@@ -161,12 +159,7 @@ class SimKORecipe:
         if self.is_rank_zero:
             self.metric_logger = tt_config.instantiate(cfg.metric_logger)
             self.metric_logger.log_config(cfg)
-            self.reward_pool = RewardPool(
-                num_workers=cfg.rewards.num_workers,
-                timeout_s=cfg.rewards.timeout_s,
-                reward_fn=_get_component_from_path(cfg.rewards.fn) if cfg.rewards.fn else None,
-                mode=cfg.rewards.mode,
-            )
+            self.reward_pool = RewardPool.from_config(cfg.rewards)
             self.generator = self._setup_generator()
             self.weight_sync.attach(self.generator)
         if resumed is not None:
@@ -286,33 +279,17 @@ class SimKORecipe:
         return cores[: len(cores) // 2]
 
     def _setup_generator(self):
-        g = self.cfg.generation
-        engine_kwargs = OmegaConf.to_container(g.engine_kwargs, resolve=True)
-        sync_dir = self.weight_sync.sync_dir
-        if g.backend == "native":
-            return NativeGenerator(self.cfg.model_dir, sync_dir=sync_dir, device=str(self.device))
-        if g.addresses:
-            return VLLMWorkers.connect(
-                list(g.addresses),
-                sync_dir,
-                model_dir=self.cfg.model_dir,
-                request_timeout_s=g.request_timeout_s,
-                curve_server_key=g.curve_server_key,
-                curve_client_key=g.curve_client_key,
-            )
+        """The generator, as ``build_generator`` builds it; on CPU at staleness 1 the
+        trainer then keeps its half of the cores (``_trainer_cpu_cores``)."""
         trainer_devices = trainer_cuda_devices() if self.device.type == "cuda" else None
         trainer_cores = self._trainer_cpu_cores()
         if trainer_cores is not None:
             trainer_devices = [str(c) for c in trainer_cores]
-        workers = VLLMWorkers.start_local(
+        generator = build_generator(
+            self.cfg.generation,
             self.cfg.model_dir,
-            num_workers=g.num_workers,
-            sync_dir=sync_dir,
-            engine_kwargs=engine_kwargs,
-            devices=list(g.devices) if g.devices else None,
-            tensor_parallel_size=g.tensor_parallel_size,
-            request_timeout_s=g.request_timeout_s,
-            restart_on_failure=g.restart_on_failure,
+            device=str(self.device),
+            sync_dir=self.weight_sync.sync_dir,
             log_dir=self.output_dir / "worker_logs",
             trainer_devices=trainer_devices,
         )
@@ -323,7 +300,7 @@ class SimKORecipe:
                 f"one-step-off on CPU: trainer on cores {trainer_cores} "
                 f"({len(trainer_cores)} threads), workers on the rest"
             )
-        return workers
+        return generator
 
     def _tokenize_all(self, problems) -> list[list[int]]:
         limit = self.cfg.rollout.max_prompt_tokens

@@ -12,6 +12,7 @@ import importlib.resources
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,53 @@ def parse(recipe_main: Callable[[DictConfig], Any]) -> Callable[[], Any]:
 # ----------------------------------------------------------------------------------------
 # The recipe's schema. Sections built by ``_component_`` (model, tokenizer, dataset,
 # optimizer, ...) stay free-form; everything the recipe itself reads is typed, so unknown
-# keys and wrong types fail at load time with the key's full name.
+# keys, wrong types and values outside a closed set fail at load time with the key's full
+# name. Each section's own range checks sit beside it (``problems``); the arithmetic across
+# sections (ranks, batch sizes, lengths) is ``simko_tune.plan.validate``'s.
 # ----------------------------------------------------------------------------------------
+
+
+class Choice(str, Enum):
+    """A closed set of string values: the schema rejects any other, naming the key and the
+    allowed values, and a member compares equal to (and prints as) its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class OldLogprobs(Choice):
+    trainer = "trainer"  # recomputed by the policy before the update
+    workers = "workers"  # the generator's
+
+
+class GenerationBackend(Choice):
+    vllm = "vllm"  # vLLM worker processes
+    native = "native"  # torchtune's KV-cache decoding in the trainer's process
+
+
+class WeightTransfer(Choice):
+    files = "files"  # publications in the sync dir
+    memory = "memory"  # in-memory snapshots for a native generator in the trainer's process
+
+
+class RewardMode(Choice):
+    boxed = "boxed"  # the paper's last-box rule
+    math_verify = "math_verify"  # Math-Verify's extraction
+
+
+def _at_least(section: Any, prefix: str, minimum: float, *keys: str) -> list[str]:
+    return [
+        f"{prefix}.{k}: must be >= {minimum}, got {section[k]}"
+        for k in keys
+        if section[k] < minimum
+    ]
+
+
+def _positive(section: Any, prefix: str, *keys: str) -> list[str]:
+    return [f"{prefix}.{k}: must be > 0, got {section[k]}" for k in keys if not section[k] > 0]
 
 
 @dataclass
@@ -83,17 +129,32 @@ class RolloutSection:
     # Old log-probs for the PPO ratio: "trainer" recomputes them with the policy before the
     # update (exact; the first mini-batch's are its own forward's, before any step) and logs
     # the trainer-vs-worker mismatch; "workers" takes the generator's (no mismatch to log).
-    old_logprobs: str = "trainer"
+    old_logprobs: OldLogprobs = OldLogprobs.trainer
     # 0: synchronous (generate with the current weights, then update). 1: one-step-off: the
     # workers sample step t+1's rollout with weights v_t while the trainer updates on step t's,
     # corrected by truncated importance weights min(exp(proximal - behaviour), is_cap).
     max_staleness: int = 0
     is_cap: float = 2.0
 
+    @staticmethod
+    def problems(r: Any) -> list[str]:
+        out = _at_least(
+            r, "rollout", 1, "prompts_per_step", "samples_per_prompt", "max_prompt_tokens",
+            "max_response_tokens",
+        )  # fmt: skip
+        out += _positive(r, "rollout", "temperature")
+        if not 0 < r.top_p <= 1:
+            out.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+        if r.max_staleness not in (0, 1):
+            out.append(f"rollout.max_staleness: {r.max_staleness} is not 0 or 1 (one-step-off)")
+        if r.is_cap < 1.0:
+            out.append(f"rollout.is_cap: {r.is_cap} must be >= 1")
+        return out
+
 
 @dataclass
 class GenerationSection:
-    backend: str = "vllm"  # "vllm" | "native"
+    backend: GenerationBackend = GenerationBackend.vllm
     num_workers: int = 1
     devices: list[str] | None = None  # one entry per worker, e.g. ["4", "5,6"] (CUDA ids)
     addresses: list[str] | None = None  # remote workers (tcp://host:port); overrides local start
@@ -101,7 +162,7 @@ class GenerationSection:
     sync_dir: str | None = None  # default: /dev/shm/simko_tune-<uid>/<run name> (0700)
     # "files": publications in sync_dir | "memory": snapshots handed to a native generator
     # in the trainer's process (backend native, one rank): no files, no reload
-    weight_transfer: str = "files"
+    weight_transfer: WeightTransfer = WeightTransfer.files
     # dtype of the published weights; default: the engine's dtype (native backend: float32)
     weight_dtype: str | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -113,13 +174,27 @@ class GenerationSection:
     curve_server_key: str | None = None
     curve_client_key: str | None = None
 
+    @staticmethod
+    def problems(g: Any) -> list[str]:
+        out = _at_least(g, "generation", 1, "num_workers", "tensor_parallel_size")
+        out += _positive(g, "generation", "request_timeout_s")
+        if g.devices is not None and len(g.devices) != g.num_workers:
+            out.append(
+                f"generation.devices has {len(g.devices)} entries for num_workers={g.num_workers}"
+            )
+        return out
+
 
 @dataclass
 class RewardSection:
-    mode: str = "boxed"  # boxed: the paper's last-box rule | math_verify: Math-Verify's extraction
+    mode: RewardMode = RewardMode.boxed
     fn: str | None = None  # dotted path of a custom reward(response, gold) -> float; replaces mode
     num_workers: int = 4
     timeout_s: float = 5.0
+
+    @staticmethod
+    def problems(r: Any) -> list[str]:
+        return _at_least(r, "rewards", 1, "num_workers") + _positive(r, "rewards", "timeout_s")
 
 
 @dataclass
@@ -138,6 +213,10 @@ class PPOSection:
     # one unsharded gradient copy (fp32) and one parameter copy (compute dtype) per rank.
     defer_grad_sync: bool = True
 
+    @staticmethod
+    def problems(u: Any) -> list[str]:
+        return _at_least(u, "ppo", 1, "mini_batch_prompts", "micro_batch_size", "epochs")
+
 
 @dataclass
 class ParallelSection:
@@ -151,6 +230,13 @@ class ParallelSection:
     # Barriers and broadcasts that wait for rank-0-only work (worker start, generation,
     # scoring, evaluation) run on a CPU gloo group with this timeout instead.
     wait_timeout_s: float = 14400.0
+
+    @staticmethod
+    def problems(p: Any) -> list[str]:
+        out = _at_least(p, "parallel", 1, "tp")
+        if p.dp_shard < 1 and p.dp_shard != -1:
+            out.append(f"parallel.dp_shard: must be >= 1 or -1, got {p.dp_shard}")
+        return out
 
 
 @dataclass

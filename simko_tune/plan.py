@@ -17,7 +17,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config as tt_config
 
-from simko_tune.config import ConfigError
+from simko_tune.config import (
+    ConfigError,
+    GenerationSection,
+    ParallelSection,
+    PPOSection,
+    RewardSection,
+    RolloutSection,
+)
 from simko_tune.loss import loss_config_problems
 from simko_tune.memory_plan import MemoryPlan, ModelShape, estimate_memory
 from simko_tune.parallel.mesh import cpu_threads
@@ -41,39 +48,16 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
             f"{r.temperature}: the loss must use the temperature the rollout sampled at "
             "(leave loss.temperature out to follow the rollout)"
         )
-    if r.old_logprobs not in ("trainer", "workers"):
-        errors.append(f"rollout.old_logprobs: {r.old_logprobs!r} is not 'trainer' or 'workers'")
-    if r.max_staleness not in (0, 1):
-        errors.append(f"rollout.max_staleness: {r.max_staleness} is not 0 or 1 (one-step-off)")
-    if r.is_cap < 1.0:
-        errors.append(f"rollout.is_cap: {r.is_cap} must be >= 1")
-    if g.backend not in ("vllm", "native"):
-        errors.append(f"generation.backend: {g.backend!r} is not 'vllm' or 'native'")
-    for key, value in (
-        ("max_steps", cfg.max_steps),
-        ("rollout.prompts_per_step", r.prompts_per_step),
-        ("rollout.samples_per_prompt", r.samples_per_prompt),
-        ("rollout.max_prompt_tokens", r.max_prompt_tokens),
-        ("rollout.max_response_tokens", r.max_response_tokens),
-        ("ppo.mini_batch_prompts", u.mini_batch_prompts),
-        ("ppo.micro_batch_size", u.micro_batch_size),
-        ("ppo.epochs", u.epochs),
-        ("parallel.tp", p.tp),
-        ("generation.num_workers", g.num_workers),
-        ("generation.tensor_parallel_size", g.tensor_parallel_size),
-        ("rewards.num_workers", cfg.rewards.num_workers),
+    if cfg.max_steps < 1:
+        errors.append(f"max_steps: must be >= 1, got {cfg.max_steps}")
+    for section, name in (
+        (RolloutSection, "rollout"),
+        (GenerationSection, "generation"),
+        (RewardSection, "rewards"),
+        (PPOSection, "ppo"),
+        (ParallelSection, "parallel"),
     ):
-        if value < 1:
-            errors.append(f"{key}: must be >= 1, got {value}")
-    for key, value in (
-        ("rollout.temperature", r.temperature),
-        ("rewards.timeout_s", cfg.rewards.timeout_s),
-        ("generation.request_timeout_s", g.request_timeout_s),
-    ):
-        if not value > 0:
-            errors.append(f"{key}: must be > 0, got {value}")
-    if not 0 < r.top_p <= 1:
-        errors.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+        errors += section.problems(cfg[name])
     max_model_len = g.engine_kwargs.get("max_model_len")
     if max_model_len is not None:
         lengths = [("rollout.max_response_tokens", r.max_response_tokens)]
@@ -86,8 +70,6 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
                     f"exceeds generation.engine_kwargs.max_model_len={max_model_len}"
                 )
     if (p.dp_shard < 1 and p.dp_shard != -1) or p.tp < 1 or u.mini_batch_prompts < 1:
-        if p.dp_shard < 1 and p.dp_shard != -1:
-            errors.append(f"parallel.dp_shard: must be >= 1 or -1, got {p.dp_shard}")
         return errors, plan  # the arithmetic below needs these
 
     world = int(os.environ.get("WORLD_SIZE", "0")) or (p.dp_shard if p.dp_shard > 0 else 1) * p.tp
@@ -107,19 +89,11 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
             f"ppo.mini_batch_prompts x rollout.samples_per_prompt = {rows} rows do not split "
             f"evenly over {dp} data-parallel ranks"
         )
-    if g.weight_transfer not in ("files", "memory"):
-        errors.append(
-            f"generation.weight_transfer: {g.weight_transfer!r} is not 'files' or 'memory'"
-        )
-    elif g.weight_transfer == "memory" and (g.backend != "native" or world != 1):
+    if g.weight_transfer == "memory" and (g.backend != "native" or world != 1):
         errors.append(
             "generation.weight_transfer=memory hands the weights to a generator in the "
             "trainer's process: it needs generation.backend=native and one trainer rank "
             f"(got backend {g.backend!r}, world size {world})"
-        )
-    if g.devices is not None and len(g.devices) != g.num_workers:
-        errors.append(
-            f"generation.devices has {len(g.devices)} entries for num_workers={g.num_workers}"
         )
     if g.devices and not g.addresses and str(cfg.device).startswith("cuda"):
         from simko_tune.generation.client import check_device_overlap, trainer_cuda_devices

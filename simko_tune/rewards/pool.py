@@ -8,6 +8,7 @@ calls, and cap their own address space (RLIMIT_AS) as a second fence against mem
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import resource
@@ -16,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from typing import Any
 
 from simko_tune.rewards.grader import reward_fn_for_mode
 
@@ -107,6 +109,18 @@ class RewardPool:
     Math-Verify's extraction, see `simko_tune.rewards.grader`); a custom
     `reward_fn(response, gold) -> float` (a picklable top-level function) replaces it.
     """
+
+    @classmethod
+    def from_config(cls, r: Any) -> RewardPool:
+        """The pool a config's ``rewards`` section asks for, as both recipes build it:
+        ``fn`` (a dotted path) replaces the ``mode``'s reward."""
+        reward_fn = None
+        if r.fn:
+            module, _, name = str(r.fn).rpartition(".")
+            reward_fn = getattr(importlib.import_module(module), name)
+        return cls(
+            num_workers=r.num_workers, timeout_s=r.timeout_s, reward_fn=reward_fn, mode=str(r.mode)
+        )
 
     def __init__(
         self,

@@ -130,7 +130,10 @@ def test_bad_model_dir_is_a_clear_error(tmp_path):
         ("eval.problems_per_call=0", "'eval.problems_per_call' must be a positive integer"),
         ("eval.ks=[1,0]", "'eval.ks' must hold positive integers"),
         ("eval.num_samples=4", "'eval.num_samples'"),  # the old key: refused, not ignored
-        ("generation.backend=sglang", "'generation.backend' must be one of"),
+        (
+            "generation.backend=sglang",
+            "'generation.backend': Invalid value 'sglang', expected one of",
+        ),
         ("generation.vllm.num_workers=2", "'generation.vllm'"),
         ("generation.addresses=[tcp://h:1]", "'generation.addresses': simko_eval starts"),
         ("rewards.timeout_s=soon", "'rewards.timeout_s'"),
