@@ -60,6 +60,12 @@ from simko_tune.generation.client import trainer_cuda_devices
 from simko_tune.generation.weights import default_sync_dir, parse_weight_dtype
 from simko_tune.loss import LossConfig
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
+from simko_tune.metrics.throughput import (
+    matmul_params,
+    peak_tflops,
+    phase_shares,
+    training_flops,
+)
 from simko_tune.models import read_hf_config
 from simko_tune.parallel import (
     ParallelDims,
@@ -74,12 +80,17 @@ from simko_tune.parallel import (
     materialize,
     parallelize_model,
     rank,
+    row_lengths,
     shutdown_distributed,
 )
 from simko_tune.plan import dry_run, validate
 from simko_tune.ppo import PPOSettings, PPOUpdate
 from simko_tune.rewards import RewardPool
 from simko_tune.rollout import RolloutBatch, build_rollout_batch
+
+# The step's phases, in order (nested timings such as generate, score or publish_write
+# are parts of these): their shares of the step are logged as time_share/<phase>.
+STEP_PHASES = ("wait_rollout", "old_logprobs", "update", "publish")
 
 
 @dataclass
@@ -135,6 +146,11 @@ class SimKORecipe:
         )
 
         self.setup_update()
+        self.flops_shape = (
+            matmul_params(self.model, self.hf_config.get("tie_word_embeddings", False)),
+            self.hf_config["num_hidden_layers"],
+            self.hf_config["hidden_size"],
+        )
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last
         )
@@ -155,6 +171,7 @@ class SimKORecipe:
             self.weight_version = extra["weight_version"]
             self.batches.load_state_dict(extra["data"])
             _log(f"resumed from {resume_from} at step {self.step}")
+        self._first_step, self._step_seconds = self.step, 0.0
 
         if self.is_rank_zero:
             self.metric_logger = tt_config.instantiate(cfg.metric_logger)
@@ -396,7 +413,10 @@ class SimKORecipe:
         stats.update({f"time/{k}": v for k, v in timings.items()})
         elapsed = time.perf_counter() - t_step
         stats["time/step"] = elapsed
-        stats["throughput/response_tokens_per_s"] = float(rollout.mask.sum()) / elapsed
+        stats.update(phase_shares({k: timings[k] for k in STEP_PHASES if k in timings}, elapsed))
+        self._step_seconds += elapsed
+        stats["eta_s"] = (cfg.max_steps - self.step) * self._step_seconds / self._steps_timed()
+        stats.update(self._throughput(rollout, timings, elapsed))
         stats["weight_version"] = self.weight_version
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         stats["memory/peak_gib"] = _peak_memory_gib(self.device)
@@ -408,7 +428,8 @@ class SimKORecipe:
             reward=f"{stats['reward/mean']:.3f}",
             loss=f"{stats['loss']:.4f}",
             ent=f"{stats['policy/entropy_all']:.2f}",
-            top1=f"{stats['sampled_top1_frac']:.2f}",
+            tok_s=f"{stats['throughput/trained_tokens_per_s']:.0f}",
+            **({"mfu": f"{stats['perf/mfu']:.1%}"} if "perf/mfu" in stats else {}),
             refresh=False,
         )
         tqdm.write(_step_line(self.step, stats, elapsed))
@@ -534,6 +555,33 @@ class SimKORecipe:
                 problems = tt_config.instantiate(spec)
                 self._eval_cache[name] = (problems, self._tokenize_all(problems))
         return self._eval_cache
+
+    def _steps_timed(self) -> int:
+        """Steps this process has run (a resumed run times its own steps only)."""
+        return self.step - self._first_step
+
+    def _throughput(
+        self, rollout: RolloutBatch, timings: dict[str, float], step_s: float
+    ) -> dict[str, float]:
+        """Tokens per second of generation, of the update and of the whole step; the
+        update's model FLOPs and, on a GPU in the peak table, its MFU over every trainer
+        device (``simko_tune.metrics.throughput``)."""
+        generated = float(rollout.mask.sum())
+        lengths = row_lengths(rollout.mask[self.ppo.kept_indices(rollout)])
+        epochs = self.cfg.ppo.epochs
+        trained = float(lengths.sum()) * epochs
+        out = {
+            "throughput/generated_tokens_per_s": generated / max(timings.get("generate", 0), 1e-9),
+            "throughput/trained_tokens_per_s": trained / max(timings["update"], 1e-9),
+            "throughput/response_tokens_per_s": generated / step_s,
+        }
+        n_matmul, layers, attn_dim = self.flops_shape
+        flops = training_flops(lengths, n_matmul, layers, attn_dim) * epochs
+        out["perf/update_tflops_per_s"] = flops / max(timings["update"], 1e-9) / 1e12
+        peak = peak_tflops(self.device)
+        if peak is not None:
+            out["perf/mfu"] = out["perf/update_tflops_per_s"] / (peak * self.world_size)
+        return out
 
     def _log_samples(self, indices: list[int], texts: list[str], rollout: RolloutBatch) -> None:
         """Rank 0: a few completions as text, every ``log.samples_every_n_steps``."""
@@ -662,11 +710,12 @@ def _step_line(step: int, stats: dict[str, float], elapsed: float) -> str:
 
 def _rollout_stats(rollout: RolloutBatch, group_size: int) -> dict[str, float]:
     rewards = rollout.rewards.view(-1, group_size)
+    identical = rewards.max(1).values == rewards.min(1).values  # zero variance: no gradient
+    tokens = rollout.mask.sum(1).view(-1, group_size).sum(1).float()
     stats = {
         "reward/mean": float(rewards.mean()),
-        "reward/identical_group_frac": float(
-            (rewards.max(1).values == rewards.min(1).values).float().mean()
-        ),
+        "reward/identical_group_frac": float(identical.float().mean()),
+        "reward/identical_group_token_frac": float(tokens[identical].sum() / tokens.sum()),
         "response/len_mean": float(rollout.response_lens.float().mean()),
         "response/len_max": float(rollout.response_lens.max()),
         "response/truncated_frac": float(rollout.truncated.float().mean()),

@@ -379,9 +379,16 @@ def part_a_recipe(args: argparse.Namespace, work: Path) -> dict:
 
 # ---------------------------------------------------------------------------- (b) train step
 def flops_per_token(shape: dict, matmul_params: int, seq: int) -> int:
-    """6·N (forward + backward of every matmul weight) + 12·L·d·s (attention scores and
-    their weighted sum, forward + backward, d = heads × head_dim), per token."""
-    return 6 * matmul_params + 12 * shape["num_layers"] * shape["embed_dim"] * seq
+    """6·N + 12·L·d·s per token of a row of ``seq`` tokens: the recipe's own count
+    (``simko_tune.metrics.throughput.training_flops``), d = heads × head_dim."""
+    import torch
+
+    from simko_tune.metrics.throughput import training_flops
+
+    flops = training_flops(
+        torch.tensor([seq]), matmul_params, shape["num_layers"], shape["embed_dim"]
+    )
+    return round(flops / seq)
 
 
 def planned_memory(model, args: argparse.Namespace, device):

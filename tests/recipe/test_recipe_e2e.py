@@ -30,9 +30,13 @@ SCALARS = {
     "response/truncated_frac", "time/generate", "time/score", "time/old_logprobs", "time/update",
     "time/publish", "throughput/response_tokens_per_s", "memory/peak_gib",
     "logprob_mismatch/mean_abs", "updates_skipped_nonfinite",
+    "reward/identical_group_token_frac", "throughput/generated_tokens_per_s",
+    "throughput/trained_tokens_per_s", "perf/update_tflops_per_s", "eta_s",
+    "time_share/wait_rollout", "time_share/old_logprobs", "time_share/update",
+    "time_share/publish",
 }  # fmt: skip
-# Timings and memory differ run to run; everything else must not.
-VOLATILE = ("time/", "throughput/", "memory/")
+# Timings, speeds and memory differ run to run; everything else must not.
+VOLATILE = ("time/", "time_share/", "throughput/", "perf/", "eta_s", "memory/")
 
 
 @pytest.fixture(scope="module")
