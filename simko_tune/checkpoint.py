@@ -39,6 +39,7 @@ from simko_tune.parallel.collectives import (
     all_gather_object,
     barrier,
     broadcast_object,
+    world_size,
 )
 from simko_tune.parallel.collectives import rank as process_rank
 from simko_tune.paths import STEP_DIR, checksum_file, replace_dir, step_dir_name
@@ -87,13 +88,9 @@ def _save_synced(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _world() -> tuple[int, int]:
-    return (dist.getprocess_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def _checksums(root: Path, names: list[str]) -> dict[str, str]:
     """xxh3 of each file, the files spread over the ranks (collective); every rank gets all."""
-    rank, world = _world()
+    rank, world = process_rank(), world_size()
     mine = {n: checksum_file(root / n) for i, n in enumerate(names) if i % world == rank}
     return {k: v for part in all_gather_object(mine) for k, v in part.items()}
 
