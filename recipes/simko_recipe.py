@@ -34,7 +34,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NoReturn
 
@@ -45,7 +45,7 @@ from torchtune import config as tt_config
 from torchtune import training
 from tqdm import tqdm
 
-from simko_tune.checkpoint import CheckpointManager
+from simko_tune.checkpoint import CheckpointManager, rng_states, set_rng_states
 from simko_tune.config import ConfigError, check_schema, parse
 from simko_tune.data import PromptBatches, stop_token_ids, tokenize_prompt
 from simko_tune.export import export_hf
@@ -85,6 +85,8 @@ from simko_tune.parallel import (
 )
 from simko_tune.plan import dry_run, validate
 from simko_tune.ppo import PPOSettings, PPOUpdate
+from simko_tune.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from simko_tune.preemption import Preempted, PreemptionWatch
 from simko_tune.rewards import RewardPool
 from simko_tune.rollout import RolloutBatch, build_rollout_batch
 
@@ -101,6 +103,15 @@ class SampledRollout:
     batch: RolloutBatch
     texts: list[str]
     timings: dict[str, float]
+
+    def state_dict(self) -> dict:
+        """Tensors and plain values (a checkpoint's ``extra``, loadable ``weights_only``)."""
+        batch = {f.name: getattr(self.batch, f.name) for f in fields(self.batch)}
+        return {"indices": self.indices, "batch": batch, "texts": self.texts}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> SampledRollout:
+        return cls(state["indices"], RolloutBatch(**state["batch"]), state["texts"], {})
 
 
 class SimKORecipe:
@@ -121,6 +132,8 @@ class SimKORecipe:
         self.metric_logger = None
         self._eval_cache = None
         self.eval_history: dict[str, dict[int, dict[int, float]]] = {}  # set -> step -> K -> pass@K
+        self.pending_rollout: SampledRollout | None = None  # a preempted run's next rollout
+        self.preemption: PreemptionWatch | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -170,6 +183,8 @@ class SimKORecipe:
             self.step = extra["step"]
             self.weight_version = extra["weight_version"]
             self.batches.load_state_dict(extra["data"])
+            if "pending_rollout" in extra and self.is_rank_zero:
+                self.pending_rollout = SampledRollout.from_state_dict(extra["pending_rollout"])
             _log(f"resumed from {resume_from} at step {self.step}")
         self._first_step, self._step_seconds = self.step, 0.0
 
@@ -182,6 +197,7 @@ class SimKORecipe:
         if resumed is not None:
             # the workers start from model_dir: give them the resumed weights
             self._publish(self.weight_version)
+        self.preemption = PreemptionWatch(cfg.checkpoint.preempt_signals)
 
     def setup_parallel(self) -> None:
         """Process groups (the main one for collectives, a CPU one for waits), the mesh."""
@@ -349,15 +365,26 @@ class SimKORecipe:
         if self.is_rank_zero and cfg.rollout.max_staleness:
             self.prefetcher = ThreadPoolExecutor(1, "rollout")
         next_rollout: Future | None = None
+        if self.pending_rollout is not None:  # a preempted run's, sampled with older weights
+            next_rollout = Future()
+            next_rollout.set_result(self.pending_rollout)
+            self.pending_rollout = None
         while self.step < cfg.max_steps:
+            if self.preemption.agreed():  # between steps: every rank is here
+                self._stop_for_preemption(next_rollout.result() if next_rollout else None)
             timings: dict[str, float] = {}
             t_step = time.perf_counter()
+            step_start = (self.batches.state_dict(), rng_states())
             indices = self.batches.next_batch()
 
             with _timed(timings, "wait_rollout"):  # the time generation did NOT hide
                 sampled = next_rollout.result() if next_rollout is not None else None
                 rollout, texts = self.get_rollout(indices, timings, sampled)
             next_rollout = None
+            if self.preemption.agreed():  # after the rollout, before the update: abandon it
+                self.batches.load_state_dict(step_start[0])
+                set_rng_states(step_start[1])
+                self._stop_for_preemption(sampled if cfg.rollout.max_staleness else None)
             if self.prefetcher is not None and self.step + 1 < cfg.max_steps:
                 next_rollout = self.prefetcher.submit(
                     self.sample, self.batches.peek_batch(), self.step + 1, self.weight_version
@@ -369,7 +396,7 @@ class SimKORecipe:
             # off-policy: the loss weighs each token by min(proximal / behaviour, is_cap)
             is_cap = cfg.rollout.is_cap if cfg.rollout.max_staleness else None
             with _timed(timings, "update"):
-                stats = self.ppo.update(rollout, old_logprobs, ref_logprobs, is_cap, self.step)
+                stats = self.ppo.update(rollout, old_logprobs, ref_logprobs, is_cap, step=self.step)
             # One-step-off, this only writes the files: the rollout thread delivers them
             # before it samples the next rollout, once the workers are idle.
             with _timed(timings, "publish"):
@@ -390,6 +417,22 @@ class SimKORecipe:
         if self.is_rank_zero:
             for line in _eval_summary(self.eval_history):
                 tqdm.write(line)
+
+    def _stop_for_preemption(self, pending: SampledRollout | None) -> NoReturn:
+        """Write a checkpoint of the state at this point (collective), then stop the run
+        (:class:`Preempted`). One-step-off, ``pending`` is the rollout the next step trains
+        on, sampled with older weights: it goes into the checkpoint, so that the resumed run
+        trains on the very same completions."""
+        reason = self.preemption.signal_name or "another rank's signal"
+        _log(f"step {self.step}: preempted ({reason}), writing a checkpoint")
+        self.save_checkpoint(pending=pending)
+        elapsed = self.preemption.seconds_since_request()
+        if elapsed is not None and elapsed > self.cfg.checkpoint.preempt_grace_s:
+            _log(
+                f"the preemption stop took {elapsed:.0f} s, more than checkpoint.preempt_grace_s"
+                f"={self.cfg.checkpoint.preempt_grace_s:.0f} s"
+            )
+        raise Preempted(f"preempted at step {self.step} ({reason})")
 
     def _due(self, every: int) -> bool:
         """A cadence of ``every`` steps is due after this step (0: never)."""
@@ -596,7 +639,7 @@ class SimKORecipe:
                 lines.append(f"- reward {rollout.rewards[j * g + s]:.0f}: `{texts[j * g + s]}`")
         self.metric_logger.log_text("samples", "\n".join(lines), step=self.step)
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, pending: SampledRollout | None = None) -> None:
         # The policy in Hugging Face form (the base checkpoint's dtype), inside the
         # checkpoint's atomic publication: what the eval recipe and vLLM load.
         hf_dtype = parse_weight_dtype(None, {}, self.hf_config)
@@ -609,6 +652,7 @@ class SimKORecipe:
                 "step": self.step,
                 "weight_version": self.weight_version,
                 "data": self.batches.state_dict(),
+                **({"pending_rollout": pending.state_dict()} if pending is not None else {}),
             },
             write_more=lambda folder: export_hf(
                 self.model, folder / "hf", self.hf_config, self.cfg.model_dir, dtype=hf_dtype
@@ -633,6 +677,8 @@ class SimKORecipe:
             self.reward_pool.close()
         if self.metric_logger is not None:
             self.metric_logger.close()
+        if self.preemption is not None:
+            self.preemption.close()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -725,7 +771,7 @@ def _rollout_stats(rollout: RolloutBatch, group_size: int) -> dict[str, float]:
 
 # ---------------------------------------------------------------------- entry point
 @parse
-def recipe_main(cfg: DictConfig) -> None:
+def recipe_main(cfg: DictConfig) -> int:
     cfg = check_schema(cfg)
     if cfg.dry_run:
         dry_run(cfg)
@@ -737,9 +783,13 @@ def recipe_main(cfg: DictConfig) -> None:
     log.setLevel(logging.INFO)
     log.addHandler(logging.StreamHandler())
     recipe = SimKORecipe(cfg)
+    code = 0
     try:
         recipe.setup()
         recipe.train()
+    except Preempted as stop:
+        _log(f"{stop}: exiting with {PREEMPTED_EXIT_CODE}; resume=auto continues the run")
+        code = PREEMPTED_EXIT_CODE
     except BaseException:
         if dist.is_initialized() and dist.get_world_size() > 1:
             _fail_fast(recipe)
@@ -748,7 +798,8 @@ def recipe_main(cfg: DictConfig) -> None:
     distributed = dist.is_initialized()
     recipe.cleanup()
     if distributed:  # gloo's threads would race the interpreter's teardown (see there)
-        exit_without_teardown(0)
+        exit_without_teardown(code)
+    return code
 
 
 def _fail_fast(recipe: SimKORecipe) -> NoReturn:

@@ -50,7 +50,7 @@ MARKER = "COMPLETE"
 CHECKSUM = "xxh3_64"
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
     """This rank's RNG states, as tensors and plain Python values (``weights_only`` loadable)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     states = {
@@ -63,7 +63,7 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _set_rng_states(states: dict[str, Any]) -> None:
+def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
@@ -182,7 +182,7 @@ class CheckpointManager:
             checkpoint_id=tmp / "dcp",
             no_dist=not dist.is_initialized(),
         )
-        _save_synced(_rng_states(), tmp / f"rng_rank{rank:05d}.pt")
+        _save_synced(rng_states(), tmp / f"rng_rank{rank:05d}.pt")
         if rank == 0:
             scheduler_sd = lr_scheduler.state_dict() if lr_scheduler is not None else None
             _save_synced({"extra": extra, "lr_scheduler": scheduler_sd}, tmp / "extra.pt")
@@ -265,7 +265,7 @@ class CheckpointManager:
             lr_scheduler.load_state_dict(saved["lr_scheduler"])
         rng_file = path / f"rng_rank{process_rank():05d}.pt"
         if rng_file.is_file():
-            _set_rng_states(torch.load(rng_file, weights_only=True))
+            set_rng_states(torch.load(rng_file, weights_only=True))
         else:
             log.warning("%s: no RNG state for rank %d (saved by fewer ranks)", path, process_rank())
         return saved["extra"]

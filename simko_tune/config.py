@@ -243,6 +243,23 @@ class ParallelSection:
 class CheckpointSection:
     every_n_steps: int = 50  # 0: only the final save
     keep_last: int = 2
+    # Signals that stop the run at the next point every rank agrees on (between steps, or
+    # after a step's rollout, before its update), with a checkpoint; the run then exits
+    # with simko_tune.preemption.EXIT_CODE (75) and resume=auto continues from there.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # The time a stop may take (one step's generation or update, then the checkpoint); a
+    # longer one is logged. Keep the scheduler's grace and torchrun's --shutdown-timeout above it.
+    preempt_grace_s: float = 60.0
+
+    @staticmethod
+    def problems(c: Any) -> list[str]:
+        from simko_tune.preemption import PreemptionWatch
+
+        out = _at_least(c, "checkpoint", 0, "every_n_steps") + _at_least(
+            c, "checkpoint", 1, "keep_last"
+        )
+        out += _positive(c, "checkpoint", "preempt_grace_s")
+        return out + PreemptionWatch.check_names(list(c.preempt_signals))
 
 
 @dataclass

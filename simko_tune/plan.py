@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchtune import config as tt_config
 
 from simko_tune.config import (
+    CheckpointSection,
     ConfigError,
     GenerationSection,
     ParallelSection,
@@ -56,6 +57,7 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
         (RewardSection, "rewards"),
         (PPOSection, "ppo"),
         (ParallelSection, "parallel"),
+        (CheckpointSection, "checkpoint"),
     ):
         errors += section.problems(cfg[name])
     max_model_len = g.engine_kwargs.get("max_model_len")
