@@ -66,7 +66,7 @@ from simko_tune.metrics.throughput import (
     phase_shares,
     training_flops,
 )
-from simko_tune.models import read_hf_config
+from simko_tune.models import model_family, read_hf_config
 from simko_tune.parallel import (
     ParallelDims,
     barrier,
@@ -227,7 +227,7 @@ class SimKORecipe:
         model = parallelize_model(
             model,
             self.mesh,
-            model_family=_model_family(self.hf_config),
+            model_family=model_family(self.hf_config).tp_plan,
             activation_checkpointing=cfg.parallel.activation_checkpointing,
             compile_blocks=cfg.parallel.compile_model,
             mixed_precision=cfg.parallel.mixed_precision,
@@ -691,10 +691,6 @@ def _configured(node: DictConfig | None) -> bool:
     """A ``_component_`` section that is present and not switched off (``key=null`` on the
     command line empties its ``_component_``)."""
     return node is not None and node.get("_component_") is not None
-
-
-def _model_family(hf_config: dict) -> str:
-    return {"qwen2": "qwen2", "llama": "llama3"}[hf_config["model_type"]]
 
 
 def _run_name(output_dir: Path) -> str:

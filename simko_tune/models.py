@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,6 +62,94 @@ def _dims(cfg: dict) -> dict:
     }
 
 
+def _build_qwen2(cfg: dict, dims: dict, seq: int, tie: bool) -> TransformerDecoder:
+    from torchtune.models.qwen2 import qwen2
+
+    return qwen2(
+        **dims, max_seq_len=seq, rope_base=cfg.get("rope_theta", 1e6), tie_word_embeddings=tie
+    )
+
+
+def _build_llama(cfg: dict, dims: dict, seq: int, tie: bool) -> TransformerDecoder:
+    from torchtune.models.llama3_2 import llama3_2
+
+    rope_base = cfg.get("rope_theta", 5e5)
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and not tie:  # Llama 3.0: plain RoPE
+        from torchtune.models.llama3 import llama3
+
+        return llama3(**dims, max_seq_len=seq, rope_base=rope_base)
+    if scaling is None or scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ValueError(
+            f"rope_scaling {scaling} with tie_word_embeddings={tie} is not supported "
+            "(Llama 3.0 has none and is untied; 3.1/3.2 use 'llama3')"
+        )
+    return llama3_2(  # Llama 3.1/3.2: "llama3" RoPE scaling
+        **dims,
+        max_seq_len=seq,
+        rope_base=rope_base,
+        scale_factor=scaling.get("factor", 32),
+        tie_word_embeddings=tie,
+    )
+
+
+def _qwen2_hf_to_tune(state: StateDict, kw: dict, tie: bool) -> StateDict:
+    from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
+
+    return qwen2_hf_to_tune(state, **kw, tie_word_embeddings=tie)
+
+
+def _qwen2_tune_to_hf(state: StateDict, kw: dict, tie: bool) -> StateDict:
+    from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+    return qwen2_tune_to_hf(state, **kw, tie_word_embeddings=tie)
+
+
+def _llama_hf_to_tune(state: StateDict, kw: dict, tie: bool) -> StateDict:
+    from torchtune.models.convert_weights import hf_to_tune
+
+    return hf_to_tune({k: v for k, v in state.items() if not (tie and k == "lm_head.weight")}, **kw)
+
+
+def _llama_tune_to_hf(state: StateDict, kw: dict, tie: bool) -> StateDict:
+    """torchtune's converter permutes q/k for HF's RoPE layout; a tied model has no head."""
+    from torchtune.models.convert_weights import tune_to_hf
+
+    out = tune_to_hf(state, **kw)
+    if tie:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the project needs of one Hugging Face ``model_type``: its torchtune builder,
+    the weight renaming both ways, and the name of its tensor-parallel plan
+    (``simko_tune.parallel.tp_plans``)."""
+
+    build: Callable[[dict, dict, int, bool], TransformerDecoder]  # (config, dims, seq, tied)
+    hf_to_tune: Callable[[StateDict, dict, bool], StateDict]
+    tune_to_hf: Callable[[StateDict, dict, bool], StateDict]
+    tp_plan: str
+
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    "qwen2": ModelFamily(_build_qwen2, _qwen2_hf_to_tune, _qwen2_tune_to_hf, tp_plan="qwen2"),
+    "llama": ModelFamily(_build_llama, _llama_hf_to_tune, _llama_tune_to_hf, tp_plan="llama3"),
+}
+
+
+def model_family(hf_config: dict) -> ModelFamily:
+    """The family of an HF ``config.json``; a clear error for any other ``model_type``."""
+    family = MODEL_FAMILIES.get(hf_config.get("model_type"))
+    if family is None:
+        raise ValueError(
+            f"model_type {hf_config.get('model_type')!r} is not supported; "
+            f"known: {sorted(MODEL_FAMILIES)}"
+        )
+    return family
+
+
 def model_from_hf_config(
     model_dir: str | Path, max_seq_len: int | None = None
 ) -> TransformerDecoder:
@@ -70,37 +159,12 @@ def model_from_hf_config(
     checkpoints of any shape, such as the tiny models the tests and the CPU default build.
     """
     cfg = read_hf_config(model_dir)
-    dims = _dims(cfg)
     seq = max_seq_len or cfg.get("max_position_embeddings", 4096)
     tie = bool(cfg.get("tie_word_embeddings", False))
-    if cfg["model_type"] == "qwen2":
-        from torchtune.models.qwen2 import qwen2
-
-        return qwen2(
-            **dims, max_seq_len=seq, rope_base=cfg.get("rope_theta", 1e6), tie_word_embeddings=tie
-        )
-    if cfg["model_type"] == "llama":
-        from torchtune.models.llama3_2 import llama3_2
-
-        rope_base = cfg.get("rope_theta", 5e5)
-        scaling = cfg.get("rope_scaling")
-        if scaling is None and not tie:  # Llama 3.0: plain RoPE
-            from torchtune.models.llama3 import llama3
-
-            return llama3(**dims, max_seq_len=seq, rope_base=rope_base)
-        if scaling is None or scaling.get("rope_type", scaling.get("type")) != "llama3":
-            raise ValueError(
-                f"{model_dir}/config.json: rope_scaling {scaling} with tie_word_embeddings={tie} "
-                "is not supported (Llama 3.0 has none and is untied; 3.1/3.2 use 'llama3')"
-            )
-        return llama3_2(  # Llama 3.1/3.2: "llama3" RoPE scaling
-            **dims,
-            max_seq_len=seq,
-            rope_base=rope_base,
-            scale_factor=scaling.get("factor", 32),
-            tie_word_embeddings=tie,
-        )
-    raise ValueError(f"{model_dir}/config.json: model_type {cfg['model_type']!r} is not supported")
+    try:
+        return model_family(cfg).build(cfg, _dims(cfg), seq, tie)
+    except ValueError as e:
+        raise ValueError(f"{model_dir}/config.json: {e}") from None
 
 
 def _converter_kwargs(hf_config: dict) -> dict:
@@ -117,19 +181,8 @@ def _converter_kwargs(hf_config: dict) -> dict:
 def hf_to_tune(state: dict[str, torch.Tensor], hf_config: dict) -> dict[str, torch.Tensor]:
     """Hugging Face → torchtune names (torchtune's converters; inverse of
     :func:`tune_to_hf_converter`)."""
-    kw = _converter_kwargs(hf_config)
     tie = bool(hf_config.get("tie_word_embeddings", False))
-    if hf_config["model_type"] == "qwen2":
-        from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
-
-        return qwen2_hf_to_tune(state, **kw, tie_word_embeddings=tie)
-    if hf_config["model_type"] == "llama":
-        from torchtune.models.convert_weights import hf_to_tune as llama_hf_to_tune
-
-        return llama_hf_to_tune(
-            {k: v for k, v in state.items() if not (tie and k == "lm_head.weight")}, **kw
-        )
-    raise ValueError(f"model_type {hf_config['model_type']!r} has no HF → torchtune converter")
+    return model_family(hf_config).hf_to_tune(state, _converter_kwargs(hf_config), tie)
 
 
 def load_hf_weights(model: TransformerDecoder, folder: str | Path, hf_config: dict) -> None:
@@ -151,23 +204,9 @@ def load_hf_model(model_dir: str | Path, max_seq_len: int | None = None) -> Tran
 def tune_to_hf_converter(hf_config: dict) -> Callable[[StateDict], StateDict]:
     """torchtune → HF state-dict renaming for the model described by ``hf_config``
     (torchtune's own converters: Qwen2 keeps q/k layouts, Llama permutes them for RoPE)."""
-    kw = _converter_kwargs(hf_config)
+    family, kw = model_family(hf_config), _converter_kwargs(hf_config)
     tie = bool(hf_config.get("tie_word_embeddings", False))
-    if hf_config["model_type"] == "qwen2":
-        from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
-
-        return lambda sd: qwen2_tune_to_hf(sd, **kw, tie_word_embeddings=tie)
-    if hf_config["model_type"] == "llama":
-        from torchtune.models.convert_weights import tune_to_hf
-
-        def convert(sd: StateDict) -> StateDict:
-            out = tune_to_hf(sd, **kw)
-            if tie:
-                out.pop("lm_head.weight", None)
-            return out
-
-        return convert
-    raise ValueError(f"model_type {hf_config['model_type']!r} has no torchtune → HF converter")
+    return lambda sd: family.tune_to_hf(sd, kw, tie)
 
 
 def qwen2_5_math_7b() -> TransformerDecoder:

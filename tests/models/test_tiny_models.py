@@ -129,3 +129,18 @@ def test_llama3_with_unknown_rope_scaling_is_refused(tmp_path):
     with pytest.raises(ValueError, match="rope_scaling"):
         build_tiny_llama3(tmp_path / "llama", vocab_size=256, rope_scaling=scaling)
     assert not (tmp_path / "llama").exists()
+
+
+def test_model_family_registry():
+    """Every family names a tensor-parallel plan that exists; any other model_type is a clear
+    error naming the known ones."""
+    from simko_tune.models import MODEL_FAMILIES, model_family
+    from simko_tune.parallel import get_tp_plan
+
+    assert set(MODEL_FAMILIES) == {"qwen2", "llama"}
+    for family in MODEL_FAMILIES.values():
+        assert get_tp_plan(family.tp_plan)
+    with pytest.raises(
+        ValueError, match=r"model_type 'gpt2' is not supported; known: \['llama', 'qwen2'\]"
+    ):
+        model_family({"model_type": "gpt2"})
