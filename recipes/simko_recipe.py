@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import resource
 import sys
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NoReturn
 
@@ -88,7 +89,7 @@ from simko_tune.ppo import PPOSettings, PPOUpdate
 from simko_tune.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from simko_tune.preemption import Preempted, PreemptionWatch
 from simko_tune.rewards import RewardPool
-from simko_tune.rollout import RolloutBatch, build_rollout_batch
+from simko_tune.rollout import RolloutBatch, build_rollout_batch, concat_rollouts
 
 # The step's phases, in order (nested timings such as generate, score or publish_write
 # are parts of these): their shares of the step are logged as time_share/<phase>.
@@ -103,15 +104,19 @@ class SampledRollout:
     batch: RolloutBatch
     texts: list[str]
     timings: dict[str, float]
+    # over every group generated for the step (before any filtering): see _group_stats
+    stats: dict[str, float] = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         """Tensors and plain values (a checkpoint's ``extra``, loadable ``weights_only``)."""
         batch = {f.name: getattr(self.batch, f.name) for f in fields(self.batch)}
-        return {"indices": self.indices, "batch": batch, "texts": self.texts}
+        return {"indices": self.indices, "batch": batch, "texts": self.texts, "stats": self.stats}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> SampledRollout:
-        return cls(state["indices"], RolloutBatch(**state["batch"]), state["texts"], {})
+        return cls(
+            state["indices"], RolloutBatch(**state["batch"]), state["texts"], {}, state["stats"]
+        )
 
 
 class SimKORecipe:
@@ -133,6 +138,7 @@ class SimKORecipe:
         self._eval_cache = None
         self.eval_history: dict[str, dict[int, dict[int, float]]] = {}  # set -> step -> K -> pass@K
         self.pending_rollout: SampledRollout | None = None  # a preempted run's next rollout
+        self.last_rollout_stats: dict[str, float] = {}  # rank 0: the last rollout's groups
         self.preemption: PreemptionWatch | None = None
 
     # ------------------------------------------------------------------ setup
@@ -450,6 +456,7 @@ class SimKORecipe:
         logger every ``log.every_n_steps``, and its line to the console."""
         cfg = self.cfg
         stats.update(_rollout_stats(rollout, cfg.rollout.samples_per_prompt))
+        stats.update({k: v for k, v in self.last_rollout_stats.items() if k != "groups"})
         staleness = (self.weight_version - 1 - rollout.weight_versions).float()
         stats["rollout/staleness_mean"] = float(staleness.mean())
         stats["rollout/staleness_max"] = float(staleness.max())
@@ -498,15 +505,67 @@ class SimKORecipe:
                     f"step {self.step}: rollout sampled with weight versions "
                     f"{sorted(set(versions.tolist()))}, allowed {oldest}..{self.weight_version}"
                 )
+            if self.cfg.rollout.filter_zero_variance:
+                sampled = self._keep_groups_with_signal(sampled)
             batch, texts = sampled.batch, sampled.texts
             timings.update(sampled.timings)
+            self.last_rollout_stats = sampled.stats
+        if self.cfg.rollout.max_oversample:  # rank 0 drew extra prompts: every rank follows
+            self.batches.load_state_dict(broadcast_object(self.batches.state_dict()))
         return broadcast_object(batch), texts
 
-    def sample(self, indices: list[int], step: int, version: int) -> SampledRollout:
+    def _keep_groups_with_signal(self, sampled: SampledRollout) -> SampledRollout:
+        """Rank 0: drop the groups whose rewards are all equal; with ``max_oversample``,
+        sample extra rounds of prompts (drawn from the data order) until
+        ``prompts_per_step`` groups with a signal are found or the rounds run out. Groups
+        beyond ``prompts_per_step`` are dropped, and the kept ones trimmed to a number whose
+        rows split evenly over the data-parallel ranks."""
+        r, g = self.cfg.rollout, self.cfg.rollout.samples_per_prompt
+        rounds = [sampled]
+        while (
+            len(_signal_groups(rounds, g)) < r.prompts_per_step and len(rounds) <= r.max_oversample
+        ):
+            extra = self.batches.next_batch()
+            rounds.append(self.sample(extra, self.step, self.weight_version, round_=len(rounds)))
+        kept = _signal_groups(rounds, g)[: r.prompts_per_step]
+        per_rank = self.dp_size // math.gcd(self.dp_size, g)  # groups whose rows split evenly
+        kept = kept[: len(kept) - len(kept) % per_rank]
+        parts, indices, texts = [], [], []
+        for i, rollout in enumerate(rounds):
+            groups = [j for k, j in kept if k == i]
+            rows = torch.tensor([j * g + s for j in groups for s in range(g)], dtype=torch.long)
+            if len(rows):
+                parts.append(rollout.batch.select(rows))
+                indices += [rollout.indices[j] for j in groups]
+                texts += [rollout.texts[int(row)] for row in rows]
+        merged = dict(sampled.timings)
+        for name in ("generate", "score"):  # every round's
+            merged[name] = sum(x.timings.get(name, 0.0) for x in rounds)
+        generated = sum(x.stats["groups"] for x in rounds)
+        stats = _group_stats([x.batch for x in rounds], g)
+        stats.update(
+            {
+                "rollout/oversample_rounds": len(rounds) - 1,
+                "rollout/groups_dropped": generated - len(kept),
+                "rollout/groups_trained": len(kept),
+            }
+        )
+        if not parts:
+            raise RuntimeError(
+                f"step {self.step}: no group with a learning signal in {len(rounds)} round(s) "
+                "of sampling (every group's rewards were equal): raise rollout.max_oversample"
+            )
+        batch = concat_rollouts(parts, pad_id=self.stop_ids[0])
+        return SampledRollout(indices, batch, texts, merged, stats)
+
+    def sample(
+        self, indices: list[int], step: int, version: int, round_: int = 0
+    ) -> SampledRollout:
         """Generate and score on rank 0 for ``step``'s prompts with the workers' current
         weights ``version``; thread-safe against the training loop (it touches only the
         generator, the reward pool and the tokenizer, which the loop leaves alone meanwhile).
-        The sampling seed follows the step that trains on the rollout, whoever samples it."""
+        The sampling seed follows the step that trains on the rollout, whoever samples it,
+        and ``round_`` (extra rounds of zero-variance filtering get seeds of their own)."""
         cfg = self.cfg
         timings: dict[str, float] = {}
         g = cfg.rollout.samples_per_prompt
@@ -516,7 +575,7 @@ class SimKORecipe:
             top_p=cfg.rollout.top_p,
             max_tokens=cfg.rollout.max_response_tokens,
             stop_token_ids=self.stop_ids,
-            seed=cfg.seed * 1_000_003 + step,
+            seed=cfg.seed * 1_000_003 + step + round_ * 100_000_007,
         )
         # one-step-off: the workers load ``version`` now (published, not yet delivered)
         timings.update(_prefixed("publish_", self.weight_sync.deliver(version)))
@@ -537,7 +596,8 @@ class SimKORecipe:
             pad_id=self.stop_ids[0],
             weight_versions=[c.weight_version for c in flat],
         )
-        return SampledRollout(indices, batch, texts, timings)
+        stats = {**_group_stats([batch], g), "groups": len(indices)}
+        return SampledRollout(indices, batch, texts, timings, stats)
 
     def _publish(self, version: int, deliver: bool = True) -> None:
         """Weights → safetensors + manifest (ranks share the writing), then, with
@@ -750,14 +810,32 @@ def _step_line(step: int, stats: dict[str, float], elapsed: float) -> str:
     )
 
 
-def _rollout_stats(rollout: RolloutBatch, group_size: int) -> dict[str, float]:
-    rewards = rollout.rewards.view(-1, group_size)
-    identical = rewards.max(1).values == rewards.min(1).values  # zero variance: no gradient
-    tokens = rollout.mask.sum(1).view(-1, group_size).sum(1).float()
-    stats = {
-        "reward/mean": float(rewards.mean()),
+def _group_stats(batches: list[RolloutBatch], group_size: int) -> dict[str, float]:
+    """Over every group generated: the fraction whose rewards are all equal (zero advantage,
+    no gradient) and the share of the generated tokens they hold."""
+    rewards = torch.cat([b.rewards for b in batches]).view(-1, group_size)
+    tokens = torch.cat([b.mask.sum(1) for b in batches]).view(-1, group_size).sum(1).float()
+    identical = rewards.max(1).values == rewards.min(1).values
+    return {
         "reward/identical_group_frac": float(identical.float().mean()),
         "reward/identical_group_token_frac": float(tokens[identical].sum() / tokens.sum()),
+    }
+
+
+def _signal_groups(rounds: list[SampledRollout], group_size: int) -> list[tuple[int, int]]:
+    """``(round, group)`` of every group whose rewards differ, in sampling order."""
+    out = []
+    for i, sampled in enumerate(rounds):
+        rewards = sampled.batch.rewards.view(-1, group_size)
+        varied = (rewards.max(1).values != rewards.min(1).values).nonzero().squeeze(1)
+        out += [(i, int(j)) for j in varied]
+    return out
+
+
+def _rollout_stats(rollout: RolloutBatch, group_size: int) -> dict[str, float]:
+    rewards = rollout.rewards.view(-1, group_size)
+    stats = {
+        "reward/mean": float(rewards.mean()),
         "response/len_mean": float(rollout.response_lens.float().mean()),
         "response/len_max": float(rollout.response_lens.max()),
         "response/truncated_frac": float(rollout.truncated.float().mean()),

@@ -135,6 +135,12 @@ class RolloutSection:
     # corrected by truncated importance weights min(exp(proximal - behaviour), is_cap).
     max_staleness: int = 0
     is_cap: float = 2.0
+    # Drop the groups whose rewards are all equal (zero advantage: no gradient) before the
+    # update; with max_oversample > 0, draw and sample more prompts (at most that many extra
+    # rounds) until prompts_per_step groups with a signal are found (DAPO's dynamic
+    # sampling). The extra prompts are drawn from the data order, so they count as used.
+    filter_zero_variance: bool = False
+    max_oversample: int = 0
 
     @staticmethod
     def problems(r: Any) -> list[str]:
@@ -149,6 +155,14 @@ class RolloutSection:
             out.append(f"rollout.max_staleness: {r.max_staleness} is not 0 or 1 (one-step-off)")
         if r.is_cap < 1.0:
             out.append(f"rollout.is_cap: {r.is_cap} must be >= 1")
+        out += _at_least(r, "rollout", 0, "max_oversample")
+        if r.max_oversample > 0 and not r.filter_zero_variance:
+            out.append("rollout.max_oversample > 0 needs rollout.filter_zero_variance=true")
+        if r.max_oversample > 0 and r.max_staleness:
+            out.append(
+                "rollout.max_oversample > 0 needs rollout.max_staleness=0 (one-step-off "
+                "sampling runs ahead of the data order, extra rounds cannot)"
+            )
         return out
 
 

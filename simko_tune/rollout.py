@@ -39,6 +39,23 @@ class RolloutBatch:
         return RolloutBatch(**picked)
 
 
+def concat_rollouts(batches: Sequence[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Rows of several rollouts in one batch, each padded to the widest (the padding is
+    masked out, as :func:`build_rollout_batch` pads)."""
+    width = max(b.tokens.shape[1] for b in batches)
+    fill = {"tokens": pad_id, "targets": pad_id, "mask": False, "worker_logprobs": 0.0}
+    out = {}
+    for f in fields(RolloutBatch):
+        parts = [getattr(b, f.name) for b in batches]
+        if f.name in fill:
+            parts = [
+                torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill[f.name])
+                for p in parts
+            ]
+        out[f.name] = torch.cat(parts)
+    return RolloutBatch(**out)
+
+
 def build_rollout_batch(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],

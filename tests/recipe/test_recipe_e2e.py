@@ -35,6 +35,19 @@ SCALARS = {
     "time_share/wait_rollout", "time_share/old_logprobs", "time_share/update",
     "time_share/publish",
 }  # fmt: skip
+
+
+def _assert_same_step(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """Weights after the same AdamW step from one process and from several ranks. Its first
+    step moves a weight by lr * g / (|g| + eps): where a gradient entry nearly cancels
+    (|g| ~ eps = 1e-8), the other summation order changes that weight's step by a few
+    percent. So: all but a handful of entries equal to 1e-6, and none off by a tenth of the
+    step (lr 1e-4 in the warm-up's first step), which any wrong gradient would exceed."""
+    diff = (a - b).abs()
+    assert int((diff > 1e-6 + 1e-5 * b.abs()).sum()) <= max(2, diff.numel() // 1000), name
+    assert float(diff.max()) < 1e-5, name
+
+
 # Timings, speeds and memory differ run to run; everything else must not.
 VOLATILE = ("time/", "time_share/", "throughput/", "perf/", "eta_s", "memory/")
 
@@ -216,7 +229,7 @@ def test_torchrun_ranks_match_one_process(tmp_path, policy_dir, nproc, layout):
     wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+        _assert_same_step(wb[k], wa[k], k)
 
 
 def test_two_node_launch_matches_one_process(tmp_path, policy_dir):
@@ -229,7 +242,7 @@ def test_two_node_launch_matches_one_process(tmp_path, policy_dir):
     run_torchrun(1, "simko_recipe", args, nnodes=2, launcher=TUNE_RUN, cwd=tmp_path)
     wa, wb = _final_weights(single, 1), _final_weights(multi, 1)
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+        _assert_same_step(wb[k], wa[k], k)
 
 
 def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path, shared_data):
