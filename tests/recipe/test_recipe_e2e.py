@@ -44,8 +44,12 @@ def _assert_same_step(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
     percent. So: all but a handful of entries equal to 1e-6, and none off by a tenth of the
     step (lr 1e-4 in the warm-up's first step), which any wrong gradient would exceed."""
     diff = (a - b).abs()
-    assert int((diff > 1e-6 + 1e-5 * b.abs()).sum()) <= max(2, diff.numel() // 1000), name
     assert float(diff.max()) < 1e-5, name
+    if name.endswith("k_proj.bias"):
+        # Its gradient is zero in exact arithmetic (a bias on the keys shifts every score of
+        # a query alike, which the softmax ignores): AdamW steps it by rounding noise alone.
+        return
+    assert int((diff > 1e-6 + 1e-5 * b.abs()).sum()) <= max(2, diff.numel() // 1000), name
 
 
 # Timings, speeds and memory differ run to run; everything else must not.
