@@ -58,7 +58,8 @@ from simko_tune.generation import (
     check_versions,
 )
 from simko_tune.generation.client import trainer_cuda_devices
-from simko_tune.generation.weights import default_sync_dir, parse_weight_dtype
+from simko_tune.generation.sync_dir import default_sync_dir
+from simko_tune.generation.weights import parse_weight_dtype
 from simko_tune.loss import LossConfig
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.metrics.throughput import (

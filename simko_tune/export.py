@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from simko_tune.generation.weights import write_shards
+from simko_tune.generation.shards import write_shards
 from simko_tune.parallel.collectives import rank as process_rank
 
 # Everything of the base model directory except its weights: config, tokenizer, generation config.

@@ -144,7 +144,8 @@ def bench_publish_ranks(model_dir: Path, root: Path) -> dict:
     import torch
     import torch.multiprocessing as mp
 
-    from simko_tune.generation.weights import default_sync_dir, publish_weights
+    from simko_tune.generation.sync_dir import default_sync_dir
+    from simko_tune.generation.weights import publish_weights
     from simko_tune.models import load_hf_model, read_hf_config
 
     sync = default_sync_dir(f"bench_ranks_{os.getpid()}")
@@ -201,7 +202,7 @@ def bench(args: argparse.Namespace, root: Path) -> None:
     import torch
 
     from simko_tune.generation import NativeGenerator, SamplingConfig, VLLMWorkers, WeightSync
-    from simko_tune.generation.weights import default_sync_dir
+    from simko_tune.generation.sync_dir import default_sync_dir
     from simko_tune.models import load_hf_weights, model_from_hf_config, read_hf_config
     from simko_tune.paths import cache_dir
 

@@ -7,23 +7,18 @@ from typing import Any
 
 from simko_tune.generation.client import VLLMWorkers
 from simko_tune.generation.native import NativeGenerator
+from simko_tune.generation.sync_dir import default_sync_dir, prune_versions
 from simko_tune.generation.types import (
     INITIAL_VERSION,
     Completion,
     GenerationError,
     Generator,
+    PublicationError,
     SamplingConfig,
     StaleWeightsError,
     check_versions,
 )
-from simko_tune.generation.weights import (
-    PublicationError,
-    WeightSync,
-    default_sync_dir,
-    prune_versions,
-    publish_weights,
-    verify_publication,
-)
+from simko_tune.generation.weights import WeightSync, publish_weights, verify_publication
 
 
 def build_generator(

@@ -18,6 +18,7 @@ from torchtune.generation import (
 )
 from torchtune.modules.common_utils import local_kv_cache
 
+from simko_tune.generation.shards import checkpoint_shapes, compare_shapes
 from simko_tune.generation.types import (
     INITIAL_VERSION,
     Completion,
@@ -26,11 +27,7 @@ from simko_tune.generation.types import (
     check_prompt_lengths,
     sample_seed,
 )
-from simko_tune.generation.weights import (
-    checkpoint_shapes,
-    compare_shapes,
-    verify_publication,
-)
+from simko_tune.generation.weights import verify_publication
 from simko_tune.models import load_hf_weights, model_from_hf_config, read_hf_config
 
 

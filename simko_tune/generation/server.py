@@ -39,15 +39,19 @@ from simko_tune.generation.protocol import (
     is_loopback,
     model_fingerprint,
 )
-from simko_tune.generation.types import INITIAL_VERSION, SamplingConfig, check_prompt_lengths
-from simko_tune.generation.weights import (
-    PublicationError,
+from simko_tune.generation.shards import (
     checkpoint_shapes,
     compare_shapes,
-    read_manifest,
     streamed_tensors,
     verified_tensors,
 )
+from simko_tune.generation.types import (
+    INITIAL_VERSION,
+    PublicationError,
+    SamplingConfig,
+    check_prompt_lengths,
+)
+from simko_tune.generation.weights import read_manifest
 from simko_tune.paths import atomic_write
 
 CPU_KV_CACHE_BYTES = 1 << 30

@@ -66,6 +66,10 @@ class GenerationError(RuntimeError):
     message names the worker and, where there is one, ends with the tail of its log."""
 
 
+class PublicationError(GenerationError):
+    """A publication is missing, incomplete or corrupt; it must not be loaded."""
+
+
 class StaleWeightsError(GenerationError):
     """Completions were sampled with another weight version than the caller expected."""
 

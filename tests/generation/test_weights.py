@@ -19,17 +19,9 @@ from simko_tune.generation import (
     publish_weights,
     verify_publication,
 )
-from simko_tune.generation.weights import (
-    _assign,
-    _rounds,
-    default_sync_dir,
-    parse_weight_dtype,
-    published_versions,
-    read_manifest,
-    streamed_tensors,
-    verified_tensors,
-    version_dir,
-)
+from simko_tune.generation.shards import _assign, _rounds, streamed_tensors, verified_tensors
+from simko_tune.generation.sync_dir import default_sync_dir, published_versions, version_dir
+from simko_tune.generation.weights import parse_weight_dtype, read_manifest
 from simko_tune.models import read_hf_config
 from simko_tune.parallel import exit_without_teardown
 
@@ -77,10 +69,10 @@ def test_publication_round_trips_hf_weights(gen_model_dir, ref, tmp_path):
 
 def test_manifest_is_written_last(gen_model_dir, ref, tmp_path, monkeypatch):
     """A publish that dies before the manifest leaves only a .tmp folder, never a final one."""
-    import simko_tune.generation.weights as weights
+    import simko_tune.generation.shards as shards
 
     calls = []
-    real = weights._write_shard
+    real = shards._write_shard
 
     def write_then_die(tensors, path):
         calls.append(path)
@@ -88,7 +80,7 @@ def test_manifest_is_written_last(gen_model_dir, ref, tmp_path, monkeypatch):
             raise OSError("disk full")
         return real(tensors, path)
 
-    monkeypatch.setattr(weights, "_write_shard", write_then_die)
+    monkeypatch.setattr(shards, "_write_shard", write_then_die)
     with pytest.raises(OSError):
         publish_weights(
             ref.trainer_model(gen_model_dir),
@@ -367,12 +359,12 @@ def test_weight_sync_in_memory_hands_over_each_version_as_published(
             for p in model.parameters():
                 p.add_(1.0)  # the trainer's next update, before any delivery
     assert consumer.loads == [] and set(sync.last_timings) == {"write_s"}
-    assert sorted(sync._snapshots) == [1, 2]
+    assert sorted(sync.transport._snapshots) == [1, 2]
     assert "ack_s" in sync.deliver(1) and sync.acknowledged == 1
-    assert sorted(sync._snapshots) == [2]  # the delivered one dropped, the newer kept
+    assert sorted(sync.transport._snapshots) == [2]  # the delivered one dropped, the newer kept
     assert sync.deliver(1) == {} and sync.deliver(3) == {}  # served; not published
     sync.publish(model, 3)  # staleness 0: delivered at once
-    assert sync._snapshots == {} and sync.acknowledged == 3
+    assert sync.transport._snapshots == {} and sync.acknowledged == 3
     with pytest.raises(PublicationError, match="version 2: no snapshot"):
         sync.deliver(2)  # superseded by 3, which was delivered
     sync.close()

@@ -20,7 +20,7 @@ from simko_tune.generation.protocol import (
     decode_reply,
     model_fingerprint,
 )
-from simko_tune.generation.weights import published_versions, version_dir
+from simko_tune.generation.sync_dir import published_versions, version_dir
 from simko_tune.models import read_hf_config
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,98 @@
+"""The sync directory: where publications live, who may write there, which versions exist.
+
+A publication is ``sync_dir/v{version:06d}/`` (``.tmp`` while it is written). The directory
+must be this user's own, not a symlink and not writable by others: whoever can write there
+can change the weights the workers load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from simko_tune.generation.types import PublicationError
+
+_VERSION_DIR = re.compile(r"^v(\d{6,})(\.tmp)?$")
+
+
+def default_sync_dir(run_name: str) -> Path:
+    """``<shared memory>/simko_tune-<uid>/<run_name>``: shared memory has no disk I/O for
+    single-node runs (use a folder on a shared filesystem when workers run on other
+    nodes); the per-user parent is made 0700 and checked, so no other user can plant or
+    read a publication at a predictable path."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    parent = base / f"simko_tune-{os.getuid()}"
+    try:
+        parent.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _check_owned(parent, private=True)
+    return parent / run_name
+
+
+def _check_owned(path: Path, *, private: bool) -> None:
+    """``path`` is a real directory owned by this user; ``private``: no one else may enter
+    it; otherwise: no one else may write to it."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise PublicationError(f"sync dir {path}: not a directory (a symlink?); refusing it")
+    if st.st_uid != os.getuid():
+        raise PublicationError(
+            f"sync dir {path}: owned by uid {st.st_uid}, not this user ({os.getuid()}); "
+            "another user could change the weights the workers load: use another path"
+        )
+    if st.st_mode & (0o077 if private else 0o022):
+        raise PublicationError(
+            f"sync dir {path}: mode {stat.S_IMODE(st.st_mode):o} lets other users "
+            f"{'in' if private else 'write'}; use a directory only you can write "
+            f"(chmod {'700' if private else 'go-w'})"
+        )
+
+
+def prepare_sync_dir(path: str | Path) -> Path:
+    """Create ``path`` if missing (0700), check it is ours, and clear any publication left by
+    an earlier run: a stale version must never be loaded."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_owned(path, private=False)
+    for p in path.iterdir():
+        if _VERSION_DIR.match(p.name):
+            shutil.rmtree(p)
+    return path
+
+
+def version_dir(sync_dir: str | Path, version: int) -> Path:
+    return Path(sync_dir) / f"v{version:06d}"
+
+
+def published_versions(sync_dir: str | Path) -> list[int]:
+    """Complete publications (final names) in ``sync_dir``, ascending."""
+    out = []
+    for p in Path(sync_dir).iterdir() if Path(sync_dir).is_dir() else []:
+        m = _VERSION_DIR.match(p.name)
+        if m and not m.group(2):
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def prune_versions(sync_dir: str | Path, keep_version: int) -> None:
+    """Remove publications (and leftover partial ones) older than ``keep_version``, the
+    version every worker acknowledged. It is kept: a restarted worker reloads it."""
+    root = Path(sync_dir)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        m = _VERSION_DIR.match(p.name)
+        if m and int(m.group(1)) < keep_version:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_versions(sync_dir: Path) -> None:
+    """Every publication, complete or partial (what a run leaves behind when it closes)."""
+    for p in sync_dir.iterdir():
+        if _VERSION_DIR.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
