@@ -15,7 +15,6 @@ pass@K table (Markdown, CSV), its plot, and TensorBoard scalars ``eval/<benchmar
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -42,10 +41,11 @@ from simko_tune.data import (
     stop_token_ids,
     tokenize_prompt,
 )
+from simko_tune.fs import append_synced, atomic_write
 from simko_tune.generation import build_generator
 from simko_tune.generation.types import INITIAL_VERSION, check_versions
 from simko_tune.metrics import passk_report, read_samples
-from simko_tune.paths import STEP_DIR, atomic_write
+from simko_tune.paths import STEP_DIR
 from simko_tune.rewards import RewardPool, extract_for_mode
 
 log = get_logger("INFO")
@@ -295,9 +295,8 @@ class PassAtKEvalRecipe:
                 for start in range(0, len(todo), per_call):
                     batch = todo[start : start + per_call]
                     for rows in self._generate_and_score(generator, rewards, benchmark, batch):
-                        out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-                        out.flush()
-                        os.fsync(out.fileno())
+                        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                        append_synced(out, lines)
                         self.num_generated_problems += 1
                         bar.update(1)
         log.info(f"Generated and scored {self.num_generated_problems} problems.")

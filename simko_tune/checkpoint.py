@@ -6,7 +6,7 @@ Layout of ``<output_dir>/step_00000120/``::
     extra.pt         rank 0: the caller's ``extra`` and the LR scheduler state
     rng_rank00000.pt one per rank: torch (CPU and CUDA), numpy and python RNG states
     hf/              optional: the caller's export (the policy as a Hugging Face directory)
-    COMPLETE         JSON {"step", "files": {path: {"bytes", "xxh3_64"}}}, written last
+    COMPLETE         the manifest (simko_tune.fs.Manifest: every file's bytes and xxh3, the step), last
 
 A checkpoint is assembled in ``step_XXXXXXXX.tmp``; every file is fsynced, the
 ``COMPLETE`` marker written, and the folder published by one rename, so a crash at any
@@ -19,9 +19,8 @@ collective: every rank calls them.
 
 from __future__ import annotations
 
-import json
+import io
 import logging
-import os
 import random
 import shutil
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from simko_tune.fs import Manifest, ManifestError, checksum_file, replace_dir, write_synced
 from simko_tune.parallel.collectives import (
     all_gather_object,
     barrier,
@@ -42,12 +42,11 @@ from simko_tune.parallel.collectives import (
     world_size,
 )
 from simko_tune.parallel.collectives import rank as process_rank
-from simko_tune.paths import STEP_DIR, checksum_file, replace_dir, step_dir_name
+from simko_tune.paths import STEP_DIR, step_dir_name
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
-CHECKSUM = "xxh3_64"
 
 
 def rng_states() -> dict[str, Any]:
@@ -72,20 +71,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _save_synced(obj: Any, path: Path) -> None:
-    """``torch.save`` flushed to disk by the rank that wrote it (on a shared filesystem
-    another node's fsync would not flush this node's pages)."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    """``torch.save`` flushed to disk by the rank that wrote it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_synced(path, buffer.getvalue())
 
 
 def _checksums(root: Path, names: list[str]) -> dict[str, str]:
@@ -93,16 +83,6 @@ def _checksums(root: Path, names: list[str]) -> dict[str, str]:
     rank, world = process_rank(), world_size()
     mine = {n: checksum_file(root / n) for i, n in enumerate(names) if i % world == rank}
     return {k: v for part in all_gather_object(mine) for k, v in part.items()}
-
-
-def _marker_files(path: Path) -> dict[str, dict]:
-    meta = json.loads((path / MARKER).read_text())
-    files = meta["files"]
-    if not isinstance(files, dict) or not all(
-        isinstance(f, dict) and {"bytes", CHECKSUM} <= f.keys() for f in files.values()
-    ):
-        raise TypeError(f"'files' must map each path to its bytes and {CHECKSUM}")
-    return files
 
 
 def incomplete_reason(path: Path) -> str | None:
@@ -113,24 +93,17 @@ def incomplete_reason(path: Path) -> str | None:
     if not (path / MARKER).is_file():
         return f"no {MARKER} marker"
     try:
-        files = _marker_files(path)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        problems = Manifest.read(path / MARKER).size_problems(path)
+    except ManifestError as e:
         return f"unreadable {MARKER} marker ({e})"
-    missing = [f for f in files if not (path / f).is_file()]
-    if missing:
-        return f"files listed in {MARKER} are missing: {missing[:3]}"
-    wrong = [f for f, info in files.items() if (path / f).stat().st_size != info["bytes"]]
-    if wrong:
-        return f"files with sizes other than {MARKER} lists (truncated?): {wrong[:3]}"
-    return None
+    return f"{problems[0]} (and {len(problems) - 1} more)" if problems else None
 
 
 def corrupt_files(path: Path) -> list[str]:
     """Files whose checksum differs from the marker's (collective: the hashing is spread
     over the ranks). The marker must be readable (:func:`incomplete_reason` is None)."""
-    files = _marker_files(path)
-    digests = _checksums(path, sorted(files))
-    return [f for f in sorted(files) if digests[f] != files[f][CHECKSUM]]
+    manifest = Manifest.read(path / MARKER)
+    return manifest.corrupt(_checksums(path, sorted(manifest.files)))
 
 
 class CheckpointLoadError(RuntimeError):
@@ -194,8 +167,7 @@ class CheckpointManager:
         names = broadcast_object(names)  # every rank hashes its share of rank 0's listing
         digests = _checksums(tmp, names)
         if rank == 0:
-            files = {n: {"bytes": (tmp / n).stat().st_size, CHECKSUM: digests[n]} for n in names}
-            _fsync_write(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1))
+            Manifest.of(tmp, digests, step=step).write(tmp / MARKER, fsync=True)
             replace_dir(tmp, final, fsync=True)
             self._prune()
         barrier()

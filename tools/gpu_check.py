@@ -40,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's package, installed or not (the GPU machine)
+from simko_tune.fs import atomic_write  # noqa: E402
 from simko_tune.model_shapes import QWEN2_5_SHAPES  # noqa: E402
 
 PARTS = ("a", "b", "c", "d")
@@ -203,8 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["ok"] = all(r.get("ok") for r in report["parts"].values())
     report["wall_s"] = round(time.monotonic() - started, 1)
     line = json.dumps(report)
-    (out_dir / "gpu_check.json.tmp").write_text(line + "\n")
-    os.replace(out_dir / "gpu_check.json.tmp", out_dir / "gpu_check.json")
+    atomic_write(out_dir / "gpu_check.json", line + "\n", fsync=False)
     print(line)
     return report
 
@@ -220,9 +220,7 @@ def run_worker(args: argparse.Namespace, out_dir: Path) -> dict:
     except Exception as e:
         traceback.print_exc()
         result = {"ok": False, "error": f"{type(e).__name__}: {e}"[-2500:]}
-    tmp = out_dir / f"part_{args.worker}.json.tmp"
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out_dir / f"part_{args.worker}.json")
+    atomic_write(out_dir / f"part_{args.worker}.json", json.dumps(result), fsync=False)
     return result
 
 

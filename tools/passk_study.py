@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simko_tune.fs import atomic_write
 from simko_tune.metrics.tensorboard import read_scalars
-from simko_tune.paths import atomic_write
 
 BASE = "base"
 # The methods the paper compares, as loss overrides of tiny_cpu (whose SimKO settings are

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from simko_tune.paths import atomic_dir
+from simko_tune.fs import atomic_dir
 
 # Qwen2's pre-tokenizer split pattern (digits one by one), as in its tokenizer.json.
 QWEN2_SPLIT_PATTERN = (

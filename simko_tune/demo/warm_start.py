@@ -30,8 +30,8 @@ from simko_tune.demo.countdown import (
     solve,
 )
 from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2, train_tokenizer, write_hf_dir
+from simko_tune.fs import replace_dir
 from simko_tune.models import load_hf_model, read_hf_config, tune_to_hf_converter
-from simko_tune.paths import replace_dir
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from simko_tune.fs import atomic_write
 from simko_tune.generation.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     FINISH_REASONS,
@@ -52,7 +53,6 @@ from simko_tune.generation.types import (
     check_prompt_lengths,
 )
 from simko_tune.generation.weights import read_manifest
-from simko_tune.paths import atomic_write
 
 CPU_KV_CACHE_BYTES = 1 << 30
 

@@ -22,11 +22,11 @@ import torch.distributed as dist
 import xxhash
 from torch import nn
 
+from simko_tune.fs import CHECKSUM
 from simko_tune.generation.types import PublicationError
 from simko_tune.models import tune_to_hf_converter
 from simko_tune.parallel.collectives import all_gather_object, barrier, gather_to, hostnames
 
-CHECKSUM = "xxh3_64"
 # Wrappers that prefix parameter names (activation checkpointing, torch.compile).
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 # Names some checkpoints carry that are not weights (vLLM recomputes them).

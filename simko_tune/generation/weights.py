@@ -21,7 +21,6 @@ same three methods.
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -31,6 +30,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from simko_tune.fs import Manifest, ManifestError, checksum_file, replace_dir
 from simko_tune.generation.shards import (
     CHECKSUM,
     _check_digest,
@@ -48,7 +48,6 @@ from simko_tune.generation.sync_dir import (
 from simko_tune.generation.types import PublicationError
 from simko_tune.parallel.collectives import broadcast_object, unshard, world_size
 from simko_tune.parallel.collectives import rank as process_rank
-from simko_tune.paths import checksum_file, replace_dir
 
 MANIFEST = "manifest.json"
 
@@ -81,8 +80,8 @@ def publish_weights(
     )
     if rank != 0:
         return None
-    manifest = {"version": version, "checksum": CHECKSUM, "files": files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    entries = {f["name"]: {k: v for k, v in f.items() if k != "name"} for f in files}
+    Manifest(entries, {"version": version}).write(tmp / MANIFEST, fsync=False)
     replace_dir(tmp, final, fsync=False)  # a republished version (a resume) is replaced whole
     return final
 
@@ -90,7 +89,8 @@ def publish_weights(
 def read_manifest(sync_dir: str | Path, version: int) -> tuple[Path, list[dict]]:
     """Everything about a publication but its checksums: the manifest exists and names
     this version, every listed file has its size, and no unlisted shard is present (the
-    loader would read it). Returns the folder and the manifest's file entries."""
+    loader would read it). Returns the folder and the file entries (``name`` included), in
+    the order they were written."""
     folder = version_dir(sync_dir, version)
     if not folder.is_dir():
         partial = folder.with_name(folder.name + ".tmp")
@@ -100,33 +100,20 @@ def read_manifest(sync_dir: str | Path, version: int) -> tuple[Path, list[dict]]
     if not manifest_path.is_file():
         raise PublicationError(f"{manifest_path}: manifest missing; publication is incomplete")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        if manifest["version"] != version:
-            raise PublicationError(
-                f"{manifest_path}: names version {manifest['version']}, expected {version}"
-            )
-        if manifest.get("checksum") != CHECKSUM:
-            raise PublicationError(
-                f"{manifest_path}: unknown checksum {manifest.get('checksum')!r}"
-            )
-        listed = {f["name"] for f in files}
-        for f in files:
-            f["bytes"], f[CHECKSUM]  # noqa: B018 (each entry must have both)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise PublicationError(f"{manifest_path}: unreadable manifest ({e!r})") from e
-
-    unlisted = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in listed)
+        manifest = Manifest.read(manifest_path)
+    except ManifestError as e:
+        raise PublicationError(str(e)) from e
+    if manifest.fields.get("version") != version:
+        raise PublicationError(
+            f"{manifest_path}: names version {manifest.fields.get('version')}, expected {version}"
+        )
+    unlisted = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in manifest.files)
     if unlisted:
         raise PublicationError(f"{folder}: shards not in the manifest: {unlisted}")
-    for f in files:
-        path = folder / f["name"]
-        if not path.is_file():
-            raise PublicationError(f"{path}: listed in the manifest but missing")
-        size = path.stat().st_size
-        if size != f["bytes"]:
-            raise PublicationError(f"{path}: {size} bytes, manifest says {f['bytes']} (truncated?)")
-    return folder, files
+    problems = manifest.size_problems(folder)
+    if problems:
+        raise PublicationError(problems[0])
+    return folder, [{"name": name, **entry} for name, entry in manifest.files.items()]
 
 
 def verify_publication(sync_dir: str | Path, version: int) -> tuple[Path, dict[str, list[int]]]:

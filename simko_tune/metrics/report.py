@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from simko_tune.data.problems import DataError
+from simko_tune.fs import atomic_write
 from simko_tune.metrics.passk import maj_at_n, mean_at_n, pass_at_k, powers_of_two_up_to
-from simko_tune.paths import atomic_write
 
 AVERAGE = "average"
 

@@ -61,8 +61,8 @@ def test_publication_round_trips_hf_weights(gen_model_dir, ref, tmp_path):
         torch.testing.assert_close(published[k], original[k], rtol=0, atol=0)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["version"] == 3 and len(manifest["files"]) > 1  # sharded at 20 kB
-    for f in manifest["files"]:
-        assert (folder / f["name"]).stat().st_size == f["bytes"]
+    for name, f in manifest["files"].items():
+        assert (folder / name).stat().st_size == f["bytes"]
     _, shapes = verify_publication(tmp_path, 3)
     assert shapes == {k: list(v.shape) for k, v in original.items()}
 

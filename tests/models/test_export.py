@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import simko_tune.paths as paths
+import simko_tune.fs as fs
 from simko_tune.export import export_hf
+from simko_tune.fs import atomic_dir, atomic_write, replace_dir
 from simko_tune.models import load_hf_model, read_hf_config
-from simko_tune.paths import atomic_dir, atomic_write, replace_dir
 
 
 def test_atomic_dir_keeps_old_content_on_error(tmp_path):
@@ -36,7 +36,7 @@ def test_replacing_a_directory_never_shows_nothing(tmp_path, monkeypatch, exchan
     unsupported, the rename-aside fallback may show it missing for one rename's gap, but
     never partial, and leaves no trash behind."""
     if not exchange:
-        monkeypatch.setattr(paths, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fs, "_exchange", lambda a, b: False)
     out = tmp_path / "out"
     with atomic_dir(out, fsync=False) as tmp:
         (tmp / "v").write_text("0")
@@ -74,7 +74,7 @@ def test_replace_dir_swaps_atomically_where_supported(tmp_path):
     new.mkdir()
     (new / "x").write_text("new")
     inode = new.stat().st_ino
-    assert paths._exchange(new, old)  # swapped...
+    assert fs._exchange(new, old)  # swapped...
     assert (old / "x").read_text() == "new" and (new / "x").read_text() == "old"
     assert old.stat().st_ino == inode
     replace_dir(new, old)  # ...and back, through the public helper
