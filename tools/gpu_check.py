@@ -293,6 +293,16 @@ def build_small_model(out: Path, width: int) -> Path:
     return build_tiny_qwen2(tok_dir, out / "model", dims)
 
 
+def torchrun_recipe(overrides: list[str]) -> list[str]:
+    """``torchrun -m simko_recipe`` on one rank (what ``tune run --nproc_per_node 1
+    simko_recipe`` runs, without the ``tune`` CLI, whose module imports need kagglehub) on
+    the CPU default's config with ``overrides``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+        "-m", "simko_recipe", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), *overrides,
+    ]  # fmt: skip
+
+
 def recipe_command(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> list[str]:
     """``torchrun -m simko_recipe`` (what ``tune run --nproc_per_node 1 simko_recipe`` runs,
     without the ``tune`` CLI, whose module imports need kagglehub) on the CPU default's
@@ -309,10 +319,7 @@ def recipe_command(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> 
         "ppo.micro_batch_size=8", "dataset.n=64", "rewards.num_workers=1",
         "log.samples_every_n_steps=0",
     ]  # fmt: skip
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-        "-m", "simko_recipe", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), *overrides,
-    ]  # fmt: skip
+    return torchrun_recipe(overrides)
 
 
 def read_scalars(tb_dir: Path) -> dict[str, dict[int, float]]:
@@ -605,10 +612,7 @@ def learning_command(
         "generation.weight_transfer=memory", "rewards.num_workers=1",
         "log.samples_every_n_steps=0",
     ]  # fmt: skip
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-        "-m", "simko_recipe", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"), *overrides,
-    ]  # fmt: skip
+    return torchrun_recipe(overrides)
 
 
 def _window_means(values: list[float], windows: int) -> list[float]:

@@ -140,21 +140,28 @@ def test_version_zero_is_reserved(gen_model_dir, ref, tmp_path):
         _publish(gen_model_dir, ref, tmp_path, version=0)
 
 
-def _fsdp_rank(rank: int, world: int, init_file: str, model_dir: str, sync: str, out: str) -> None:
-    import torch.distributed as dist
+def _fsdp2_model(model_dir):
+    """The tiny model, seeded, sharded with FSDP2 over the process group there is."""
     from torch.distributed.fsdp import fully_shard
 
     from simko_tune.models import model_from_hf_config
 
+    torch.manual_seed(0)
+    model = model_from_hf_config(model_dir)
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    assert any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return model
+
+
+def _fsdp_rank(rank: int, world: int, init_file: str, model_dir: str, sync: str, out: str) -> None:
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = model_from_hf_config(model_dir)
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        assert any(type(p).__name__ == "DTensor" for p in model.parameters())
+        model = _fsdp2_model(model_dir)
         path = publish_weights(model, 5, sync, read_hf_config(model_dir), max_shard_bytes=50_000)
         result = {"rank": rank, "path": None if path is None else str(path)}
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
@@ -395,7 +402,6 @@ def test_weight_sync_in_memory_unshards_a_one_rank_fsdp2_model(gen_model_dir, tm
     """torchrun with one process: the trainer's model is FSDP2-sharded on a one-rank mesh
     and holds DTensors; the in-process generator must get plain tensors, whole."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     from simko_tune.models import model_from_hf_config
 
@@ -403,12 +409,7 @@ def test_weight_sync_in_memory_unshards_a_one_rank_fsdp2_model(gen_model_dir, tm
     try:
         torch.manual_seed(0)
         plain = model_from_hf_config(gen_model_dir)
-        torch.manual_seed(0)
-        model = model_from_hf_config(gen_model_dir)
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        assert any(type(p).__name__ == "DTensor" for p in model.parameters())
+        model = _fsdp2_model(gen_model_dir)
         sync = WeightSync(None, read_hf_config(gen_model_dir), dtype=torch.float32)
         consumer = _StateConsumer()
         sync.attach(consumer)

@@ -19,21 +19,6 @@ from simko_tune.generation import StaleWeightsError
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
-    from simko_tune.demo.warm_start import WarmStartConfig, build_tiny_policy
-
-    out = tmp_path_factory.mktemp("policy") / "tiny_policy"
-    # trained until about a tenth of sampled answers are right: rollouts of 2 x 16 samples
-    # then carry a learning signal (mixed rewards in a group), which the tests require
-    return build_tiny_policy(
-        out,
-        WarmStartConfig(
-            max_steps=400, target_success=0.1, eval_every=20, sft_problems=300, eval_problems=64
-        ),
-    )
-
-
 def make_recipe(out: Path, policy: Path, **overrides):
     import simko_recipe
 

@@ -46,19 +46,6 @@ def test_a_handled_signal_only_sets_the_flag():
 # --------------------------------------------------------------------------- real runs
 
 
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
-    from simko_tune.demo.warm_start import WarmStartConfig, build_tiny_policy
-
-    out = tmp_path_factory.mktemp("policy") / "tiny_policy"
-    return build_tiny_policy(
-        out,
-        WarmStartConfig(
-            max_steps=400, target_success=0.1, eval_every=20, sft_problems=300, eval_problems=64
-        ),
-    )
-
-
 def _args(out: Path, policy: Path, staleness: int, *extra: str) -> list[str]:
     return [
         "--config", "tiny_cpu", f"output_dir={out}", f"model_dir={policy}", "prepare_model=null",
