@@ -140,6 +140,7 @@ class SimKORecipe:
         self.eval_history: dict[str, dict[int, dict[int, float]]] = {}  # set -> step -> K -> pass@K
         self.pending_rollout: SampledRollout | None = None  # a preempted run's next rollout
         self.last_rollout_stats: dict[str, float] = {}  # rank 0: the last rollout's groups
+        self.last_rollout_indices: list[int] = []
         self.preemption: PreemptionWatch | None = None
 
     # ------------------------------------------------------------------ setup
@@ -413,7 +414,7 @@ class SimKORecipe:
 
             if self.is_rank_zero:
                 self._log_step(stats, timings, rollout, t_step, progress)
-                self._log_samples(indices, texts, rollout)
+                self._log_samples(texts, rollout)
             if self._due(cfg.eval.every_n_steps):
                 if next_rollout is not None:  # evaluation needs the workers, idle
                     next_rollout.exception()
@@ -511,6 +512,7 @@ class SimKORecipe:
             batch, texts = sampled.batch, sampled.texts
             timings.update(sampled.timings)
             self.last_rollout_stats = sampled.stats
+            self.last_rollout_indices = sampled.indices  # the prompts of the rows kept
         if self.cfg.rollout.max_oversample:  # rank 0 drew extra prompts: every rank follows
             self.batches.load_state_dict(broadcast_object(self.batches.state_dict()))
         return broadcast_object(batch), texts
@@ -687,10 +689,11 @@ class SimKORecipe:
             out["perf/mfu"] = out["perf/update_tflops_per_s"] / (peak * self.world_size)
         return out
 
-    def _log_samples(self, indices: list[int], texts: list[str], rollout: RolloutBatch) -> None:
+    def _log_samples(self, texts: list[str], rollout: RolloutBatch) -> None:
         """Rank 0: a few completions as text, every ``log.samples_every_n_steps``."""
         if not self._due(self.cfg.log.samples_every_n_steps):
             return
+        indices = self.last_rollout_indices
         g = self.cfg.rollout.samples_per_prompt
         lines = []
         for j in range(min(self.cfg.log.num_samples, len(indices))):

@@ -98,6 +98,7 @@ def test_filter_keeps_the_first_groups_with_a_signal_from_extra_rounds(tmp_path,
         expected_rows = [r for k, j in kept for r in SCRIPT[k][j * G : (j + 1) * G]]
         assert rollout.rewards.tolist() == [float(r) for r in expected_rows]
         assert len(texts) == PER_STEP * G
+        assert recipe.last_rollout_indices == [rounds[k][j] for k, j in kept]  # logged samples
         stats = recipe.last_rollout_stats
         assert stats["rollout/oversample_rounds"] == 2 and stats["rollout/groups_trained"] == 4
         assert stats["rollout/groups_dropped"] == 12 - 4
