@@ -17,7 +17,7 @@ import time
 
 import torch
 
-THREADS = 2
+from simko_tune.parallel import cpu_threads
 
 
 def block_shapes(layers: int) -> list[tuple[int, ...]]:
@@ -35,7 +35,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="timed steps each (first dropped)")
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    threads, _ = cpu_threads()  # the recipe's rule: every core of the mask, or OMP_NUM_THREADS
+    torch.set_num_threads(threads)
     shapes = block_shapes(args.layers)
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(s, generator=gen) for s in shapes]
@@ -60,7 +61,7 @@ def main() -> None:
     med = {name: statistics.median(t[1:]) for name, t in times.items()}
     numel = sum(t.numel() for t in init)
     print(
-        f"AdamW step, {numel / 1e6:.1f}M params ({args.layers} blocks), {THREADS} threads: "
+        f"AdamW step, {numel / 1e6:.1f}M params ({args.layers} blocks), {threads} threads: "
         f"per-tensor loop {med['loop']:.3f} s, fused {med['fused']:.3f} s "
         f"({med['loop'] / med['fused']:.1f}x); max |param difference| {diff:.2e}"
     )
@@ -69,7 +70,7 @@ def main() -> None:
             {
                 "bench": "optimizer",
                 "params_m": numel / 1e6,
-                "threads": THREADS,
+                "threads": threads,
                 "loop_step_s": med["loop"],
                 "fused_step_s": med["fused"],
                 "speedup_fused": med["loop"] / med["fused"],

@@ -8,10 +8,11 @@ step, GRPO, per-response token mean, old log-probs = the current ones, detached;
 The transformers side computes logits on the completion positions only (TRL's
 ``logits_to_keep``) and steps ``torch.optim.AdamW`` with TRL's default ``adamw_torch``
 (``--hf-optim fused``: ``adamw_torch_fused``). ``--layers`` takes that many of the 0.5B shape's
-24 blocks: every block costs the same, so the ratio carries over while the run fits a
-loaded 2-core machine.
+24 blocks (default: all). Both sides run in this process on the threads the recipe's rule
+gives it (every core of the affinity mask, or ``OMP_NUM_THREADS``).
 
-    python tools/bench_update_vs_hf.py --layers 2
+    python tools/bench_update_vs_hf.py                # the 0.5B shape
+    python tools/bench_update_vs_hf.py --layers 2     # quicker
 
 Prints the figures, then ONE JSON line.
 """
@@ -31,7 +32,6 @@ import torch
 from simko_tune.paths import work_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-THREADS = 2
 
 
 def _bench_vs_trl():
@@ -110,7 +110,7 @@ def hf_step_fn(model_dir: Path, rollout, fused: bool):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=2, help="of the 0.5B shape's 24")
+    parser.add_argument("--layers", type=int, default=24, help="of the 0.5B shape's 24")
     parser.add_argument("--rounds", type=int, default=3, help="timed updates each (first dropped)")
     parser.add_argument("--hf-optim", choices=("loop", "fused"), default="loop")
     parser.add_argument(
@@ -119,11 +119,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first is dropped)")
-    torch.set_num_threads(THREADS)
     with work_dir(args.work_dir, "bench_update_vs_hf_") as work:
-        med = run(args, work)
+        med = run(args, work)  # both sides on the threads the recipe's rule gives this process
+    threads = torch.get_num_threads()
     print(
-        f"update, {args.layers} of 24 blocks, {THREADS} threads: simko-tune {med['ours']:.2f} s, "
+        f"update, {args.layers} of 24 blocks, {threads} threads: simko-tune {med['ours']:.2f} s, "
         f"transformers + AdamW ({args.hf_optim}) {med['hf']:.2f} s: "
         f"{med['hf'] / med['ours']:.2f}x (> 1: ours is faster)"
     )
@@ -132,7 +132,7 @@ def main() -> None:
             {
                 "bench": "update_vs_hf",
                 "layers": args.layers,
-                "threads": THREADS,
+                "threads": threads,
                 "hf_optim": args.hf_optim,
                 "ours_s": med["ours"],
                 "hf_s": med["hf"],
