@@ -63,6 +63,7 @@ from simko_tune.generation.weights import parse_weight_dtype
 from simko_tune.loss import LossConfig
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.metrics.throughput import (
+    PEAK_SOURCE,
     matmul_params,
     peak_tflops,
     phase_shares,
@@ -172,6 +173,13 @@ class SimKORecipe:
             self.hf_config["num_hidden_layers"],
             self.hf_config["hidden_size"],
         )
+        peak = peak_tflops(self.device)
+        if self.device.type == "cuda":
+            _log(
+                f"perf/mfu: over {peak} TFLOP/s per device ({PEAK_SOURCE})"
+                if peak
+                else "perf/mfu: not logged, this GPU is not in the peak table"
+            )
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last
         )
