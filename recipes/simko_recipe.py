@@ -58,6 +58,7 @@ from simko_tune.generation import (
     check_versions,
 )
 from simko_tune.generation.client import trainer_cuda_devices
+from simko_tune.generation.deltas import DeltaSettings
 from simko_tune.generation.sync_dir import default_sync_dir
 from simko_tune.generation.weights import parse_weight_dtype
 from simko_tune.loss import LossConfig
@@ -190,6 +191,12 @@ class SimKORecipe:
             self.hf_config,
             dtype=self._weight_dtype(),
             remove_on_close=not cfg.generation.sync_dir,
+            delta=(
+                DeltaSettings(full_every=cfg.generation.full_every)
+                if cfg.generation.weight_delta
+                else None
+            ),
+            timeout_s=cfg.generation.request_timeout_s,
         )
         resumed = self.checkpoints.resume(
             cfg.resume, model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
@@ -402,6 +409,7 @@ class SimKORecipe:
                 set_rng_states(step_start[1])
                 self._stop_for_preemption(sampled if cfg.rollout.max_staleness else None)
             if self.prefetcher is not None and self.step + 1 < cfg.max_steps:
+                self.weight_sync.reserve(self.weight_version)  # the thread delivers it
                 next_rollout = self.prefetcher.submit(
                     self.sample, self.batches.peek_batch(), self.step + 1, self.weight_version
                 )
@@ -471,6 +479,7 @@ class SimKORecipe:
         stats["rollout/staleness_mean"] = float(staleness.mean())
         stats["rollout/staleness_max"] = float(staleness.max())
         stats.update({f"time/{k}": v for k, v in timings.items()})
+        stats.update({f"weights/{k}": v for k, v in self.weight_sync.last_stats.items()})
         elapsed = time.perf_counter() - t_step
         stats["time/step"] = elapsed
         stats.update(phase_shares({k: timings[k] for k in STEP_PHASES if k in timings}, elapsed))

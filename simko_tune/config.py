@@ -179,6 +179,10 @@ class GenerationSection:
     weight_transfer: WeightTransfer = WeightTransfer.files
     # dtype of the published weights; default: the engine's dtype (native backend: float32)
     weight_dtype: str | None = None
+    # publish each version as its XOR against the previous one, zstd-compressed (a shard
+    # whose delta is not under half its size goes whole), a full version every full_every
+    weight_delta: bool = False
+    full_every: int = 20
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     request_timeout_s: float = 600.0
     restart_on_failure: bool = True
@@ -190,7 +194,9 @@ class GenerationSection:
 
     @staticmethod
     def problems(g: Any) -> list[str]:
-        out = _at_least(g, "generation", 1, "num_workers", "tensor_parallel_size")
+        out = _at_least(g, "generation", 1, "num_workers", "tensor_parallel_size", "full_every")
+        if g.weight_delta and g.weight_transfer == "memory":
+            out.append("generation.weight_delta needs generation.weight_transfer=files")
         out += _positive(g, "generation", "request_timeout_s")
         if g.devices is not None and len(g.devices) != g.num_workers:
             out.append(

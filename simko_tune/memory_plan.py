@@ -100,6 +100,7 @@ class MemoryPlan:
     activations_full: int
     loss_chunk: int
     publication: int
+    delta_base: int  # host RAM: the last publication's bytes, kept for the next delta
     activation_checkpointing: bool
     device_memory: int | None  # bytes; None when neither the config nor the device says
     notes: dict[str, str] = field(default_factory=dict)
@@ -167,6 +168,7 @@ class MemoryPlan:
             + (gib(self.device_memory) if self.device_memory else "     unknown")
             + f"   {self.notes['device']}",
             f"publication            {gib(self.publication)}   {self.notes['publication']}",
+            f"delta base (host RAM)  {gib(self.delta_base)}   {self.notes['delta']}",
         ]
         return lines
 
@@ -248,6 +250,7 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         engine_dtype = "bfloat16"
         publication_note = "engine dtype auto: bf16 checkpoints assumed"
     publication = shape.num_params * _dtype_bytes(engine_dtype, "generation.engine_kwargs.dtype")
+    deltas = bool(g.get("weight_delta", False)) and g.get("weight_transfer", "files") == "files"
 
     # loss.kl_coef > 0: the recipe builds the reference like the policy (fp32, sharded over
     # the same ranks) and keeps only its parameters
@@ -286,6 +289,7 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
         activations_full=activations_full,
         loss_chunk=loss_chunk,
         publication=publication,
+        delta_base=publication if deltas else 0,
         activation_checkpointing=bool(p.activation_checkpointing),
         device_memory=device_memory,
         notes={
@@ -297,5 +301,11 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
             "loss": f"{chunk} x {shape.vocab_size} fp32 logits + grads, [V, D] fp32 grad",
             "device": device_note,
             "publication": publication_note,
+            "delta": (
+                "generation.weight_delta: held by rank 0's node's ranks together, and by each "
+                "worker in /dev/shm (twice while it rebuilds a version)"
+                if deltas
+                else "none (generation.weight_delta=false)"
+            ),
         },
     )

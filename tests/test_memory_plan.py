@@ -117,6 +117,16 @@ def test_engine_dtype_sets_publication_size_and_bad_dtype_names_key():
         dry_run(_cfg("qwen2_5_7b", "generation.engine_kwargs.dtype=int3"))
 
 
+def test_weight_deltas_hold_one_publication_in_host_ram(capsys):
+    """generation.weight_delta (on in the 7B configs): the writers keep the last version's
+    bytes for the next delta, 15.2 GB in bf16; off, nothing; never counted on the device."""
+    on = dry_run(_cfg("qwen2_5_7b"))["memory"]
+    assert on["delta_base"] == on["publication"] == N_7B * 2
+    assert "delta base (host RAM)" in capsys.readouterr().out
+    off = dry_run(_cfg("qwen2_5_7b", "generation.weight_delta=false"))["memory"]
+    assert off["delta_base"] == 0 and off["total"] == on["total"]
+
+
 def test_missing_model_config_leaves_memory_unknown(tmp_path, capsys):
     plan = dry_run(_cfg("tiny_cpu", f"model_dir={tmp_path}/absent"))
     assert "memory" not in plan

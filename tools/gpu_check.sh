@@ -14,21 +14,22 @@
 #     --platform manylinux1_x86_64 -d .whl \
 #     torchtune==0.6.1 torchao==0.15.0 omegaconf==2.4.0 antlr4-python3-runtime==4.11.1 \
 #     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyzmq==27.3.0 \
-#     math-verify==0.9.0 latex2sympy2_extended==1.11.0
+#     math-verify==0.9.0 latex2sympy2_extended==1.11.0 zstandard==0.25.0
 #
 # (or `bash tools/gpu_check.sh --download`, which runs exactly that). About 11 MB.
 # Why each: torchtune, torchao (0.16+ break torchtune 0.6.1's imports) and omegaconf (2.4 has
 # no antlr pin) for the recipe; datasets, dill, multiprocess because torchtune imports
 # `datasets` at module level; pyzmq for simko_tune.generation's client; antlr4 4.11.1 for
-# sympy's LaTeX parser; math-verify for the verifier. Everything else the project imports is
-# in that machine's image (tests/tools/gpu_machine_site lists it).
+# sympy's LaTeX parser; math-verify for the verifier; zstandard for weight deltas.
+# Everything else the project imports is in that machine's image
+# (tests/tools/gpu_machine_site lists it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(
   torchtune==0.6.1 torchao==0.15.0 omegaconf==2.4.0 antlr4-python3-runtime==4.11.1
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pyzmq==27.3.0
-  math-verify==0.9.0 latex2sympy2_extended==1.11.0
+  math-verify==0.9.0 latex2sympy2_extended==1.11.0 zstandard==0.25.0
 )
 WHEEL_DIR=${GPU_CHECK_WHEELS:-.whl}
 SITE=${GPU_CHECK_SITE:-/tmp/site}

@@ -217,8 +217,12 @@ def collect(results: dict[str, list[dict[str, Any]]]) -> dict[str, dict[int, lis
 
 
 def paired_difference(ours: list[float], theirs: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the seed-paired differences ``ours - theirs``."""
-    diffs = [a - b for a, b in zip(ours, theirs, strict=True)]
+    """Mean and standard error of the seed-paired differences ``ours - theirs``. Both lists
+    are in seed order from the first seed; a method run on fewer seeds (``--seeds-of``) is
+    paired with the reference's first seeds."""
+    if len(ours) > len(theirs):
+        raise ValueError(f"{len(ours)} seeds to pair with {len(theirs)}")
+    diffs = [a - b for a, b in zip(ours, theirs[: len(ours)], strict=True)]
     std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
     return statistics.fmean(diffs), std / math.sqrt(len(diffs))
 
@@ -429,7 +433,11 @@ def write_report(
             f"the same policy with the same data order), split `{args.split}` "
             f"({SPLITS[args.split]} problems, never trained on), n = {args.n} samples per "
             "problem, unbiased pass@K. `base` is the policy before RL. Values are percentages, "
-            f"mean ± sample std over seeds. The runs took {run_minutes:.0f} min in all.",
+            f"mean ± sample std over seeds. The runs took {run_minutes:.0f} min in all."
+            + "".join(
+                f" `{m}` ran on its first {c} seeds only and is paired with GRPO's first {c}."
+                for m, c in args.seeds_of.items()
+            ),
             "",
             "Methods (overrides of `tiny_cpu`):",
             "",
@@ -502,8 +510,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="passed to every run (e.g. model_dir=..., generation.backend=native)",
     )
+    parser.add_argument(
+        "--seeds-of",
+        type=parse_seeds_of,
+        action="append",
+        default=[],
+        metavar="METHOD=N",
+        help="run METHOD on its first N seeds only (e.g. a method that collapses on every seed)",
+    )
     parser.add_argument("--run-timeout-s", type=float, default=3600.0)
     args = parser.parse_args(argv)
+    args.seeds_of = dict(args.seeds_of)
+    for method, count in args.seeds_of.items():
+        if method == "grpo" or not 1 <= count <= args.seeds:
+            parser.error(
+                f"--seeds-of {method}={count}: needs a method other than grpo, 1 <= N <= --seeds"
+            )
     if args.steps is None:
         args.steps = _config_max_steps()
     for name in ("steps", "seeds", "n"):
@@ -512,6 +534,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "grpo" not in args.methods:
         parser.error("--methods must include grpo: every method is compared with it")
     return args
+
+
+def parse_seeds_of(text: str) -> tuple[str, int]:
+    method, sep, count = text.partition("=")
+    if not sep or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected METHOD=N")
+    return method, int(count)
 
 
 def _config_max_steps() -> int:
@@ -529,6 +558,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in plan}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for i, (method, overrides) in enumerate(plan.items()):
+            if seed - args.first_seed >= args.seeds_of.get(method, args.seeds):
+                continue
             directory = run_dir(args.out, method, seed)
             results[method].append(
                 ensure_run(

@@ -610,7 +610,9 @@ class VLLMWorkers(Generator):
             raise GenerationError(f"loading weight version {version} failed: {errors}")
         self._acked = version
         self.last_load_timings = {
-            key: max(r.get(key, 0.0) for r in replies.values()) for key in ("verify_s", "reload_s")
+            key: max(r.get(key, 0.0) for r in replies.values())
+            for key in ("verify_s", "reload_s", "rebuild_s")
+            if any(key in r for r in replies.values())
         }
 
     def ping(self) -> list[dict]:

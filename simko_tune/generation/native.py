@@ -18,16 +18,18 @@ from torchtune.generation import (
 )
 from torchtune.modules.common_utils import local_kv_cache
 
+from simko_tune.fs import CHECKSUM, checksum_file
+from simko_tune.generation.deltas import ServedWeights
 from simko_tune.generation.shards import checkpoint_shapes, compare_shapes
 from simko_tune.generation.types import (
     INITIAL_VERSION,
     Completion,
     Generator,
+    PublicationError,
     SamplingConfig,
     check_prompt_lengths,
     sample_seed,
 )
-from simko_tune.generation.weights import verify_publication
 from simko_tune.models import load_hf_weights, model_from_hf_config, read_hf_config
 
 
@@ -83,6 +85,7 @@ class NativeGenerator(Generator):
         self.eos_ids = _eos_ids(self.model_dir, self.hf_config)
         self._expected_shapes = checkpoint_shapes(sorted(self.model_dir.glob("*.safetensors")))
         self._version = INITIAL_VERSION
+        self._served = ServedWeights(self.sync_dir)
 
     @property
     def weight_version(self) -> int:
@@ -92,10 +95,17 @@ class NativeGenerator(Generator):
         """Verify and load a publication from the sync dir (``timeout_s`` is moot in-process)."""
         if self.sync_dir is None:
             raise ValueError("NativeGenerator was built without a sync_dir")
-        folder, shapes = verify_publication(self.sync_dir, version)
+        folder, files, _ = self._served.prepare(version)  # a delta is rebuilt and verified
+        for f in files:
+            path = folder / f["name"]
+            if checksum_file(path) != f[CHECKSUM]:
+                self._served.discard(folder)
+                raise PublicationError(f"{path}: {CHECKSUM} does not match the manifest (corrupt)")
+        shapes = checkpoint_shapes([folder / f["name"] for f in files])
         compare_shapes(self._expected_shapes, shapes, str(folder))
         load_hf_weights(self.model, folder, self.hf_config)
         self.model.to(device=self.device, dtype=self.dtype)
+        self._served.served(version, folder, files)
         self._version = version
 
     def load_state(self, version: int, state: dict[str, torch.Tensor]) -> None:
@@ -206,7 +216,7 @@ class NativeGenerator(Generator):
         return tok, logp.gather(-1, tok[:, None])[:, 0]
 
     def close(self) -> None:
-        pass
+        self._served.close()
 
     def __enter__(self) -> NativeGenerator:
         return self

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from simko_tune.fs import atomic_write
+from simko_tune.generation.deltas import ServedWeights
 from simko_tune.generation.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     FINISH_REASONS,
@@ -52,7 +53,6 @@ from simko_tune.generation.types import (
     SamplingConfig,
     check_prompt_lengths,
 )
-from simko_tune.generation.weights import read_manifest
 
 CPU_KV_CACHE_BYTES = 1 << 30
 
@@ -122,6 +122,7 @@ class Worker:
         self.fatal_errors: tuple[type[BaseException], ...] = (EngineDeadError,)
         # Every weight the engine loaded at start; a publication must carry all of them.
         self.expected_shapes = checkpoint_shapes(sorted(Path(model_dir).glob("*.safetensors")))
+        self.served = ServedWeights(sync_dir)  # the files of the version served (deltas)
 
     def ping(self, msg: dict) -> dict:
         return {
@@ -183,13 +184,11 @@ class Worker:
 
     def _current(self) -> dict | None:
         """How to reload the weights served now (a damaged publication's rollback), or None
-        when their publication is gone or damaged too (then the next one is fully verified
-        before it loads)."""
+        when their files are gone (then the next one is fully verified before it loads)."""
         if self.version == INITIAL_VERSION:
             return {"weights_path": self.model_dir}
-        try:
-            folder, files = read_manifest(self.sync_dir, self.version)
-        except PublicationError:
+        folder, files = self.served.folder, self.served.files
+        if folder is None or not all((folder / f["name"]).is_file() for f in files or []):
             return None
         return {"weights_path": str(folder), "files": files}
 
@@ -201,14 +200,12 @@ class Worker:
         if not _is_int(version) or version < 0:
             raise ProtocolError(f"load: 'version' must be a non-negative integer, got {version!r}")
         t0 = time.perf_counter()
-        files = None
+        files, rebuilt = None, {}
         if version == INITIAL_VERSION:
             folder = Path(self.model_dir)
         else:
-            try:
-                if self.sync_dir is None:
-                    raise PublicationError("this worker was started without --sync-dir")
-                folder, files = read_manifest(self.sync_dir, version)
+            try:  # a delta publication is rebuilt (and verified) here, in the worker
+                folder, files, rebuilt = self.served.prepare(version)
                 shapes = checkpoint_shapes([folder / f["name"] for f in files])
                 compare_shapes(self.expected_shapes, shapes, str(folder))
             except PublicationError as e:
@@ -220,6 +217,7 @@ class Worker:
                 kwargs={"weights_path": str(folder), "files": files, "previous": self._current()},
             )
             if any(errors):  # refused before any weight changed: keep serving
+                self.served.discard(folder)
                 return {"ok": False, "version": self.version, "error": next(filter(None, errors))}
             self.llm.reset_prefix_cache()
         except Exception:
@@ -230,9 +228,18 @@ class Worker:
                 "error": f"reloading {folder} failed:\n{traceback.format_exc()}",
             }
         self.version = version
+        if version != INITIAL_VERSION:
+            self.served.served(version, folder, files)
         t2 = time.perf_counter()
         # checksums are verified inside the reload (same bytes): "verify_s" is the manifest's
-        return {"ok": True, "version": version, "verify_s": t1 - t0, "reload_s": t2 - t1}
+        # and, for a delta, the rebuild's ("rebuild_s" of it)
+        return {
+            "ok": True,
+            "version": version,
+            "verify_s": t1 - t0,
+            "reload_s": t2 - t1,
+            **({"rebuild_s": rebuilt["rebuild_s"]} if rebuilt else {}),
+        }
 
 
 def build_engine(model_dir: str, engine_kwargs: dict, tensor_parallel_size: int) -> Any:
@@ -324,6 +331,7 @@ def serve(
     if port_file is not None:  # read by the launcher on this node, now: no fsync needed
         atomic_write(port_file, str(port), fsync=False)
     tag = f"[simko worker {os.getpid()}]"
+    worker = None
     try:
         worker = make_worker()
         print(
@@ -369,6 +377,8 @@ def serve(
                 print(f"{tag} fatal: {reply['error']}", flush=True)
                 sys.exit(1)
     finally:
+        if worker is not None and hasattr(worker, "served"):
+            worker.served.close()
         sock.close()
         if auth is not None:
             auth.stop()

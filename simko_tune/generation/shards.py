@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import mmap
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import xxhash
@@ -46,10 +47,9 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> dict:
-    """Write one safetensors file straight from the tensors' memory, hashing the same bytes
-    as they are written: one pass over the data, no serialised copy (``safetensors.save``
-    would build the whole file in memory first)."""
+def _shard_header(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A safetensors file's first bytes: the header's length, then the header, padded so
+    tensor data starts 8-byte aligned (as the format wants)."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
@@ -60,23 +60,42 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> dict:
         }
         offset += t.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format aligns tensor data to 8 bytes
-    h = xxhash.xxh3_64()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> dict:
+    """Write one safetensors file straight from the tensors' memory, hashing the same bytes
+    as they are written: one pass over the data, no serialised copy (``safetensors.save``
+    would build the whole file in memory first)."""
+    head = _shard_header(tensors)
+    h = xxhash.xxh3_64(head)
     with open(path, "wb") as f:
-        for chunk in (len(head).to_bytes(8, "little"), head):
-            f.write(chunk)
-            h.update(chunk)
+        f.write(head)
         for t in tensors.values():
             data = t.reshape(-1).view(torch.uint8).numpy().data
             f.write(data)
             h.update(data)
+    tensor_bytes = sum(t.nbytes for t in tensors.values())
     return {
         "name": path.name,
-        "bytes": 8 + len(head) + offset,
+        "bytes": len(head) + tensor_bytes,
         CHECKSUM: h.hexdigest(),
         "tensors": list(tensors),
-        "tensor_bytes": offset,
+        "tensor_bytes": tensor_bytes,
     }
+
+
+def shard_bytes(tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """The bytes :func:`_write_shard` would write, in one buffer (a delta needs them whole)."""
+    head = _shard_header(tensors)
+    out = np.empty(len(head) + sum(t.nbytes for t in tensors.values()), dtype=np.uint8)
+    out[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    at = len(head)
+    for t in tensors.values():
+        out[at : at + t.nbytes] = t.reshape(-1).view(torch.uint8).numpy()
+        at += t.nbytes
+    return out
 
 
 def _publication_writers() -> list[int]:
@@ -140,6 +159,7 @@ def write_shards(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2**30,
     writers: list[int] | None = None,
+    write: Callable[[dict[str, torch.Tensor], Path], dict] | None = None,
 ) -> list[dict]:
     """Write ``model``'s weights into ``folder`` as safetensors shards in Hugging Face names.
 
@@ -148,7 +168,8 @@ def write_shards(
     hold them, then a sharded (FSDP2/TP) tensor travels to its writer alone
     (:func:`~simko_tune.parallel.collectives.gather_to`). Work goes in rounds: all writers
     gather their next shard (``max_shard_bytes``), then write and hash it at the same time,
-    one shard per writer in memory. Returns every shard's entry (name, bytes, checksum,
+    one shard per writer in memory (``write`` writes one: whole by default, or as a delta).
+    Returns every shard's entry (name, bytes, checksum,
     tensor names) on rank 0, once all are written."""
     distributed = dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
@@ -175,7 +196,7 @@ def write_shards(
                     shard[hf_name] = t.to("cpu").contiguous()
         if shard:
             name = f"model-r{rank:05d}-{len(files) + 1:05d}.safetensors"
-            files.append(_write_shard(shard, folder / name))
+            files.append((write or _write_shard)(shard, folder / name))
     if distributed:  # every shard is written before rank 0 lists them
         files = [f for rank_files in all_gather_object(files) for f in rank_files]
     return files

@@ -7,6 +7,7 @@ can change the weights the workers load.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,14 +17,13 @@ from pathlib import Path
 
 from simko_tune.generation.types import PublicationError
 
+MANIFEST = "manifest.json"  # written last: its presence says a publication is complete
 _VERSION_DIR = re.compile(r"^v(\d{6,})(\.tmp)?$")
 
 
-def default_sync_dir(run_name: str) -> Path:
-    """``<shared memory>/simko_tune-<uid>/<run_name>``: shared memory has no disk I/O for
-    single-node runs (use a folder on a shared filesystem when workers run on other
-    nodes); the per-user parent is made 0700 and checked, so no other user can plant or
-    read a publication at a predictable path."""
+def private_root() -> Path:
+    """``<shared memory>/simko_tune-<uid>``, made 0700 and checked, so no other user can
+    plant or read a publication at a predictable path. Shared memory has no disk I/O."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     parent = base / f"simko_tune-{os.getuid()}"
     try:
@@ -31,7 +31,13 @@ def default_sync_dir(run_name: str) -> Path:
     except FileExistsError:
         pass
     _check_owned(parent, private=True)
-    return parent / run_name
+    return parent
+
+
+def default_sync_dir(run_name: str) -> Path:
+    """``private_root()/<run_name>``: right for single-node runs (use a folder on a shared
+    filesystem when workers run on other nodes)."""
+    return private_root() / run_name
 
 
 def _check_owned(path: Path, *, private: bool) -> None:
@@ -80,15 +86,31 @@ def published_versions(sync_dir: str | Path) -> list[int]:
 
 
 def prune_versions(sync_dir: str | Path, keep_version: int) -> None:
-    """Remove publications (and leftover partial ones) older than ``keep_version``, the
-    version every worker acknowledged. It is kept: a restarted worker reloads it."""
+    """Remove leftover partial publications older than ``keep_version``, the version every
+    worker acknowledged, and the complete ones older than the newest full publication at or
+    before it: a restarted worker rebuilds ``keep_version`` from that full one and the
+    deltas after it (without deltas, that is ``keep_version`` itself)."""
     root = Path(sync_dir)
     if not root.is_dir():
         return
+    floor = next(
+        (v for v in reversed(published_versions(root)) if v <= keep_version and _is_full(root, v)),
+        keep_version,
+    )
     for p in root.iterdir():
         m = _VERSION_DIR.match(p.name)
-        if m and int(m.group(1)) < keep_version:
+        if m and int(m.group(1)) < (keep_version if m.group(2) else floor):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _is_full(root: Path, version: int) -> bool:
+    """Whether a publication holds whole shards only (unreadable: treated as not full, so
+    pruning keeps what is before it)."""
+    try:
+        meta = json.loads((version_dir(root, version) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("kind", "full") == "full"
 
 
 def remove_versions(sync_dir: Path) -> None:

@@ -70,6 +70,15 @@ class PublicationError(GenerationError):
     """A publication is missing, incomplete or corrupt; it must not be loaded."""
 
 
+class DeltaRefused(PublicationError):
+    """A worker refused a delta publication (a gap in its chain, a wrong base, a corrupt
+    delta) and keeps serving its previous version: the trainer republishes it whole."""
+
+    def __init__(self, version: int, message: str) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 class StaleWeightsError(GenerationError):
     """Completions were sampled with another weight version than the caller expected."""
 

@@ -21,6 +21,7 @@ same three methods.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from simko_tune.fs import Manifest, ManifestError, checksum_file, replace_dir
+from simko_tune.generation.deltas import DELTA_SUFFIX, DeltaSettings, DeltaWriter, publication_kind
 from simko_tune.generation.shards import (
     CHECKSUM,
     _check_digest,
@@ -40,16 +42,23 @@ from simko_tune.generation.shards import (
     write_shards,
 )
 from simko_tune.generation.sync_dir import (
+    MANIFEST,
     prepare_sync_dir,
     prune_versions,
     remove_versions,
     version_dir,
 )
-from simko_tune.generation.types import PublicationError
-from simko_tune.parallel.collectives import broadcast_object, unshard, world_size
+from simko_tune.generation.types import DeltaRefused, GenerationError, PublicationError
+from simko_tune.parallel.collectives import (
+    all_gather_object,
+    barrier,
+    broadcast_object,
+    unshard,
+    world_size,
+)
 from simko_tune.parallel.collectives import rank as process_rank
 
-MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def publish_weights(
@@ -61,11 +70,12 @@ def publish_weights(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 2**30,
     writers: list[int] | None = None,
+    delta: DeltaWriter | None = None,
 ) -> Path | None:
     """Publish ``model``'s weights as ``version`` for the generation workers (collective;
-    the shards are written as :func:`write_shards` says). Rank 0 then writes the manifest
-    last and renames the folder into place; it returns the publication's path, the other
-    ranks ``None``."""
+    the shards are written as :func:`write_shards` says, through ``delta`` when given, after
+    its ``begin``). Rank 0 then writes the manifest last and renames the folder into place;
+    it returns the publication's path, the other ranks ``None``."""
     if version <= 0:
         raise ValueError(
             f"published versions must be positive (0 is the initial checkpoint): {version}"
@@ -75,22 +85,46 @@ def publish_weights(
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+    kwargs = {} if delta is None else {"write": delta.write}
     files = write_shards(
-        model, tmp, hf_config, dtype=dtype, max_shard_bytes=max_shard_bytes, writers=writers
+        model,
+        tmp,
+        hf_config,
+        dtype=dtype,
+        max_shard_bytes=max_shard_bytes,
+        writers=writers,
+        **kwargs,
     )
     if rank != 0:
         return None
+    base = delta.delta_base if delta is not None else None
+    return _finish_publication(tmp, final, version, files, base)
+
+
+def _finish_publication(
+    tmp: Path, final: Path, version: int, files: list[dict], base: int | None
+) -> Path:
+    """Rank 0: the manifest last, then the folder renamed into place (a republished version,
+    a resume or a refused delta, replaces the old one whole)."""
+    kind = publication_kind(files)
+    fields = {"version": version, "kind": kind, **({"base": base} if kind == "delta" else {})}
     entries = {f["name"]: {k: v for k, v in f.items() if k != "name"} for f in files}
-    Manifest(entries, {"version": version}).write(tmp / MANIFEST, fsync=False)
-    replace_dir(tmp, final, fsync=False)  # a republished version (a resume) is replaced whole
+    Manifest(entries, fields).write(tmp / MANIFEST, fsync=False)
+    replace_dir(tmp, final, fsync=False)
     return final
 
 
 def read_manifest(sync_dir: str | Path, version: int) -> tuple[Path, list[dict]]:
+    """:func:`read_publication` without the manifest's own fields."""
+    folder, files, _ = read_publication(sync_dir, version)
+    return folder, files
+
+
+def read_publication(sync_dir: str | Path, version: int) -> tuple[Path, list[dict], dict]:
     """Everything about a publication but its checksums: the manifest exists and names
     this version, every listed file has its size, and no unlisted shard is present (the
-    loader would read it). Returns the folder and the file entries (``name`` included), in
-    the order they were written."""
+    loader would read it). Returns the folder, the file entries (``name`` included), in
+    the order they were written, and the manifest's fields (``kind``, a delta's ``base``)."""
     folder = version_dir(sync_dir, version)
     if not folder.is_dir():
         partial = folder.with_name(folder.name + ".tmp")
@@ -107,13 +141,19 @@ def read_manifest(sync_dir: str | Path, version: int) -> tuple[Path, list[dict]]
         raise PublicationError(
             f"{manifest_path}: names version {manifest.fields.get('version')}, expected {version}"
         )
-    unlisted = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in manifest.files)
+    unlisted = sorted(
+        p.name
+        for pattern in ("*.safetensors", f"*{DELTA_SUFFIX}")
+        for p in folder.glob(pattern)
+        if p.name not in manifest.files
+    )
     if unlisted:
         raise PublicationError(f"{folder}: shards not in the manifest: {unlisted}")
     problems = manifest.size_problems(folder)
     if problems:
         raise PublicationError(problems[0])
-    return folder, [{"name": name, **entry} for name, entry in manifest.files.items()]
+    files = [{"name": name, **entry} for name, entry in manifest.files.items()]
+    return folder, files, manifest.fields
 
 
 def verify_publication(sync_dir: str | Path, version: int) -> tuple[Path, dict[str, list[int]]]:
@@ -150,6 +190,7 @@ class FileTransport:
         dtype: torch.dtype | None,
         max_shard_bytes: int,
         remove_on_close: bool,
+        delta: DeltaSettings | None = None,
     ) -> None:
         self.sync_dir = Path(sync_dir)
         self.hf_config = hf_config
@@ -169,9 +210,13 @@ class FileTransport:
                 f"sync dir {self.sync_dir}: rank 0 could not prepare it"
             )
         self._writers = _publication_writers()
+        self.delta = DeltaWriter(delta) if delta is not None else None
+        self._kinds: dict[int, str] = {}  # rank 0: version -> "full" | "delta"
+        self.last_stats: dict[str, float] = {}
 
     def publish(self, model: nn.Module, version: int) -> Path | None:
-        """Check free space (rank 0, agreed by all), then write the publication."""
+        """Check free space (rank 0, agreed by all), then write the publication: whole, or
+        with deltas as :class:`~simko_tune.generation.deltas.DeltaWriter` decides."""
         error = None
         if process_rank() == 0:
             self._join_pruner()
@@ -185,20 +230,74 @@ class FileTransport:
                 )
         if _agree_on_error(error):
             raise error or PublicationError(f"sync dir {self.sync_dir}: not enough free space")
-        return publish_weights(
-            model,
-            version,
-            self.sync_dir,
-            self.hf_config,
-            dtype=self.dtype,
-            max_shard_bytes=self.max_shard_bytes,
-            writers=self._writers,
-        )
+        if self.delta is not None:
+            self.delta.begin(version)
+        ok = False
+        try:
+            path = publish_weights(
+                model,
+                version,
+                self.sync_dir,
+                self.hf_config,
+                dtype=self.dtype,
+                max_shard_bytes=self.max_shard_bytes,
+                writers=self._writers,
+                delta=self.delta,
+            )
+            ok = True
+        finally:
+            if self.delta is not None:
+                self.delta.end(ok)
+        if path is not None:
+            self._record(version, path)
+        return path
+
+    def _record(self, version: int, path: Path) -> None:
+        """Rank 0: the publication's kind (a refused delta is republished whole) and what it
+        moved: ``bytes`` written, ``bytes_frac`` of a full publication, ``delta`` 1/0."""
+        files = Manifest.read(path / MANIFEST).files.values()
+        written = sum(f["bytes"] for f in files)
+        full = sum(f.get("target_bytes", f["bytes"]) for f in files)
+        kind = publication_kind(list(files))
+        self._kinds[version] = kind
+        self.last_stats = {
+            "bytes": float(written),
+            "bytes_frac": written / max(full, 1),
+            "delta": float(kind == "delta"),
+        }
+        if self.delta is not None:
+            self.last_stats["encode_s"] = self.delta.stats.get("encode_s", 0.0)
+            if kind == "full" and self.delta.delta_base is not None:
+                log.info(
+                    "weight version %d published whole: its deltas were not smaller than "
+                    "%.0f%% of the shards (large updates)",
+                    version,
+                    100 * self.delta.settings.max_ratio,
+                )
+
+    def republish_full(self, version: int) -> None:
+        """Write ``version``, the last publication, whole from the bytes the writers hold
+        (collective): what a worker that refused its delta loads instead."""
+        final = version_dir(self.sync_dir, version)
+        tmp = final.with_name(final.name + ".tmp")
+        if process_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        entries = self.delta.write_full(version, tmp) if self.delta is not None else []
+        files = [f for rank_files in all_gather_object(entries) for f in rank_files]
+        if process_rank() == 0:
+            self._record(version, _finish_publication(tmp, final, version, files, None))
 
     def deliver(self, consumer: WeightConsumer, version: int, timeout_s: float) -> dict:
         """The workers load ``version`` and acknowledge; then older versions are pruned in
         the background. Returns the workers' own ``verify_s`` and ``reload_s``."""
-        consumer.load_weights(version, timeout_s)
+        try:
+            consumer.load_weights(version, timeout_s)
+        except GenerationError as e:
+            if self._kinds.get(version) == "delta":
+                raise DeltaRefused(version, f"weight version {version}, a delta: {e}") from e
+            raise
         with self._lock:
             if self._pruner is not None:
                 self._pruner.join()
@@ -279,7 +378,13 @@ class WeightSync:
     One-step-off, the rollout thread delivers a version just before it generates with it,
     so the workers' reload overlaps the trainer's next update instead of stalling it; that
     thread and the trainer's may then publish and deliver at once (each transport guards
-    its own state), and up to three versions can be in the sync dir."""
+    its own state), and up to three versions can be in the sync dir.
+
+    With deltas (``delta``), a worker may refuse one (:class:`DeltaRefused`); the writers
+    then republish that version whole from the bytes they hold, at once when the delivery
+    is the trainer's own, else at the start of the next publication (every rank is there),
+    while the rollout thread waits for it. A version is therefore always delivered before
+    the next one is written: the writers hold only the last one's bytes."""
 
     def __init__(
         self,
@@ -289,13 +394,19 @@ class WeightSync:
         dtype: torch.dtype | None = None,
         max_shard_bytes: int = 2**30,
         remove_on_close: bool = False,
+        delta: DeltaSettings | None = None,
+        timeout_s: float = 300.0,
     ) -> None:
+        if sync_dir is None and delta is not None:
+            raise ValueError("weight deltas need a sync dir (in-memory transfer copies nothing)")
         self.transport: FileTransport | MemoryTransport = (
             MemoryTransport(dtype)
             if sync_dir is None
-            else FileTransport(sync_dir, hf_config, dtype, max_shard_bytes, remove_on_close)
+            else FileTransport(sync_dir, hf_config, dtype, max_shard_bytes, remove_on_close, delta)
         )
         self.sync_dir = self.transport.sync_dir
+        self.deltas = delta is not None
+        self.timeout_s = timeout_s
         self.rank = process_rank()
         self.consumer: WeightConsumer | InMemoryConsumer | None = None
         self.written: int | None = None  # the newest version this sync published
@@ -303,6 +414,14 @@ class WeightSync:
         # seconds of the last publish: "write" and, when it delivered, "ack" (until the
         # generator serves it) with the workers' "verify" and "reload"; logged as metrics
         self.last_timings: dict[str, float] = {}
+        # rank 0, file transport: what the last publication wrote (``bytes``, ``bytes_frac``
+        # of a full one, ``delta`` 1/0, ``encode_s``), logged as weights/<key>
+        self.last_stats: dict[str, float] = {}
+        # rank 0, deltas: the version another thread will deliver, a refused one, and the
+        # condition the rollout thread and the trainer wait on for each other
+        self._reserved: int | None = None
+        self._refused: int | None = None
+        self._settled = threading.Condition()
 
     def attach(self, consumer: WeightConsumer | InMemoryConsumer) -> None:
         """Rank 0: the generator every publication is delivered to."""
@@ -320,19 +439,69 @@ class WeightSync:
         hand it to the consumer at once (:meth:`deliver`). Returns the publication's path on
         rank 0, None elsewhere and in memory."""
         t0 = time.perf_counter()
+        if self.deltas:
+            self._republish_refused()
         path = self.transport.publish(model, version)
         self.written = version
         self.last_timings = {"write_s": time.perf_counter() - t0}
-        if deliver and self.rank == 0:
-            self.last_timings.update(self.deliver(version, timeout_s))
+        self.last_stats = dict(getattr(self.transport, "last_stats", {}))
+        if not deliver:
+            return path
+        refused = None
+        if self.rank == 0:
+            try:
+                self.last_timings.update(self._deliver(version, timeout_s))
+            except DeltaRefused as e:
+                refused = e
+        if self.deltas and broadcast_object(refused is not None):  # every rank rewrites it
+            log.warning("%s; republishing it whole", refused)
+            self.transport.republish_full(version)
+            if self.rank == 0:
+                self.last_timings.update(self._deliver(version, timeout_s))
         return path
+
+    def reserve(self, version: int) -> None:
+        """Rank 0: another thread (the rollout thread, one-step-off) is about to deliver
+        ``version``. With deltas, the next publication waits until that delivery settled,
+        so a refused delta is republished before the writers replace its bytes."""
+        with self._settled:
+            self._reserved = version
 
     def deliver(self, version: int, timeout_s: float = 300.0) -> dict[str, float]:
         """Rank 0: make the consumer serve ``version``, a publication of this sync, and wait
         for its acknowledgement. A no-op without a consumer, when it already serves
         ``version``, or for a version this sync has not published (the start-up weights).
         Returns the seconds it took: ``ack_s`` and the workers' own share of it,
-        ``verify_s`` and ``reload_s`` (the rest is messaging)."""
+        ``verify_s`` and ``reload_s`` (the rest is messaging).
+
+        A refused delta, delivered from another thread than the trainer's, waits for the
+        trainer's next publication to republish it whole, then delivers that."""
+        try:
+            try:
+                return self._deliver(version, timeout_s)
+            except DeltaRefused as e:
+                if threading.current_thread() is threading.main_thread():
+                    raise  # the trainer's own thread: only publish() can republish
+                if self._reserved != version or self.written != version:
+                    raise DeltaRefused(
+                        version, f"{e}; not reserved (WeightSync.reserve), cannot be republished"
+                    ) from e
+                log.warning("%s; waiting for the trainer to republish it whole", e)
+                with self._settled:
+                    self._refused = version
+                    self._settled.notify_all()
+                    if not self._settled.wait_for(lambda: self._refused is None, timeout_s):
+                        raise DeltaRefused(
+                            version, f"{e}; the trainer did not republish it in {timeout_s:.0f} s"
+                        ) from e
+                return self._deliver(version, timeout_s)
+        finally:
+            with self._settled:
+                if self._reserved == version:
+                    self._reserved = None
+                    self._settled.notify_all()
+
+    def _deliver(self, version: int, timeout_s: float) -> dict[str, float]:
         if (
             self.consumer is None
             or version == self.acknowledged
@@ -342,8 +511,30 @@ class WeightSync:
             return {}
         t0 = time.perf_counter()
         timings = self.transport.deliver(self.consumer, version, timeout_s)
-        self.acknowledged = version
+        with self._settled:
+            self.acknowledged = version
+            self._settled.notify_all()
         return {"ack_s": time.perf_counter() - t0, **timings}
+
+    def _republish_refused(self) -> None:
+        """Collective, with deltas: rank 0 waits until a reserved delivery settled (the
+        rollout thread's: delivered, refused or failed), all ranks agree on a refusal,
+        and the writers republish that version whole before they write the next."""
+        refused = None
+        if self.rank == 0:
+            with self._settled:
+                self._settled.wait_for(
+                    lambda: self._reserved is None or self._refused is not None, self.timeout_s
+                )
+                refused = self._refused
+        refused = broadcast_object(refused)
+        if refused is None:
+            return
+        self.transport.republish_full(refused)
+        if self.rank == 0:
+            with self._settled:
+                self._refused = None
+                self._settled.notify_all()
 
     def close(self) -> None:
         """Rank 0: release the transport (see its ``close``)."""

@@ -525,3 +525,54 @@ def test_one_step_off_on_cpu_gives_trainer_and_workers_disjoint_cores(monkeypatc
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     recipe.device = torch.device("cpu")
     assert recipe._trainer_cpu_cores() is None
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_weight_deltas_train_as_full_publications(tmp_path, policy_dir, staleness):
+    """``generation.weight_delta=true``: the generator rebuilds each delta into the very
+    weights a full publication carries, so rollouts and trained weights are identical to the
+    run without deltas, synchronous and one-step-off; the metrics say which were deltas. (lr
+    1e-6 in bf16 publications: most weights keep their bits, so deltas are used.)"""
+    runs = {}
+    for name, delta in (("full", False), ("delta", True)):
+        recipe = make_recipe(
+            tmp_path / name,
+            policy_dir,
+            **{
+                "generation.weight_delta": delta,
+                "generation.full_every": 3,
+                "generation.weight_dtype": "bfloat16",
+                "optimizer.lr": 1e-6,
+                "rollout.max_staleness": staleness,
+                "max_steps": 4,
+            },
+        )
+        try:
+            seen = _spy_updates(recipe)
+            stats: list[dict] = []
+            publish = recipe.weight_sync.publish
+
+            def spy_publish(*args, _publish=publish, _sync=recipe.weight_sync, **kwargs):
+                out = _publish(*args, **kwargs)
+                stats.append(dict(_sync.last_stats))
+                return out
+
+            recipe.weight_sync.publish = spy_publish
+            recipe.train()
+            runs[name] = (seen, _weights(recipe), stats)
+        finally:
+            recipe.cleanup()
+    (full, full_weights, full_stats), (delta, delta_weights, delta_stats) = (
+        runs["full"],
+        runs["delta"],
+    )
+    assert [s["delta"] for s in full_stats] == [0.0] * len(full_stats)
+    # versions 1..4: 1 full, 2 and 3 deltas, 4 full again (full_every 3)
+    assert [s["delta"] for s in delta_stats] == [0.0, 1.0, 1.0, 0.0], delta_stats
+    assert all(s["bytes_frac"] < 0.5 for s in delta_stats if s["delta"])
+    for a, b in zip(full, delta, strict=True):
+        assert a["version"] == b["version"]
+        assert torch.equal(a["rollout"].tokens, b["rollout"].tokens)
+        assert torch.equal(a["rollout"].worker_logprobs, b["rollout"].worker_logprobs)
+    for k in full_weights:
+        assert torch.equal(full_weights[k], delta_weights[k]), k

@@ -114,6 +114,11 @@ def test_schema_errors_name_the_key(key, value, message):
             },
             r"weight_transfer=memory .* world size 2",
         ),
+        (
+            {"generation.weight_transfer": "memory", "generation.backend": "native"},
+            r"generation\.weight_delta needs generation\.weight_transfer=files",
+        ),
+        ({"generation.full_every": 0}, r"generation\.full_every"),
     ],
 )
 def test_semantic_errors_name_the_key(overrides, message, monkeypatch):

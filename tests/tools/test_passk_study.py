@@ -55,6 +55,20 @@ def test_collect_and_verdict_from_numbers():
     assert any("smoke-test setting, not a result" in line for line in lines)
 
 
+def test_fewer_seeds_pair_with_the_references_first_seeds():
+    """``--seeds-of nsr=2``: nsr's two seeds pair with GRPO's seeds 0 and 1, not its last."""
+    tool = _load_tool()
+    mean, se = tool.paired_difference([0.3, 0.5], [0.1, 0.2, 0.9])
+    # differences 0.2, 0.3: mean 0.25, std 0.0707, SE 0.05
+    assert mean == pytest.approx(0.25) and se == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="3 seeds to pair with 2"):
+        tool.paired_difference([0.1, 0.2, 0.3], [0.1, 0.2])
+    args = tool.parse_args(["--steps", "1", "--seeds", "3", "--seeds-of", "nsr=2"])
+    assert args.seeds_of == {"nsr": 2}
+    with pytest.raises(SystemExit):
+        tool.parse_args(["--steps", "1", "--seeds", "3", "--seeds-of", "grpo=2"])
+
+
 def test_judge_against_plain_arithmetic():
     """The paired difference's standard error is the std of the per-seed differences over
     the square root of the seeds; one seed has none and is never judged above."""

@@ -42,7 +42,7 @@ typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash y
 # checkout (on PYTHONPATH there).
 CARRIED = """
 torchtune torchao omegaconf antlr4-python3-runtime datasets dill multiprocess pyzmq
-math-verify latex2sympy2-extended simko-tune
+math-verify latex2sympy2-extended zstandard simko-tune
 """
 
 

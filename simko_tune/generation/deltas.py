@@ -1,0 +1,397 @@
+"""Weight publications as deltas: each shard written as the XOR of its bytes with the same
+shard of the previous publication, zstd-compressed.
+
+Why this encoding (``tools/bench_weight_delta.py`` measures it): a bf16 weight keeps its
+bits unless an update moves it by more than about |w|/256, so at RL learning rates most
+bytes of consecutive versions are equal and their XOR is mostly zero bytes, which zstd at
+level 1 squeezes at several hundred MB/s per thread. The alternative, the changed elements'
+indices and values, stores 4-8 bytes of index per changed 2-byte element: it only wins when
+almost nothing changes, and loses badly when much does; XOR also needs no knowledge of
+dtypes or tensor bounds (it works on the file's bytes, header included, which is equal).
+
+Trainer side, :class:`DeltaWriter`: one per writer rank. It keeps the bytes of its shards of
+the last publication (host RAM: one copy of its share) and writes each shard of the next as
+a delta against them, or whole when there is no base, every ``full_every`` versions, or when
+the delta would not be much smaller (``max_ratio``): at the CPU default's learning rate of
+1e-3 nearly every weight changes and the delta is as large as the shard. The choice is per
+shard; a publication whose shards are all whole is a full one.
+
+Worker side, :class:`ServedWeights`: the files of the version a worker serves. A full
+publication is served from the sync dir's own files; a delta one is rebuilt by walking its
+chain of bases back to the version served (or to the newest full publication, for a worker
+that starts or restarts mid-run) into a private folder under /dev/shm, each rebuilt file
+checked against the checksum of the bytes the trainer meant, before anything loads it. A
+gap in the chain, a wrong base or a corrupt delta raises :class:`PublicationError` naming
+the version and file; the worker then keeps serving what it has.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xxhash
+
+from simko_tune.fs import CHECKSUM
+from simko_tune.generation.sync_dir import private_root
+from simko_tune.generation.types import PublicationError
+
+DELTA_SUFFIX = ".xor.zst"
+TARGET_CHECKSUM = f"target_{CHECKSUM}"  # of the rebuilt shard's bytes
+
+
+@dataclass(frozen=True)
+class DeltaSettings:
+    full_every: int = 20  # a full publication at least every this many versions
+    max_ratio: float = 0.5  # a shard whose delta is bigger than this share is written whole
+    level: int = 1  # zstd level: 1 compresses runs of zero bytes about as well as 3, faster
+    threads: int = (
+        -1
+    )  # zstd workers; -1: one per logical CPU (publishing is all the trainer does then)
+
+    def __post_init__(self) -> None:
+        if self.full_every < 1:
+            raise ValueError(f"full_every must be >= 1, got {self.full_every}")
+        if not 0 < self.max_ratio <= 1:
+            raise ValueError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
+
+
+def _zstd():
+    import zstandard
+
+    return zstandard
+
+
+def compress(data: np.ndarray, level: int = 1, threads: int = -1) -> bytes:
+    return _zstd().ZstdCompressor(level=level, threads=threads).compress(data.data)
+
+
+def decompress(data: bytes, size: int) -> np.ndarray:
+    """The ``size`` bytes ``data`` decompresses to; anything else is a corrupt delta."""
+    try:
+        out = _zstd().ZstdDecompressor().decompress(data, max_output_size=size)
+    except _zstd().ZstdError as e:
+        raise ValueError(f"not a zstd frame of {size} bytes: {e}") from None
+    if len(out) != size:
+        raise ValueError(f"decompresses to {len(out)} bytes, expected {size}")
+    return np.frombuffer(out, dtype=np.uint8)
+
+
+def digest(data: np.ndarray) -> str:
+    return xxhash.xxh3_64_hexdigest(data.data)
+
+
+class DeltaWriter:
+    """Trainer side: writes one rank's shards of each publication (see the module doc). Use
+    ``begin(version, base)`` → ``write`` per shard (``write_shards``' writer) → ``end(ok)``."""
+
+    def __init__(self, settings: DeltaSettings) -> None:
+        self.settings = settings
+        self._base: dict[str, np.ndarray] = {}  # shard name -> its bytes in base_version
+        self.base_version: int | None = None
+        self._version: int | None = None
+        self._delta_allowed = False
+        self.delta_base: int | None = None
+        self._since_full = 0
+        self.stats: dict[str, float] = {}
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(b.size for b in self._base.values())
+
+    def begin(self, version: int, force_full: bool = False) -> None:
+        """Start ``version``: deltas against the last publication unless ``force_full``,
+        there is none (a fresh start, a failed one), or ``full_every`` versions passed."""
+        self._version = version
+        self._delta_allowed = (
+            not force_full
+            and self.base_version is not None
+            and version > self.base_version
+            and self._since_full + 1 < self.settings.full_every
+        )
+        self._since_full = self._since_full + 1 if self._delta_allowed else 0
+        # what the manifest names as the base: the workers rebuild from it
+        self.delta_base = self.base_version if self._delta_allowed else None
+        self.stats = {"bytes": 0, "full_bytes": 0, "delta_shards": 0, "full_shards": 0}
+        self.stats["encode_s"] = 0.0
+
+    def write(self, tensors: dict[str, torch.Tensor], path: Path) -> dict:
+        """Write one shard as a delta (``<name>.xor.zst``) or whole; keep its bytes as the
+        next publication's base. Returns its manifest entry."""
+        from simko_tune.generation.shards import shard_bytes
+
+        data = shard_bytes(tensors)
+        entry = {"tensors": list(tensors), "tensor_bytes": sum(t.nbytes for t in tensors.values())}
+        target = digest(data)
+        old = self._base.pop(path.name, None)
+        packed = None
+        if self._delta_allowed and old is not None and old.size == data.size:
+            t0 = time.perf_counter()
+            np.bitwise_xor(old, data, out=old)  # the base's buffer is not needed again
+            packed = compress(old, self.settings.level, self.settings.threads)
+            self.stats["encode_s"] += time.perf_counter() - t0
+            if len(packed) > self.settings.max_ratio * data.size:
+                packed = None
+        del old
+        if packed is not None:
+            delta_path = path.with_name(path.name + DELTA_SUFFIX)
+            delta_path.write_bytes(packed)
+            entry |= {
+                "name": delta_path.name,
+                "bytes": len(packed),
+                CHECKSUM: xxhash.xxh3_64_hexdigest(packed),
+                "target": path.name,
+                "target_bytes": data.size,
+                TARGET_CHECKSUM: target,
+            }
+            self.stats["delta_shards"] += 1
+        else:
+            _write_array(data, path)
+            entry |= {"name": path.name, "bytes": data.size, CHECKSUM: target}
+            self.stats["full_shards"] += 1
+        self.stats["bytes"] += entry["bytes"]
+        self.stats["full_bytes"] += data.size
+        self._base[path.name] = data
+        return entry
+
+    def end(self, ok: bool) -> None:
+        """After the publication: its bytes become the base, or, if it failed part way (the
+        held bytes are then a mix of two versions), none and the next one is full."""
+        self.base_version = self._version if ok else None
+        if not ok:
+            self._base.clear()
+
+    def write_full(self, version: int, folder: Path) -> list[dict]:
+        """This rank's shards of ``version``, the last publication, written whole from the
+        held bytes: a refused delta is republished without the model (which has moved on).
+        The next publication then deltas against it as usual."""
+        if self.base_version != version:
+            raise PublicationError(
+                f"cannot republish version {version} whole: this rank holds the bytes of "
+                f"version {self.base_version}"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for name, data in self._base.items():
+            _write_array(data, folder / name)
+            entries.append({"name": name, "bytes": data.size, CHECKSUM: digest(data)})
+        self._since_full = 0
+        return entries
+
+
+def _read_verified(path: Path, entry: dict) -> bytes:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PublicationError(f"{path}: unreadable ({e})") from None
+    if xxhash.xxh3_64_hexdigest(raw) != entry[CHECKSUM]:
+        raise PublicationError(f"{path}: {CHECKSUM} does not match the manifest (corrupt)")
+    return raw
+
+
+def _xor_stream(base: Path, packed: bytes, size: int, out: Path, chunk: int = 1 << 22) -> str:
+    """Write ``base`` XOR the decompressed ``packed`` to ``out`` chunk by chunk (each chunk
+    stays in cache through decompress, XOR, hash and write) and return the xxh3 of what was
+    written. Raises ValueError when the sizes do not match."""
+    import mmap
+
+    if base.stat().st_size != size:
+        raise ValueError(f"the served {base.name} has {base.stat().st_size} bytes, not {size}")
+    h = xxhash.xxh3_64()
+    buf = np.empty(chunk, dtype=np.uint8)
+    with (
+        open(base, "rb") as fb,
+        mmap.mmap(fb.fileno(), 0, prot=mmap.PROT_READ) as m,
+        open(out, "wb") as fo,
+        _zstd().ZstdDecompressor().stream_reader(packed) as reader,
+    ):
+        src = np.frombuffer(m, dtype=np.uint8)
+        done = 0
+        try:
+            while done < size:
+                n = reader.readinto(buf[: min(chunk, size - done)])
+                if n == 0:
+                    raise ValueError(f"decompresses to {done} bytes, expected {size}")
+                view = buf[:n]
+                np.bitwise_xor(view, src[done : done + n], out=view)
+                h.update(view.data)
+                fo.write(view.data)
+                done += n
+            if reader.read(1):
+                raise ValueError(f"decompresses to more than {size} bytes")
+        except _zstd().ZstdError as e:
+            raise ValueError(f"not a zstd frame of {size} bytes: {e}") from None
+        finally:
+            del src
+    return h.hexdigest()
+
+
+def _rebuilt_entry(target: str, entry: dict) -> dict:
+    size = entry.get("target_bytes", entry["bytes"])
+    return {
+        "name": target,
+        "bytes": size,
+        CHECKSUM: entry.get(TARGET_CHECKSUM, entry[CHECKSUM]),
+        "tensors": entry.get("tensors", []),
+    }
+
+
+def _remove_orphans(root: Path) -> None:
+    """Rebuilt-version folders of workers that are gone (killed before their ``close``)."""
+    for p in root.glob("worker-*-*"):
+        pid = p.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_array(data: np.ndarray, path: Path) -> None:
+    with open(path, "wb") as f:
+        f.write(data.data)
+
+
+def publication_kind(files: list[dict]) -> str:
+    return "delta" if any("target" in f for f in files) else "full"
+
+
+class ServedWeights:
+    """Worker side: the files of the version served (see the module doc). One owner of the
+    private folder that rebuilt versions live in: made on the first delta, removed by
+    :meth:`close`."""
+
+    def __init__(self, sync_dir: str | Path | None) -> None:
+        self.sync_dir = None if sync_dir is None else Path(sync_dir)
+        self.version: int | None = None
+        self.folder: Path | None = None
+        self.files: list[dict] | None = None
+        self._private: Path | None = None
+
+    def prepare(self, version: int) -> tuple[Path, list[dict], dict[str, float]]:
+        """The folder and shard entries (safetensors files, checksums of their bytes) of
+        ``version``, rebuilt from its delta chain if it is a delta publication, and timings.
+        A full publication's checksums are left to the loader (it hashes the bytes it
+        reads); a rebuilt one is verified here, shard by shard."""
+        from simko_tune.generation.weights import read_publication
+
+        if self.sync_dir is None:
+            raise PublicationError("this worker was started without --sync-dir")
+        chain: list[tuple[int, Path, list[dict]]] = []  # newest first
+        v, from_served = version, False
+        while True:
+            try:
+                folder, files, fields = read_publication(self.sync_dir, v)
+            except PublicationError as e:
+                if v == version:
+                    raise
+                raise PublicationError(
+                    f"version {version} is a delta whose chain needs version {v}, which cannot "
+                    f"be read ({e}); the trainer republishes it whole"
+                ) from None
+            chain.append((v, folder, files))
+            if publication_kind(files) == "full":
+                break
+            base = fields.get("base")
+            if not isinstance(base, int) or base >= v:
+                raise PublicationError(f"{folder}: a delta publication with base {base!r}")
+            if base == self.version and self.folder is not None:
+                from_served = True
+                break
+            v = base
+        if len(chain) == 1 and not from_served:
+            return chain[0][1], chain[0][2], {}
+        t0 = time.perf_counter()
+        out = self._private_dir() / f"v{version:06d}"
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            entries = [
+                self._rebuild(chain, target, tmp, from_served)
+                for target in (f.get("target", f["name"]) for f in chain[0][2])
+            ]
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        return out, entries, {"rebuild_s": time.perf_counter() - t0, "chain": len(chain)}
+
+    def _rebuild(
+        self, chain: list[tuple[int, Path, list[dict]]], target: str, out: Path, from_served: bool
+    ) -> dict:
+        """Apply the chain (oldest first) to one shard; write it to ``out``. The usual case,
+        one delta on the served version, streams: no copy of the shard in memory."""
+        data: np.ndarray | None = None
+        held = self.folder / target if from_served else None
+        if held is not None and not held.is_file():
+            raise PublicationError(f"{held}: the served copy of {target} is missing")
+        entry: dict = {}
+        for v, folder, files in reversed(chain):
+            entry = next((f for f in files if f.get("target", f["name"]) == target), None)
+            if entry is None:
+                raise PublicationError(f"{folder}: has no shard {target} (the chain's last has)")
+            path = folder / entry["name"]
+            raw = _read_verified(path, entry)
+            if held is not None and len(chain) == 1 and "target" in entry:
+                try:
+                    rebuilt = _xor_stream(held, raw, entry["target_bytes"], out / target)
+                except ValueError as e:
+                    raise PublicationError(f"{path}: {e} (corrupt)") from None
+                if rebuilt != entry[TARGET_CHECKSUM]:
+                    raise PublicationError(
+                        f"{path}: rebuilt {target} of version {v} does not match its checksum "
+                        "(a wrong base?)"
+                    )
+                return _rebuilt_entry(target, entry)
+            if held is not None and data is None:
+                data = np.fromfile(held, dtype=np.uint8)
+            if "target" not in entry:
+                data = np.frombuffer(raw, dtype=np.uint8).copy()
+                continue
+            if data is None or data.size != entry["target_bytes"]:
+                raise PublicationError(f"{path}: a delta of version {v} has no base to apply to")
+            try:
+                xor = decompress(raw, entry["target_bytes"])
+            except ValueError as e:
+                raise PublicationError(f"{path}: {e} (corrupt)") from None
+            np.bitwise_xor(data, xor, out=data)
+            if digest(data) != entry[TARGET_CHECKSUM]:
+                raise PublicationError(
+                    f"{path}: rebuilt {target} of version {v} does not match its checksum "
+                    "(a wrong base?)"
+                )
+        _write_array(data, out / target)
+        return _rebuilt_entry(target, entry)
+
+    def served(self, version: int, folder: Path, files: list[dict] | None) -> None:
+        """``version`` is now served from ``folder``; a rebuilt folder of an older one goes."""
+        old = self.folder
+        self.version, self.folder, self.files = version, folder, files
+        if old is not None and old != folder and self._owns(old):
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self, folder: Path) -> None:
+        """A prepared version that was not served (its load failed)."""
+        if folder != self.folder and self._owns(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _owns(self, folder: Path) -> bool:
+        return self._private is not None and folder.parent == self._private
+
+    def _private_dir(self) -> Path:
+        if self._private is None:
+            _remove_orphans(private_root())
+            self._private = Path(
+                tempfile.mkdtemp(prefix=f"worker-{os.getpid()}-", dir=private_root())
+            )
+        return self._private
+
+    def close(self) -> None:
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None

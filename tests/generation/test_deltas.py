@@ -1,0 +1,407 @@
+"""Weight deltas: chains over real AdamW steps rebuild the full publications bit for bit (one
+rank and two FSDP2 ranks); every failure is refused and keeps the served version; a refused
+delta is republished whole and the run goes on; a real vLLM worker serves a delta chain
+exactly as it serves the full publication of the same weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from simko_tune.generation import PublicationError, WeightSync, publish_weights
+from simko_tune.generation.deltas import (
+    DELTA_SUFFIX,
+    DeltaSettings,
+    DeltaWriter,
+    ServedWeights,
+    compress,
+    decompress,
+)
+from simko_tune.generation.sync_dir import prune_versions, published_versions, version_dir
+from simko_tune.generation.types import DeltaRefused
+from simko_tune.models import read_hf_config
+from simko_tune.parallel import exit_without_teardown
+
+SHARD = 20_000  # bytes: the tiny model in several shards
+
+
+def _kind(sync: Path, version: int) -> str:
+    return json.loads((version_dir(sync, version) / "manifest.json").read_text())["kind"]
+
+
+def _adamw_step(model: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+    """One real AdamW step on random gradients."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _same_bytes(rebuilt: Path, files: list[dict], reference: Path) -> None:
+    """Every rebuilt shard equals the reference publication's file of the same name."""
+    names = sorted(f["name"] for f in files)
+    assert names == sorted(p.name for p in reference.glob("*.safetensors"))
+    for name in names:
+        assert (rebuilt / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_xor_zstd_round_trip_against_plain_python():
+    """The encoding, against a byte-by-byte XOR written out plainly."""
+    rng = np.random.default_rng(0)
+    old = rng.integers(0, 256, 10_000, dtype=np.uint8)
+    new = old.copy()
+    new[rng.choice(10_000, 37, replace=False)] ^= 0x55
+    xor = bytes(a ^ b for a, b in zip(old.tobytes(), new.tobytes()))
+    packed = compress(np.frombuffer(xor, dtype=np.uint8))
+    assert len(packed) < 1_000  # 37 changed bytes of 10,000
+    back = decompress(packed, 10_000)
+    assert bytes(a ^ b for a, b in zip(old.tobytes(), back.tobytes())) == new.tobytes()
+    with pytest.raises(ValueError, match="expected 9999"):
+        decompress(packed, 9_999)
+    with pytest.raises(ValueError, match="not a zstd frame"):
+        decompress(b"\x00" * 20, 10_000)
+
+
+def test_delta_chain_rebuilds_full_publications_bit_for_bit(gen_model_dir, ref, tmp_path):
+    """12 versions of real AdamW steps (lr 1e-6) in bf16, published with deltas (a full one
+    every 5) and, as the reference, whole: a worker that follows the chain, and one that
+    starts mid-chain, rebuild each version's files byte for byte; the deltas are a few
+    percent of the bytes; pruning keeps what a restarted worker needs."""
+    hf = read_hf_config(gen_model_dir)
+    model = ref.trainer_model(gen_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    deltas, full = tmp_path / "deltas", tmp_path / "full"
+    sync = WeightSync(
+        deltas,
+        hf,
+        dtype=torch.bfloat16,
+        max_shard_bytes=SHARD,
+        delta=DeltaSettings(full_every=5),
+    )
+    worker = ServedWeights(deltas)
+    fracs = {}
+    for version in range(1, 13):
+        _adamw_step(model, opt, seed=version)
+        sync.publish(model, version)
+        publish_weights(model, version, full, hf, dtype=torch.bfloat16, max_shard_bytes=SHARD)
+        fracs[version] = sync.last_stats["bytes_frac"]
+        folder, files, _ = worker.prepare(version)
+        _same_bytes(folder, files, version_dir(full, version))
+        worker.served(version, folder, files)
+        if version in (4, 9):  # a worker (re)started mid-chain: from the newest full one
+            fresh = ServedWeights(deltas)
+            folder, files, timings = fresh.prepare(version)
+            assert timings["chain"] == 4  # e.g. 9, 8, 7 and the full 6
+            _same_bytes(folder, files, version_dir(full, version))
+            fresh.close()
+    kinds = [_kind(deltas, v) for v in range(1, 13)]
+    assert kinds == ["full", "delta", "delta", "delta", "delta"] * 2 + ["full", "delta"]
+    assert all(fracs[v] < 0.05 for v in range(1, 13) if kinds[v - 1] == "delta"), fracs
+    assert all(fracs[v] == 1.0 for v in (1, 6, 11))
+    # only the served version's rebuilt folder is kept
+    assert [p.name for p in worker._private.iterdir()] == ["v000012"]
+    worker.close()
+    prune_versions(deltas, 12)  # the newest full at or before 12 is 11
+    assert published_versions(deltas) == [11, 12]
+    restarted = ServedWeights(deltas)
+    folder, files, _ = restarted.prepare(12)
+    _same_bytes(folder, files, version_dir(full, 12))
+    restarted.close()
+    sync.close()
+
+
+def test_large_updates_are_published_whole(gen_model_dir, ref, tmp_path, caplog):
+    """lr 1e-2: nearly every bf16 weight changes, a delta would be as large as the shard:
+    each shard goes whole, the publication is a full one, and the log says why."""
+    hf = read_hf_config(gen_model_dir)
+    model = ref.trainer_model(gen_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sync = WeightSync(tmp_path, hf, dtype=torch.bfloat16, delta=DeltaSettings())
+    sync.publish(model, 1)
+    _adamw_step(model, opt, seed=0)
+    with caplog.at_level(logging.INFO, logger="simko_tune.generation.weights"):
+        sync.publish(model, 2)
+    assert _kind(tmp_path, 2) == "full" and sync.last_stats["delta"] == 0.0
+    assert sync.last_stats["bytes_frac"] == 1.0
+    assert "weight version 2 published whole" in caplog.text
+    sync.close()
+
+
+@pytest.fixture
+def chain(gen_model_dir, ref, tmp_path):
+    """Versions 1 (full), 2 and 3 (deltas) of AdamW steps in fp32 (max_ratio 1: always a
+    delta), and a worker serving version 2."""
+    hf = read_hf_config(gen_model_dir)
+    model = ref.trainer_model(gen_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sync_dir = tmp_path / "sync"
+    writer = DeltaWriter(DeltaSettings(max_ratio=1.0))
+    for version in (1, 2, 3):
+        _adamw_step(model, opt, seed=version)
+        writer.begin(version)
+        publish_weights(model, version, sync_dir, hf, max_shard_bytes=SHARD, delta=writer)
+        writer.end(True)
+    assert [_kind(sync_dir, v) for v in (1, 2, 3)] == ["full", "delta", "delta"]
+    worker = ServedWeights(sync_dir)
+    for version in (1, 2):
+        folder, files, _ = worker.prepare(version)
+        worker.served(version, folder, files)
+    yield sync_dir, worker
+    worker.close()
+
+
+def _refused(worker: ServedWeights, version: int, match: str) -> None:
+    """``prepare`` raises, naming the problem; the served version and its files stay, and
+    no rebuilt folder is left behind."""
+    served = (worker.version, worker.folder, worker.files)
+    before = {p.name: p.read_bytes() for p in worker.folder.iterdir()}
+    with pytest.raises(PublicationError, match=match):
+        worker.prepare(version)
+    assert (worker.version, worker.folder, worker.files) == served
+    assert {p.name: p.read_bytes() for p in worker.folder.iterdir()} == before
+    assert sorted(p.name for p in worker._private.iterdir()) == [worker.folder.name]
+
+
+def test_a_flipped_byte_in_a_delta_is_refused(chain):
+    sync_dir, worker = chain
+    delta = sorted(version_dir(sync_dir, 3).glob(f"*{DELTA_SUFFIX}"))[0]
+    data = bytearray(delta.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    delta.write_bytes(bytes(data))
+    _refused(worker, 3, "corrupt")
+
+
+def test_a_delta_on_the_wrong_base_is_refused(chain):
+    """The worker believes it serves version 2 but holds other bytes (version 1's): the
+    rebuilt bytes miss the trainer's checksum."""
+    sync_dir, worker = chain
+    for f in worker.folder.iterdir():
+        f.write_bytes((version_dir(sync_dir, 1) / f.name).read_bytes())
+    _refused(worker, 3, "wrong base")
+
+
+def test_a_gap_in_the_chain_is_refused(chain):
+    """A worker restarted mid-chain (it holds nothing) while version 2 is gone."""
+    import shutil
+
+    sync_dir, worker = chain
+    shutil.rmtree(version_dir(sync_dir, 2))
+    restarted = ServedWeights(sync_dir)
+    with pytest.raises(PublicationError, match="chain needs version 2"):
+        restarted.prepare(3)
+    restarted.close()
+
+
+def test_a_missing_served_copy_is_refused(chain):
+    sync_dir, worker = chain
+    next(worker.folder.iterdir()).unlink()
+    with pytest.raises(PublicationError, match="served copy .* is missing"):
+        worker.prepare(3)
+
+
+# ----------------------------------------------------------------------------- real worker
+
+PROMPTS = [[3, 17, 42, 7], [9, 1, 5]]
+
+
+def _greedy(workers) -> tuple[list, list]:
+    from simko_tune.generation import SamplingConfig
+
+    out = workers.generate(PROMPTS, 1, SamplingConfig(temperature=0.0, max_tokens=12))
+    return [g[0].token_ids for g in out], [g[0].logprobs for g in out]
+
+
+def _flip_delta(sync_dir: Path, version: int) -> None:
+    delta = sorted(version_dir(sync_dir, version).glob(f"*{DELTA_SUFFIX}"))[0]
+    data = bytearray(delta.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    delta.write_bytes(bytes(data))
+
+
+def test_real_worker_serves_deltas_and_recovers_from_a_refused_one(
+    vllm_worker, gen_model_dir, sync_dir, versions, ref, monkeypatch
+):
+    """Through WeightSync with deltas, a real vLLM worker:
+    - serves a chain of deltas exactly as the full publication of the same weights (same
+      tokens, same log-probs to the last bit);
+    - refuses a corrupt delta delivered by the trainer itself: every rank republishes that
+      version whole and the worker serves it (the sync path);
+    - refuses one delivered by the rollout thread: the thread waits, the trainer's next
+      publication republishes it whole first, the thread delivers it; the next delta then
+      applies to it (the one-step-off path)."""
+    hf = read_hf_config(gen_model_dir)
+    model = ref.perturbed_model(gen_model_dir, seed=21)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sync = WeightSync(sync_dir, hf, delta=DeltaSettings(max_ratio=1.0))
+    sync.attach(vllm_worker)
+    chain = [next(versions) for _ in range(4)]
+    for step, version in enumerate(chain):
+        _adamw_step(model, opt, seed=step)
+        sync.publish(model, version)
+    assert [_kind(sync_dir, v) for v in chain] == ["full", "delta", "delta", "delta"]
+    assert vllm_worker.weight_version == chain[-1]
+    from_deltas = _greedy(vllm_worker)
+    whole = next(versions)
+    publish_weights(model, whole, sync_dir, hf)
+    vllm_worker.load_weights(whole)
+    assert _greedy(vllm_worker) == from_deltas
+    vllm_worker.load_weights(chain[-1])  # back to the chain's end (rebuilt from its full one)
+    assert _greedy(vllm_worker) == from_deltas
+
+    # the sync path: the trainer delivers, the worker refuses, the version is rewritten whole
+    real_publish = sync.transport.publish
+
+    def publish_then_corrupt(model, version):
+        path = real_publish(model, version)
+        _flip_delta(sync_dir, version)
+        return path
+
+    monkeypatch.setattr(sync.transport, "publish", publish_then_corrupt)
+    _adamw_step(model, opt, seed=10)
+    v_sync = next(versions)
+    sync.publish(model, v_sync)
+    monkeypatch.undo()
+    assert vllm_worker.weight_version == v_sync == sync.acknowledged
+    assert _kind(sync_dir, v_sync) == "full"
+    served_sync = _greedy(vllm_worker)
+    whole = next(versions)
+    publish_weights(model, whole, sync_dir, hf)
+    vllm_worker.load_weights(whole)
+    assert _greedy(vllm_worker) == served_sync
+    vllm_worker.load_weights(v_sync)
+
+    # the one-step-off path: the rollout thread delivers, the trainer republishes
+    _adamw_step(model, opt, seed=11)
+    v_thread = next(versions)
+    sync.publish(model, v_thread, deliver=False)
+    assert _kind(sync_dir, v_thread) == "delta"
+    _flip_delta(sync_dir, v_thread)
+    weights_then = {k: v.clone() for k, v in model.state_dict().items()}
+    errors: list[BaseException] = []
+
+    def rollout_thread():
+        try:
+            sync.deliver(v_thread)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    sync.reserve(v_thread)  # as the recipe does before it submits the rollout thread
+    thread = threading.Thread(target=rollout_thread)
+    thread.start()
+    _adamw_step(model, opt, seed=12)  # the trainer's next update meanwhile
+    v_next = next(versions)
+    sync.publish(model, v_next, deliver=False)  # republishes v_thread whole, then writes v_next
+    thread.join(timeout=120)
+    assert not thread.is_alive() and errors == []
+    assert vllm_worker.weight_version == v_thread and _kind(sync_dir, v_thread) == "full"
+    assert _kind(sync_dir, v_next) == "delta"
+    served_then = _greedy(vllm_worker)
+    whole = next(versions)
+    model_then = ref.perturbed_model(gen_model_dir, seed=21)
+    model_then.load_state_dict(weights_then)
+    publish_weights(model_then, whole, sync_dir, hf)
+    sync.deliver(v_next)  # a delta against the republished version
+    assert vllm_worker.weight_version == v_next
+    vllm_worker.load_weights(whole)
+    assert _greedy(vllm_worker) == served_then  # what the thread served were v_thread's weights
+    sync.close()
+
+
+def test_main_thread_refusal_outside_publish_raises(gen_model_dir, ref, tmp_path):
+    """Only publish() (every rank) can republish: a refusal on the trainer's own thread
+    outside it is an error naming the version, never a silent wait."""
+    hf = read_hf_config(gen_model_dir)
+    model = ref.trainer_model(gen_model_dir)
+
+    class Refusing:
+        def load_weights(self, version, timeout_s=300.0):
+            from simko_tune.generation.types import GenerationError
+
+            raise GenerationError("corrupt")
+
+    sync = WeightSync(tmp_path, hf, delta=DeltaSettings(max_ratio=1.0))
+    sync.publish(model, 1)
+    sync.attach(Refusing())
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    sync.publish(model, 2, deliver=False)
+    with pytest.raises(DeltaRefused, match="weight version 2, a delta"):
+        sync.deliver(2)
+    sync.close()
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+
+def _fsdp_delta_rank(rank: int, world: int, init_file: str, model_dir: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from simko_tune.models import model_from_hf_config
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = model_from_hf_config(model_dir)
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        hf = read_hf_config(model_dir)
+        sync = WeightSync(
+            Path(out, "deltas"),
+            hf,
+            dtype=torch.bfloat16,
+            max_shard_bytes=SHARD,
+            delta=DeltaSettings(full_every=4),
+        )
+        for version in range(1, 11):
+            g = torch.Generator().manual_seed(version)
+            for p in model.parameters():  # the same full gradient on both ranks, sharded
+                full = torch.randn(p.shape, generator=g)
+                p.grad = distribute_tensor(full, p.device_mesh, p.placements)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync.publish(model, version)
+            publish_weights(
+                model, version, Path(out, "full"), hf, dtype=torch.bfloat16, max_shard_bytes=SHARD
+            )
+        sync.close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    exit_without_teardown(0)
+
+
+@pytest.mark.slow
+def test_two_fsdp2_ranks_write_their_shares_as_deltas(gen_model_dir, tmp_path):
+    """Two gloo ranks, FSDP2: each writes its share of every version as deltas against the
+    bytes it holds; a worker rebuilds each version equal to the full publication."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        _fsdp_delta_rank,
+        args=(2, str(tmp_path / "init"), str(gen_model_dir), str(tmp_path)),
+        nprocs=2,
+    )
+    deltas, full = tmp_path / "deltas", tmp_path / "full"
+    kinds = [_kind(deltas, v) for v in range(1, 11)]
+    assert kinds == ["full", "delta", "delta", "delta"] * 2 + ["full", "delta"]
+    worker = ServedWeights(deltas)
+    writers = set()
+    for version in range(1, 11):
+        folder, files, _ = worker.prepare(version)
+        _same_bytes(folder, files, version_dir(full, version))
+        worker.served(version, folder, files)
+        writers |= {f["name"].split("-")[1] for f in files}
+    assert writers == {"r00000", "r00001"}
+    worker.close()
