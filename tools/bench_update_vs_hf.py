@@ -1,4 +1,4 @@
-"""The update alone, side by side: the recipe's ``_update`` against what TRL's GRPOTrainer
+"""The update alone, side by side: the recipe's update (``PPOUpdate``) against what TRL's GRPOTrainer
 does with the same batch (a transformers forward, the GRPO loss, backward, gradient clipping,
 AdamW), on the same Qwen2.5-0.5B-shaped model, in one process, alternating.
 

@@ -27,9 +27,11 @@ the version and file; the worker then keeps serving what it has.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,20 +264,44 @@ def publication_kind(files: list[dict]) -> str:
 class ServedWeights:
     """Worker side: the files of the version served (see the module doc). One owner of the
     private folder that rebuilt versions live in: made on the first delta, removed by
-    :meth:`close`."""
+    :meth:`close`.
 
-    def __init__(self, sync_dir: str | Path | None) -> None:
+    With ``prefetch``, after each version it serves a background thread watches the sync
+    dir for the next delta on it and rebuilds that while the engine still generates with
+    the old weights (one-step-off publishes it then): the load only waits for the switch."""
+
+    def __init__(
+        self, sync_dir: str | Path | None, prefetch: bool = False, poll_s: float = 0.05
+    ) -> None:
         self.sync_dir = None if sync_dir is None else Path(sync_dir)
         self.version: int | None = None
         self.folder: Path | None = None
         self.files: list[dict] | None = None
         self._private: Path | None = None
+        self._prefetch, self._poll_s = prefetch, poll_s
+        self._lock = threading.Lock()  # one rebuild at a time: the loader's or the watcher's
+        self._prefetched: dict[int, tuple[Path, list[dict], dict[str, float]]] = {}
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def prepare(self, version: int) -> tuple[Path, list[dict], dict[str, float]]:
         """The folder and shard entries (safetensors files, checksums of their bytes) of
-        ``version``, rebuilt from its delta chain if it is a delta publication, and timings.
-        A full publication's checksums are left to the loader (it hashes the bytes it
-        reads); a rebuilt one is verified here, shard by shard."""
+        ``version``, rebuilt from its delta chain if it is a delta publication, and timings
+        (``rebuild_s``: what the caller waited for it, ``prefetched`` 1/0). A full
+        publication's checksums are left to the loader (it hashes the bytes it reads); a
+        rebuilt one is verified here, shard by shard."""
+        t0 = time.perf_counter()
+        with self._lock:  # waits for a prefetch under way
+            hit = self._prefetched.pop(version, None)
+            if hit is not None:
+                return (
+                    hit[0],
+                    hit[1],
+                    {**hit[2], "rebuild_s": time.perf_counter() - t0, "prefetched": 1.0},
+                )
+            return self._prepare(version)
+
+    def _prepare(self, version: int) -> tuple[Path, list[dict], dict[str, float]]:
         from simko_tune.generation.weights import read_publication
 
         if self.sync_dir is None:
@@ -319,7 +345,11 @@ class ServedWeights:
             raise
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-        return out, entries, {"rebuild_s": time.perf_counter() - t0, "chain": len(chain)}
+        return (
+            out,
+            entries,
+            {"rebuild_s": time.perf_counter() - t0, "chain": len(chain), "prefetched": 0.0},
+        )
 
     def _rebuild(
         self, chain: list[tuple[int, Path, list[dict]]], target: str, out: Path, from_served: bool
@@ -369,11 +399,51 @@ class ServedWeights:
         return _rebuilt_entry(target, entry)
 
     def served(self, version: int, folder: Path, files: list[dict] | None) -> None:
-        """``version`` is now served from ``folder``; a rebuilt folder of an older one goes."""
+        """``version`` is now served from ``folder``; a rebuilt folder of an older one, and
+        prefetched ones it will not need, go; the watcher starts on the next delta."""
+        self._stop_watcher()
         old = self.folder
-        self.version, self.folder, self.files = version, folder, files
+        with self._lock:
+            self.version, self.folder, self.files = version, folder, files
+            stale = [v for v in self._prefetched if v <= version]
+            for v in stale:
+                self.discard(self._prefetched.pop(v)[0])
         if old is not None and old != folder and self._owns(old):
             shutil.rmtree(old, ignore_errors=True)
+        if self._prefetch and self.sync_dir is not None:
+            self._stop.clear()
+            self._watcher = threading.Thread(
+                target=self._watch, args=(version,), name="delta-prefetch", daemon=True
+            )
+            self._watcher.start()
+
+    def _watch(self, served: int) -> None:
+        """Poll for a delta whose base is ``served``; rebuild it (errors are left to the
+        load, which redoes it and reports them)."""
+        from simko_tune.generation.sync_dir import MANIFEST, published_versions, version_dir
+
+        while not self._stop.wait(self._poll_s):
+            for v in (v for v in published_versions(self.sync_dir) if v > served):
+                try:
+                    meta = json.loads((version_dir(self.sync_dir, v) / MANIFEST).read_text())
+                except (OSError, ValueError):
+                    continue
+                if meta.get("kind") != "delta" or meta.get("base") != served:
+                    continue
+                with self._lock:
+                    if self._stop.is_set() or self.version != served or v in self._prefetched:
+                        return
+                    try:
+                        self._prefetched[v] = self._prepare(v)
+                    except (PublicationError, OSError):
+                        pass
+                return
+
+    def _stop_watcher(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
 
     def discard(self, folder: Path) -> None:
         """A prepared version that was not served (its load failed)."""
@@ -392,6 +462,7 @@ class ServedWeights:
         return self._private
 
     def close(self) -> None:
+        self._stop_watcher()
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
             self._private = None

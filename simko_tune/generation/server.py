@@ -122,7 +122,8 @@ class Worker:
         self.fatal_errors: tuple[type[BaseException], ...] = (EngineDeadError,)
         # Every weight the engine loaded at start; a publication must carry all of them.
         self.expected_shapes = checkpoint_shapes(sorted(Path(model_dir).glob("*.safetensors")))
-        self.served = ServedWeights(sync_dir)  # the files of the version served (deltas)
+        # the files of the version served; the next delta is rebuilt while generating
+        self.served = ServedWeights(sync_dir, prefetch=True)
 
     def ping(self, msg: dict) -> dict:
         return {

@@ -405,3 +405,33 @@ def test_two_fsdp2_ranks_write_their_shares_as_deltas(gen_model_dir, tmp_path):
         writers |= {f["name"].split("-")[1] for f in files}
     assert writers == {"r00000", "r00001"}
     worker.close()
+
+
+def test_the_next_delta_is_rebuilt_before_it_is_asked_for(gen_model_dir, ref, tmp_path):
+    """A worker's watcher (``prefetch``) rebuilds the delta on the version it serves as soon
+    as it is published (one-step-off: while the engine still generates with the old
+    weights); the load then takes it as it is, the same bytes as a rebuild on demand."""
+    import time
+
+    hf = read_hf_config(gen_model_dir)
+    model = ref.trainer_model(gen_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sync_dir, full = tmp_path / "sync", tmp_path / "full"
+    writer = DeltaWriter(DeltaSettings(max_ratio=1.0))
+    worker = ServedWeights(sync_dir, prefetch=True, poll_s=0.01)
+    for version in (1, 2, 3):
+        _adamw_step(model, opt, seed=version)
+        writer.begin(version)
+        publish_weights(model, version, sync_dir, hf, max_shard_bytes=SHARD, delta=writer)
+        writer.end(True)
+        publish_weights(model, version, full, hf, max_shard_bytes=SHARD)
+        if version > 1:
+            deadline = time.monotonic() + 30
+            while version not in worker._prefetched and time.monotonic() < deadline:
+                time.sleep(0.01)
+        folder, files, timings = worker.prepare(version)
+        assert timings.get("prefetched", 0.0) == (1.0 if version > 1 else 0.0), timings
+        _same_bytes(folder, files, version_dir(full, version))
+        worker.served(version, folder, files)
+    worker.close()
+    assert worker._watcher is None and worker._private is None
