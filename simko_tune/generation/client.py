@@ -611,7 +611,7 @@ class VLLMWorkers(Generator):
         self._acked = version
         self.last_load_timings = {
             key: max(r.get(key, 0.0) for r in replies.values())
-            for key in ("verify_s", "reload_s", "rebuild_s")
+            for key in ("verify_s", "reload_s", "rebuild_s", "rebuild_work_s")
             if any(key in r for r in replies.values())
         }
 

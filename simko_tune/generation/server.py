@@ -239,7 +239,7 @@ class Worker:
             "version": version,
             "verify_s": t1 - t0,
             "reload_s": t2 - t1,
-            **({"rebuild_s": rebuilt["rebuild_s"]} if rebuilt else {}),
+            **{k: rebuilt[k] for k in ("rebuild_s", "rebuild_work_s") if k in rebuilt},
         }
 
 
