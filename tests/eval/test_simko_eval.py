@@ -415,7 +415,9 @@ def test_cli_end_to_end_with_vllm(tiny_model_dir, tmp_path, shared_data):
     assert scalars["eval/math500/pass@1"] == [(0, pytest.approx(expected_pass1))]
 
 
-def test_completions_of_other_weights_are_refused(monkeypatch, tiny_model_dir, tmp_path):
+def test_completions_of_other_weights_are_refused(
+    monkeypatch, tiny_model_dir, tmp_path, shared_data
+):
     """A generator serving other weights than the evaluated model (a worker that loaded a
     publication) must not get its samples scored as this model's."""
     from simko_tune import generation
