@@ -303,7 +303,7 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
             "publication": publication_note,
             "delta": (
                 "generation.weight_delta: held by rank 0's node's ranks together, and by each "
-                "worker in /dev/shm (twice while it rebuilds a version)"
+                "worker in /dev/shm (twice: the version served and the one it rebuilds into)"
                 if deltas
                 else "none (generation.weight_delta=false)"
             ),

@@ -45,6 +45,8 @@ from simko_tune.generation.sync_dir import private_root
 from simko_tune.generation.types import PublicationError
 
 DELTA_SUFFIX = ".xor.zst"
+_SPARE = "spare"  # a worker's rebuilt folder of two versions ago, overwritten by the next
+_CHUNK = 1 << 22  # bytes per streamed step: stays in cache through hash, XOR and compress
 TARGET_CHECKSUM = f"target_{CHECKSUM}"  # of the rebuilt shard's bytes
 
 
@@ -68,10 +70,6 @@ def _zstd():
     import zstandard
 
     return zstandard
-
-
-def compress(data: np.ndarray, level: int = 1, threads: int = -1) -> bytes:
-    return _zstd().ZstdCompressor(level=level, threads=threads).compress(data.data)
 
 
 def decompress(data: bytes, size: int) -> np.ndarray:
@@ -125,41 +123,64 @@ class DeltaWriter:
 
     def write(self, tensors: dict[str, torch.Tensor], path: Path) -> dict:
         """Write one shard as a delta (``<name>.xor.zst``) or whole; keep its bytes as the
-        next publication's base. Returns its manifest entry."""
-        from simko_tune.generation.shards import shard_bytes
+        next publication's base. One pass in chunks that stay in cache (hash, XOR with the
+        base, compress, copy into the base), the base updated in its own buffer: no
+        allocation of a shard's size per publication. Returns its manifest entry."""
+        from simko_tune.generation.shards import shard_header
 
-        data = shard_bytes(tensors)
-        entry = {"tensors": list(tensors), "tensor_bytes": sum(t.nbytes for t in tensors.values())}
-        target = digest(data)
-        old = self._base.pop(path.name, None)
-        packed = None
-        if self._delta_allowed and old is not None and old.size == data.size:
-            t0 = time.perf_counter()
-            np.bitwise_xor(old, data, out=old)  # the base's buffer is not needed again
-            packed = compress(old, self.settings.level, self.settings.threads)
+        head = shard_header(tensors)
+        parts = [np.frombuffer(head, dtype=np.uint8)]
+        parts += [t.reshape(-1).view(torch.uint8).numpy() for t in tensors.values()]
+        size = sum(p.size for p in parts)
+        entry = {"tensors": list(tensors), "tensor_bytes": size - len(head)}
+        base = self._base.get(path.name)
+        as_delta = self._delta_allowed and base is not None and base.size == size
+        if base is None or base.size != size:
+            base = self._base[path.name] = np.empty(size, dtype=np.uint8)
+        t0 = time.perf_counter()
+        target = xxhash.xxh3_64()
+        compressor = (
+            _zstd().ZstdCompressor(level=self.settings.level, threads=self.settings.threads)
+            if as_delta
+            else None
+        )
+        stream = compressor.compressobj() if compressor is not None else None
+        scratch = np.empty(_CHUNK, dtype=np.uint8) if as_delta else None
+        packed: list[bytes] = []
+        at = 0
+        for part in parts:
+            for lo in range(0, part.size, _CHUNK):
+                new = part[lo : lo + _CHUNK]
+                n = new.size
+                target.update(new.data)
+                if stream is not None:
+                    xor = np.bitwise_xor(base[at : at + n], new, out=scratch[:n])
+                    packed.append(stream.compress(xor.data))
+                base[at : at + n] = new
+                at += n
+        delta = b""
+        if stream is not None:
+            packed.append(stream.flush())
+            delta = b"".join(packed)
             self.stats["encode_s"] += time.perf_counter() - t0
-            if len(packed) > self.settings.max_ratio * data.size:
-                packed = None
-        del old
-        if packed is not None:
+        if as_delta and len(delta) <= self.settings.max_ratio * size:
             delta_path = path.with_name(path.name + DELTA_SUFFIX)
-            delta_path.write_bytes(packed)
+            delta_path.write_bytes(delta)
             entry |= {
                 "name": delta_path.name,
-                "bytes": len(packed),
-                CHECKSUM: xxhash.xxh3_64_hexdigest(packed),
+                "bytes": len(delta),
+                CHECKSUM: xxhash.xxh3_64_hexdigest(delta),
                 "target": path.name,
-                "target_bytes": data.size,
-                TARGET_CHECKSUM: target,
+                "target_bytes": size,
+                TARGET_CHECKSUM: target.hexdigest(),
             }
             self.stats["delta_shards"] += 1
         else:
-            _write_array(data, path)
-            entry |= {"name": path.name, "bytes": data.size, CHECKSUM: target}
+            _write_array(base, path)
+            entry |= {"name": path.name, "bytes": size, CHECKSUM: target.hexdigest()}
             self.stats["full_shards"] += 1
         self.stats["bytes"] += entry["bytes"]
-        self.stats["full_bytes"] += data.size
-        self._base[path.name] = data
+        self.stats["full_bytes"] += size
         return entry
 
     def end(self, ok: bool) -> None:
@@ -197,7 +218,7 @@ def _read_verified(path: Path, entry: dict) -> bytes:
     return raw
 
 
-def _xor_stream(base: Path, packed: bytes, size: int, out: Path, chunk: int = 1 << 22) -> str:
+def _xor_stream(base: Path, packed: bytes, size: int, out: Path, chunk: int = _CHUNK) -> str:
     """Write ``base`` XOR the decompressed ``packed`` to ``out`` chunk by chunk (each chunk
     stays in cache through decompress, XOR, hash and write) and return the xxh3 of what was
     written. Raises ValueError when the sizes do not match."""
@@ -210,7 +231,7 @@ def _xor_stream(base: Path, packed: bytes, size: int, out: Path, chunk: int = 1 
     with (
         open(base, "rb") as fb,
         mmap.mmap(fb.fileno(), 0, prot=mmap.PROT_READ) as m,
-        open(out, "wb") as fo,
+        open(out, "r+b" if out.exists() else "wb") as fo,
         _zstd().ZstdDecompressor().stream_reader(packed) as reader,
     ):
         src = np.frombuffer(m, dtype=np.uint8)
@@ -227,6 +248,7 @@ def _xor_stream(base: Path, packed: bytes, size: int, out: Path, chunk: int = 1 
                 done += n
             if reader.read(1):
                 raise ValueError(f"decompresses to more than {size} bytes")
+            fo.truncate()
         except _zstd().ZstdError as e:
             raise ValueError(f"not a zstd frame of {size} bytes: {e}") from None
         finally:
@@ -253,8 +275,11 @@ def _remove_orphans(root: Path) -> None:
 
 
 def _write_array(data: np.ndarray, path: Path) -> None:
-    with open(path, "wb") as f:
+    """Write ``data`` over ``path`` in place when it exists (a recycled file keeps its
+    memory pages on /dev/shm: no allocation per version)."""
+    with open(path, "r+b" if path.exists() else "wb") as f:
         f.write(data.data)
+        f.truncate()
 
 
 def publication_kind(files: list[dict]) -> str:
@@ -332,12 +357,19 @@ class ServedWeights:
         out = self._private_dir() / f"v{version:06d}"
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        spare = self._private_dir() / _SPARE
+        if spare.is_dir():  # overwritten in place: its memory pages exist already
+            spare.rename(tmp)
+        else:
+            tmp.mkdir()
         try:
             entries = [
                 self._rebuild(chain, target, tmp, from_served)
                 for target in (f.get("target", f["name"]) for f in chain[0][2])
             ]
+            for p in tmp.iterdir():  # the spare's files of shards this version lacks
+                if p.name not in {e["name"] for e in entries}:
+                    p.unlink()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -408,7 +440,11 @@ class ServedWeights:
             for v in stale:
                 self.discard(self._prefetched.pop(v)[0])
         if old is not None and old != folder and self._owns(old):
-            shutil.rmtree(old, ignore_errors=True)
+            spare = self._private / _SPARE
+            if spare.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # the next rebuild writes into it
+                old.rename(spare)
         if self._prefetch and self.sync_dir is not None:
             self._stop.clear()
             self._watcher = threading.Thread(

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import xxhash
@@ -47,7 +46,7 @@ _DTYPES = {
 }  # fmt: skip
 
 
-def _shard_header(tensors: dict[str, torch.Tensor]) -> bytes:
+def shard_header(tensors: dict[str, torch.Tensor]) -> bytes:
     """A safetensors file's first bytes: the header's length, then the header, padded so
     tensor data starts 8-byte aligned (as the format wants)."""
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -68,7 +67,7 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> dict:
     """Write one safetensors file straight from the tensors' memory, hashing the same bytes
     as they are written: one pass over the data, no serialised copy (``safetensors.save``
     would build the whole file in memory first)."""
-    head = _shard_header(tensors)
+    head = shard_header(tensors)
     h = xxhash.xxh3_64(head)
     with open(path, "wb") as f:
         f.write(head)
@@ -84,18 +83,6 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> dict:
         "tensors": list(tensors),
         "tensor_bytes": tensor_bytes,
     }
-
-
-def shard_bytes(tensors: dict[str, torch.Tensor]) -> np.ndarray:
-    """The bytes :func:`_write_shard` would write, in one buffer (a delta needs them whole)."""
-    head = _shard_header(tensors)
-    out = np.empty(len(head) + sum(t.nbytes for t in tensors.values()), dtype=np.uint8)
-    out[: len(head)] = np.frombuffer(head, dtype=np.uint8)
-    at = len(head)
-    for t in tensors.values():
-        out[at : at + t.nbytes] = t.reshape(-1).view(torch.uint8).numpy()
-        at += t.nbytes
-    return out
 
 
 def _publication_writers() -> list[int]:

@@ -10,7 +10,6 @@ import logging
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,7 +19,6 @@ from simko_tune.generation.deltas import (
     DeltaSettings,
     DeltaWriter,
     ServedWeights,
-    compress,
     decompress,
 )
 from simko_tune.generation.sync_dir import prune_versions, published_versions, version_dir
@@ -52,21 +50,43 @@ def _same_bytes(rebuilt: Path, files: list[dict], reference: Path) -> None:
         assert (rebuilt / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def test_xor_zstd_round_trip_against_plain_python():
-    """The encoding, against a byte-by-byte XOR written out plainly."""
-    rng = np.random.default_rng(0)
-    old = rng.integers(0, 256, 10_000, dtype=np.uint8)
-    new = old.copy()
-    new[rng.choice(10_000, 37, replace=False)] ^= 0x55
-    xor = bytes(a ^ b for a, b in zip(old.tobytes(), new.tobytes()))
-    packed = compress(np.frombuffer(xor, dtype=np.uint8))
-    assert len(packed) < 1_000  # 37 changed bytes of 10,000
-    back = decompress(packed, 10_000)
-    assert bytes(a ^ b for a, b in zip(old.tobytes(), back.tobytes())) == new.tobytes()
-    with pytest.raises(ValueError, match="expected 9999"):
-        decompress(packed, 9_999)
+def test_a_delta_is_the_zstd_of_the_plain_xor_of_two_shards(tmp_path):
+    """DeltaWriter's delta file, decompressed, is the byte-by-byte XOR (written out plainly)
+    of the whole shard files of the two versions; the manifest entry names the rebuilt
+    bytes' checksum; a delta that does not decompress to the shard's size is refused."""
+    import xxhash
+    import zstandard
+
+    from simko_tune.generation.shards import _write_shard
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3000, generator=g), "b": torch.randn(7, 5, generator=g)}
+    writer = DeltaWriter(DeltaSettings())
+    for version in (1, 2, 3):
+        (tmp_path / f"v{version}").mkdir()
+    shard = "model-00001.safetensors"  # a shard keeps its name from version to version
+    writer.begin(1)
+    whole = writer.write(tensors, tmp_path / "v1" / shard)
+    writer.end(True)
+    assert "target" not in whole  # no base yet: written whole
+    v1 = (tmp_path / "v1" / shard).read_bytes()
+    tensors["a"][[5, 900, 2999]] += 1.0  # three weights move
+    writer.begin(2)
+    entry = writer.write(tensors, tmp_path / "v2" / shard)
+    writer.end(True)
+    _write_shard(tensors, tmp_path / "v3" / shard)  # version 2 written whole, independently
+    v2 = (tmp_path / "v3" / shard).read_bytes()
+    packed = (tmp_path / "v2" / entry["name"]).read_bytes()
+    assert entry["name"] == shard + DELTA_SUFFIX and entry["target_bytes"] == len(v2)
+    assert len(packed) < len(v2) // 20 and entry["bytes"] == len(packed)
+    xor = zstandard.ZstdDecompressor().decompress(packed, max_output_size=len(v2))
+    assert xor == bytes(a ^ b for a, b in zip(v1, v2))
+    assert entry["target_xxh3_64"] == xxhash.xxh3_64_hexdigest(v2)
+    assert decompress(packed, len(v2)).tobytes() == xor
+    with pytest.raises(ValueError, match=f"{len(v2) - 1} bytes"):
+        decompress(packed, len(v2) - 1)
     with pytest.raises(ValueError, match="not a zstd frame"):
-        decompress(b"\x00" * 20, 10_000)
+        decompress(b"\x00" * 20, len(v2))
 
 
 def test_delta_chain_rebuilds_full_publications_bit_for_bit(gen_model_dir, ref, tmp_path):
@@ -95,6 +115,8 @@ def test_delta_chain_rebuilds_full_publications_bit_for_bit(gen_model_dir, ref, 
         folder, files, _ = worker.prepare(version)
         _same_bytes(folder, files, version_dir(full, version))
         worker.served(version, folder, files)
+        if version == 3:  # version 2's rebuilt folder is kept for the next rebuild to reuse
+            assert sorted(p.name for p in worker._private.iterdir()) == ["spare", "v000003"]
         if version in (4, 9):  # a worker (re)started mid-chain: from the newest full one
             fresh = ServedWeights(deltas)
             folder, files, timings = fresh.prepare(version)
@@ -105,8 +127,8 @@ def test_delta_chain_rebuilds_full_publications_bit_for_bit(gen_model_dir, ref, 
     assert kinds == ["full", "delta", "delta", "delta", "delta"] * 2 + ["full", "delta"]
     assert all(fracs[v] < 0.05 for v in range(1, 13) if kinds[v - 1] == "delta"), fracs
     assert all(fracs[v] == 1.0 for v in (1, 6, 11))
-    # only the served version's rebuilt folder is kept
-    assert [p.name for p in worker._private.iterdir()] == ["v000012"]
+    # the served version's rebuilt folder only: version 12 was rebuilt into the spare
+    assert sorted(p.name for p in worker._private.iterdir()) == ["v000012"]
     worker.close()
     prune_versions(deltas, 12)  # the newest full at or before 12 is 11
     assert published_versions(deltas) == [11, 12]
