@@ -27,7 +27,6 @@ the version and file; the worker then keeps serving what it has.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -55,9 +54,8 @@ class DeltaSettings:
     full_every: int = 20  # a full publication at least every this many versions
     max_ratio: float = 0.5  # a shard whose delta is bigger than this share is written whole
     level: int = 1  # zstd level: 1 compresses runs of zero bytes about as well as 3, faster
-    threads: int = (
-        -1
-    )  # zstd workers; -1: one per logical CPU (publishing is all the trainer does then)
+    # zstd workers; -1: one per logical CPU (publishing is all the trainer does then)
+    threads: int = -1
 
     def __post_init__(self) -> None:
         if self.full_every < 1:
@@ -89,7 +87,7 @@ def digest(data: np.ndarray) -> str:
 
 class DeltaWriter:
     """Trainer side: writes one rank's shards of each publication (see the module doc). Use
-    ``begin(version, base)`` → ``write`` per shard (``write_shards``' writer) → ``end(ok)``."""
+    ``begin(version)`` → ``write`` per shard (``write_shards``' writer) → ``end(ok)``."""
 
     def __init__(self, settings: DeltaSettings) -> None:
         self.settings = settings
@@ -101,25 +99,19 @@ class DeltaWriter:
         self._since_full = 0
         self.stats: dict[str, float] = {}
 
-    @property
-    def held_bytes(self) -> int:
-        return sum(b.size for b in self._base.values())
-
-    def begin(self, version: int, force_full: bool = False) -> None:
-        """Start ``version``: deltas against the last publication unless ``force_full``,
-        there is none (a fresh start, a failed one), or ``full_every`` versions passed."""
+    def begin(self, version: int) -> None:
+        """Start ``version``: deltas against the last publication unless there is none (a
+        fresh start, a failed one) or ``full_every`` versions passed."""
         self._version = version
         self._delta_allowed = (
-            not force_full
-            and self.base_version is not None
+            self.base_version is not None
             and version > self.base_version
             and self._since_full + 1 < self.settings.full_every
         )
         self._since_full = self._since_full + 1 if self._delta_allowed else 0
         # what the manifest names as the base: the workers rebuild from it
         self.delta_base = self.base_version if self._delta_allowed else None
-        self.stats = {"bytes": 0, "full_bytes": 0, "delta_shards": 0, "full_shards": 0}
-        self.stats["encode_s"] = 0.0
+        self.stats = {"bytes": 0, "full_bytes": 0, "encode_s": 0.0}
 
     def write(self, tensors: dict[str, torch.Tensor], path: Path) -> dict:
         """Write one shard as a delta (``<name>.xor.zst``) or whole; keep its bytes as the
@@ -174,11 +166,9 @@ class DeltaWriter:
                 "target_bytes": size,
                 TARGET_CHECKSUM: target.hexdigest(),
             }
-            self.stats["delta_shards"] += 1
         else:
             _write_array(base, path)
             entry |= {"name": path.name, "bytes": size, CHECKSUM: target.hexdigest()}
-            self.stats["full_shards"] += 1
         self.stats["bytes"] += entry["bytes"]
         self.stats["full_bytes"] += size
         return entry
@@ -209,13 +199,22 @@ class DeltaWriter:
 
 
 def _read_verified(path: Path, entry: dict) -> bytes:
+    from simko_tune.generation.shards import _check_digest
+
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise PublicationError(f"{path}: unreadable ({e})") from None
-    if xxhash.xxh3_64_hexdigest(raw) != entry[CHECKSUM]:
-        raise PublicationError(f"{path}: {CHECKSUM} does not match the manifest (corrupt)")
+    _check_digest(path, xxhash.xxh3_64_hexdigest(raw), entry[CHECKSUM])
     return raw
+
+
+def _check_rebuilt(path: Path, target: str, version: int, got: str, entry: dict) -> None:
+    if got != entry[TARGET_CHECKSUM]:
+        raise PublicationError(
+            f"{path}: rebuilt {target} of version {version} does not match its checksum "
+            "(a wrong base?)"
+        )
 
 
 def _xor_stream(base: Path, packed: bytes, size: int, out: Path, chunk: int = _CHUNK) -> str:
@@ -403,11 +402,7 @@ class ServedWeights:
                     rebuilt = _xor_stream(held, raw, entry["target_bytes"], out / target)
                 except ValueError as e:
                     raise PublicationError(f"{path}: {e} (corrupt)") from None
-                if rebuilt != entry[TARGET_CHECKSUM]:
-                    raise PublicationError(
-                        f"{path}: rebuilt {target} of version {v} does not match its checksum "
-                        "(a wrong base?)"
-                    )
+                _check_rebuilt(path, target, v, rebuilt, entry)
                 return _rebuilt_entry(target, entry)
             if held is not None and data is None:
                 data = np.fromfile(held, dtype=np.uint8)
@@ -421,11 +416,7 @@ class ServedWeights:
             except ValueError as e:
                 raise PublicationError(f"{path}: {e} (corrupt)") from None
             np.bitwise_xor(data, xor, out=data)
-            if digest(data) != entry[TARGET_CHECKSUM]:
-                raise PublicationError(
-                    f"{path}: rebuilt {target} of version {v} does not match its checksum "
-                    "(a wrong base?)"
-                )
+            _check_rebuilt(path, target, v, digest(data), entry)
         _write_array(data, out / target)
         return _rebuilt_entry(target, entry)
 
@@ -455,14 +446,11 @@ class ServedWeights:
     def _watch(self, served: int) -> None:
         """Poll for a delta whose base is ``served``; rebuild it (errors are left to the
         load, which redoes it and reports them)."""
-        from simko_tune.generation.sync_dir import MANIFEST, published_versions, version_dir
+        from simko_tune.generation.sync_dir import manifest_fields, published_versions
 
         while not self._stop.wait(self._poll_s):
             for v in (v for v in published_versions(self.sync_dir) if v > served):
-                try:
-                    meta = json.loads((version_dir(self.sync_dir, v) / MANIFEST).read_text())
-                except (OSError, ValueError):
-                    continue
+                meta = manifest_fields(self.sync_dir, v) or {}
                 if meta.get("kind") != "delta" or meta.get("base") != served:
                     continue
                 with self._lock:

@@ -18,7 +18,6 @@ from torchtune.generation import (
 )
 from torchtune.modules.common_utils import local_kv_cache
 
-from simko_tune.fs import CHECKSUM, checksum_file
 from simko_tune.generation.deltas import ServedWeights
 from simko_tune.generation.shards import checkpoint_shapes, compare_shapes
 from simko_tune.generation.types import (
@@ -30,6 +29,7 @@ from simko_tune.generation.types import (
     check_prompt_lengths,
     sample_seed,
 )
+from simko_tune.generation.weights import verified_shapes
 from simko_tune.models import load_hf_weights, model_from_hf_config, read_hf_config
 
 
@@ -96,13 +96,11 @@ class NativeGenerator(Generator):
         if self.sync_dir is None:
             raise ValueError("NativeGenerator was built without a sync_dir")
         folder, files, _ = self._served.prepare(version)  # a delta is rebuilt and verified
-        for f in files:
-            path = folder / f["name"]
-            if checksum_file(path) != f[CHECKSUM]:
-                self._served.discard(folder)
-                raise PublicationError(f"{path}: {CHECKSUM} does not match the manifest (corrupt)")
-        shapes = checkpoint_shapes([folder / f["name"] for f in files])
-        compare_shapes(self._expected_shapes, shapes, str(folder))
+        try:
+            compare_shapes(self._expected_shapes, verified_shapes(folder, files), str(folder))
+        except PublicationError:
+            self._served.discard(folder)
+            raise
         load_hf_weights(self.model, folder, self.hf_config)
         self.model.to(device=self.device, dtype=self.dtype)
         self._served.served(version, folder, files)

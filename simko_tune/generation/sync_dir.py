@@ -106,11 +106,18 @@ def prune_versions(sync_dir: str | Path, keep_version: int) -> None:
 def _is_full(root: Path, version: int) -> bool:
     """Whether a publication holds whole shards only (unreadable: treated as not full, so
     pruning keeps what is before it)."""
+    meta = manifest_fields(root, version)
+    return meta is not None and meta.get("kind", "full") == "full"
+
+
+def manifest_fields(root: Path, version: int) -> dict | None:
+    """A publication's manifest as JSON (``kind``, a delta's ``base``), unchecked; None when
+    it is missing or unreadable. For peeking (pruning, a worker's prefetch); loading goes
+    through :func:`~simko_tune.generation.weights.read_publication`."""
     try:
-        meta = json.loads((version_dir(root, version) / MANIFEST).read_text())
+        return json.loads((version_dir(root, version) / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
-    return meta.get("kind", "full") == "full"
+        return None
 
 
 def remove_versions(sync_dir: Path) -> None:

@@ -160,10 +160,15 @@ def verify_publication(sync_dir: str | Path, version: int) -> tuple[Path, dict[s
     """Check a publication before anything loads it (:func:`read_manifest`, then every
     file's checksum). Returns the folder and ``{tensor name: shape}``."""
     folder, files = read_manifest(sync_dir, version)
+    return folder, verified_shapes(folder, files)
+
+
+def verified_shapes(folder: Path, files: list[dict]) -> dict[str, list[int]]:
+    """Every file's checksum against its entry, then ``{tensor name: shape}``."""
     for f in files:
         path = folder / f["name"]
         _check_digest(path, checksum_file(path), f[CHECKSUM])
-    return folder, checkpoint_shapes([folder / f["name"] for f in files])
+    return checkpoint_shapes([folder / f["name"] for f in files])
 
 
 class WeightConsumer(Protocol):
