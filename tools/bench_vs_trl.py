@@ -327,11 +327,12 @@ def bench_model(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,0.5b", help="comma list of tiny, 0.5b")
-    parser.add_argument("--steps-tiny", type=int, default=16)
+    parser.add_argument("--steps-tiny", type=int, default=40)
     parser.add_argument("--steps-0-5b", type=int, default=8)
-    parser.add_argument(
-        "--rounds", type=int, default=1, help="runs per side; their steady-state steps are pooled"
-    )
+    # runs per side, their steady-state steps pooled: a tiny step (~0.06 s) is at the mercy
+    # of the machine's noise, so it gets three runs of 40; a 0.5B step (~30 s) one of 8
+    parser.add_argument("--rounds-tiny", type=int, default=3)
+    parser.add_argument("--rounds-0-5b", type=int, default=1)
     parser.add_argument(
         "--tiny-model-dir", default=None, help="another tiny policy (default: tiny_cpu's)"
     )
@@ -371,12 +372,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
         if name == "tiny":
             model_dir = Path(args.tiny_model_dir) if args.tiny_model_dir else tiny_policy()
             results[name] = bench_model(
-                name, model_dir, args.steps_tiny, args.rounds, work, name in native
+                name, model_dir, args.steps_tiny, args.rounds_tiny, work, name in native
             )
         else:
             model_dir = qwen2_5_0_5b_shape(work)
             results[name] = bench_model(
-                name, model_dir, args.steps_0_5b, args.rounds, work, name in native
+                name, model_dir, args.steps_0_5b, args.rounds_0_5b, work, name in native
             )
     print(
         json.dumps(

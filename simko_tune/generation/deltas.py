@@ -4,7 +4,9 @@ shard of the previous publication, zstd-compressed.
 Why this encoding (``tools/bench_weight_delta.py`` measures it): a bf16 weight keeps its
 bits unless an update moves it by more than about |w|/256, so at RL learning rates most
 bytes of consecutive versions are equal and their XOR is mostly zero bytes, which zstd at
-level 1 squeezes at several hundred MB/s per thread. The alternative, the changed elements'
+level 1 squeezes at about 1 GB/s per thread. Each shard is cut into frames (4 MiB) that are
+independent zstd frames, so the trainer encodes and a worker rebuilds a shard on all their
+threads (the manifest lists the frames' sizes). The alternative, the changed elements'
 indices and values, stores 4-8 bytes of index per changed 2-byte element: it only wins when
 almost nothing changes, and loses badly when much does; XOR also needs no knowledge of
 dtypes or tensor bounds (it works on the file's bytes, header included, which is equal).
@@ -27,13 +29,18 @@ the version and file; the worker then keeps serving what it has.
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import tempfile
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +52,6 @@ from simko_tune.generation.types import PublicationError
 
 DELTA_SUFFIX = ".xor.zst"
 _SPARE = "spare"  # a worker's rebuilt folder of two versions ago, overwritten by the next
-_CHUNK = 1 << 22  # bytes per streamed step: stays in cache through hash, XOR and compress
 TARGET_CHECKSUM = f"target_{CHECKSUM}"  # of the rebuilt shard's bytes
 
 
@@ -54,14 +60,23 @@ class DeltaSettings:
     full_every: int = 20  # a full publication at least every this many versions
     max_ratio: float = 0.5  # a shard whose delta is bigger than this share is written whole
     level: int = 1  # zstd level: 1 compresses runs of zero bytes about as well as 3, faster
-    # zstd workers; -1: one per logical CPU (publishing is all the trainer does then)
-    threads: int = -1
+    # Each shard is cut into frames of this many bytes, each its own zstd frame: threads
+    # encode and rebuild frames at once, and a frame stays in cache through hash, XOR and
+    # compress. The manifest lists the frames' compressed sizes.
+    frame_bytes: int = 1 << 22
+    # threads that encode frames; 0: torch's intra-op threads (the thread rule: publishing
+    # is all the trainer does then)
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.full_every < 1:
             raise ValueError(f"full_every must be >= 1, got {self.full_every}")
         if not 0 < self.max_ratio <= 1:
             raise ValueError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
+        if self.frame_bytes < 1 or self.threads < 0:
+            raise ValueError(
+                f"frame_bytes must be >= 1 and threads >= 0, got {self.frame_bytes}, {self.threads}"
+            )
 
 
 def _zstd():
@@ -70,19 +85,106 @@ def _zstd():
     return zstandard
 
 
-def decompress(data: bytes, size: int) -> np.ndarray:
-    """The ``size`` bytes ``data`` decompresses to; anything else is a corrupt delta."""
+def _frame_starts(frames: Any, packed: int, size: int, frame_bytes: Any) -> list[int]:
+    """Offsets of each frame in a delta file of ``packed`` bytes that rebuilds ``size``
+    bytes in frames of ``frame_bytes`` (the manifest's table, checked: it is read, not
+    trusted)."""
+    if (
+        not isinstance(frame_bytes, int)
+        or frame_bytes < 1
+        or not isinstance(frames, list)
+        or not all(isinstance(n, int) and n > 0 for n in frames)
+        or len(frames) != max(1, -(-size // frame_bytes))
+        or sum(frames) != packed
+    ):
+        raise ValueError(
+            f"its frame table ({len(frames) if isinstance(frames, list) else frames!r} "
+            f"frames of {frame_bytes!r} bytes) does not fit a {packed}-byte delta of "
+            f"{size} bytes"
+        )
+    starts = [0]
+    for n in frames:
+        starts.append(starts[-1] + n)
+    return starts
+
+
+def _decompress_into(frame: memoryview, out: np.ndarray) -> None:
+    """Decompress one zstd frame into ``out``, which it must fill exactly."""
     try:
-        out = _zstd().ZstdDecompressor().decompress(data, max_output_size=size)
+        with _zstd().ZstdDecompressor().stream_reader(frame) as reader:
+            done = 0
+            while done < out.size:
+                n = reader.readinto(out[done:])
+                if n == 0:
+                    break
+                done += n
+            if done != out.size:
+                raise ValueError(f"decompresses to {done} bytes, expected {out.size}")
+            if reader.read(1):
+                raise ValueError(f"decompresses to more than {out.size} bytes")
     except _zstd().ZstdError as e:
-        raise ValueError(f"not a zstd frame of {size} bytes: {e}") from None
-    if len(out) != size:
-        raise ValueError(f"decompresses to {len(out)} bytes, expected {size}")
-    return np.frombuffer(out, dtype=np.uint8)
+        raise ValueError(f"not a zstd frame of {out.size} bytes: {e}") from None
+
+
+def decompress(
+    data: bytes, size: int, frames: list[int] | None = None, frame_bytes: int | None = None
+) -> np.ndarray:
+    """The ``size`` bytes ``data`` (its ``frames``, each rebuilding ``frame_bytes``; default:
+    one frame) decompresses to; anything else is a corrupt delta."""
+    frames = [len(data)] if frames is None else frames
+    frame_bytes = max(size, 1) if frame_bytes is None else frame_bytes
+    starts = _frame_starts(frames, len(data), size, frame_bytes)
+    out = np.empty(size, dtype=np.uint8)
+    view = memoryview(data)
+    for i in range(len(frames)):
+        lo = i * frame_bytes
+        _decompress_into(view[starts[i] : starts[i + 1]], out[lo : lo + frame_bytes])
+    return out
 
 
 def digest(data: np.ndarray) -> str:
     return xxhash.xxh3_64_hexdigest(data.data)
+
+
+def _threads(setting: int = 0) -> int:
+    return setting or torch.get_num_threads()
+
+
+def _frames_in_order(
+    count: int,
+    frame_bytes: int,
+    threads: int,
+    work: Callable[[int, np.ndarray], Any],
+    consume: Callable[[int, np.ndarray, Any], None],
+    cores: frozenset[int] | None = None,
+) -> None:
+    """``work(i, buffer)`` for each frame ``i`` on ``threads`` threads (numpy, zstd and file
+    writes release the GIL), ``consume(i, buffer, result)`` on this thread in frame order
+    (a checksum runs over the frames in order). Two buffers per thread are in flight, reused:
+    no allocation per frame. ``cores``: the threads' CPU affinity (a vLLM worker's main
+    thread is pinned to its first core by OpenMP, and new threads inherit that pin)."""
+    if threads <= 1 or count <= 1:
+        buf = np.empty(frame_bytes, dtype=np.uint8)
+        for i in range(count):
+            consume(i, buf, work(i, buf))
+        return
+    free = [np.empty(frame_bytes, dtype=np.uint8) for _ in range(2 * threads)]
+    pending: deque = deque()
+    pin = {"initializer": os.sched_setaffinity, "initargs": (0, cores)} if cores else {}
+    with ThreadPoolExecutor(threads, thread_name_prefix="delta", **pin) as pool:
+        try:
+            i = 0
+            while i < count or pending:
+                while i < count and free:
+                    buf = free.pop()
+                    pending.append((i, buf, pool.submit(work, i, buf)))
+                    i += 1
+                j, buf, future = pending.popleft()
+                consume(j, buf, future.result())
+                free.append(buf)
+        finally:
+            for _, _, future in pending:
+                future.cancel()
 
 
 class DeltaWriter:
@@ -115,45 +217,66 @@ class DeltaWriter:
 
     def write(self, tensors: dict[str, torch.Tensor], path: Path) -> dict:
         """Write one shard as a delta (``<name>.xor.zst``) or whole; keep its bytes as the
-        next publication's base. One pass in chunks that stay in cache (hash, XOR with the
-        base, compress, copy into the base), the base updated in its own buffer: no
-        allocation of a shard's size per publication. Returns its manifest entry."""
+        next publication's base. One pass, frame by frame on the threads, each frame staying
+        in cache (XOR with the base, compress, copy into the base; the checksum of the new
+        bytes follows in frame order), the base updated in its own buffer: no allocation of
+        a shard's size per publication. Returns its manifest entry."""
         from simko_tune.generation.shards import shard_header
 
         head = shard_header(tensors)
         parts = [np.frombuffer(head, dtype=np.uint8)]
         parts += [t.reshape(-1).view(torch.uint8).numpy() for t in tensors.values()]
-        size = sum(p.size for p in parts)
+        starts = [0]
+        for p in parts:
+            starts.append(starts[-1] + p.size)
+        size = starts[-1]
         entry = {"tensors": list(tensors), "tensor_bytes": size - len(head)}
         base = self._base.get(path.name)
         as_delta = self._delta_allowed and base is not None and base.size == size
         if base is None or base.size != size:
             base = self._base[path.name] = np.empty(size, dtype=np.uint8)
-        t0 = time.perf_counter()
+        frame_bytes, level = self.settings.frame_bytes, self.settings.level
+        count = max(1, -(-size // frame_bytes))
+
+        def pieces(i: int):  # (part, start, end, offset in the shard) of frame i
+            lo, hi = i * frame_bytes, min((i + 1) * frame_bytes, size)
+            k = bisect.bisect_right(starts, lo) - 1
+            while lo < hi:
+                while starts[k + 1] <= lo:  # skip empty parts
+                    k += 1
+                a = lo - starts[k]
+                b = min(hi, starts[k + 1]) - starts[k]
+                yield parts[k], a, b, lo
+                lo += b - a
+
+        local = threading.local()
+
+        def work(i: int, buf: np.ndarray) -> bytes | None:
+            n = 0
+            for part, a, b, at in pieces(i):
+                if as_delta:
+                    np.bitwise_xor(base[at : at + b - a], part[a:b], out=buf[n : n + b - a])
+                base[at : at + b - a] = part[a:b]
+                n += b - a
+            if not as_delta:
+                return None
+            if not hasattr(local, "compressor"):
+                local.compressor = _zstd().ZstdCompressor(level=level)
+            return local.compressor.compress(buf[:n].data)
+
         target = xxhash.xxh3_64()
-        compressor = (
-            _zstd().ZstdCompressor(level=self.settings.level, threads=self.settings.threads)
-            if as_delta
-            else None
-        )
-        stream = compressor.compressobj() if compressor is not None else None
-        scratch = np.empty(_CHUNK, dtype=np.uint8) if as_delta else None
-        packed: list[bytes] = []
-        at = 0
-        for part in parts:
-            for lo in range(0, part.size, _CHUNK):
-                new = part[lo : lo + _CHUNK]
-                n = new.size
-                target.update(new.data)
-                if stream is not None:
-                    xor = np.bitwise_xor(base[at : at + n], new, out=scratch[:n])
-                    packed.append(stream.compress(xor.data))
-                base[at : at + n] = new
-                at += n
-        delta = b""
-        if stream is not None:
-            packed.append(stream.flush())
-            delta = b"".join(packed)
+        frames: list[bytes] = []
+
+        def consume(i: int, buf: np.ndarray, frame: bytes | None) -> None:
+            for part, a, b, _ in pieces(i):
+                target.update(part[a:b].data)
+            if frame is not None:
+                frames.append(frame)
+
+        t0 = time.perf_counter()
+        _frames_in_order(count, frame_bytes, _threads(self.settings.threads), work, consume)
+        delta = b"".join(frames)
+        if as_delta:
             self.stats["encode_s"] += time.perf_counter() - t0
         if as_delta and len(delta) <= self.settings.max_ratio * size:
             delta_path = path.with_name(path.name + DELTA_SUFFIX)
@@ -165,6 +288,8 @@ class DeltaWriter:
                 "target": path.name,
                 "target_bytes": size,
                 TARGET_CHECKSUM: target.hexdigest(),
+                "frame_bytes": frame_bytes,
+                "frames": [len(f) for f in frames],
             }
         else:
             _write_array(base, path)
@@ -217,41 +342,48 @@ def _check_rebuilt(path: Path, target: str, version: int, got: str, entry: dict)
         )
 
 
-def _xor_stream(base: Path, packed: bytes, size: int, out: Path, chunk: int = _CHUNK) -> str:
-    """Write ``base`` XOR the decompressed ``packed`` to ``out`` chunk by chunk (each chunk
-    stays in cache through decompress, XOR, hash and write) and return the xxh3 of what was
-    written. Raises ValueError when the sizes do not match."""
-    import mmap
+def _xor_stream(
+    base: Path, packed: bytes, entry: dict, out: Path, cores: frozenset[int] | None = None
+) -> str:
+    """Write ``base`` XOR the decompressed ``packed`` (the delta of ``entry``) to ``out``,
+    frame by frame on torch's threads, and return the xxh3 of what was written. Raises
+    ValueError when the sizes or the frame table do not match."""
+    from simko_tune.generation.shards import _map
 
+    size, frame_bytes = entry["target_bytes"], entry.get("frame_bytes", entry["target_bytes"])
+    frames = entry.get("frames", [len(packed)])
+    starts = _frame_starts(frames, len(packed), size, frame_bytes)
     if base.stat().st_size != size:
         raise ValueError(f"the served {base.name} has {base.stat().st_size} bytes, not {size}")
     h = xxhash.xxh3_64()
-    buf = np.empty(chunk, dtype=np.uint8)
-    with (
-        open(base, "rb") as fb,
-        mmap.mmap(fb.fileno(), 0, prot=mmap.PROT_READ) as m,
-        open(out, "r+b" if out.exists() else "wb") as fo,
-        _zstd().ZstdDecompressor().stream_reader(packed) as reader,
-    ):
+    view = memoryview(packed)
+    m = _map(base)  # every page mapped up front: no fault per page as frames read it
+    fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
         src = np.frombuffer(m, dtype=np.uint8)
-        done = 0
+
+        def work(i: int, buf: np.ndarray) -> int:
+            lo = i * frame_bytes
+            n = min(frame_bytes, size - lo)
+            _decompress_into(view[starts[i] : starts[i + 1]], buf[:n])
+            np.bitwise_xor(buf[:n], src[lo : lo + n], out=buf[:n])
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, buf[done:n], lo + done)
+            return n
+
+        def consume(i: int, buf: np.ndarray, n: int) -> None:
+            h.update(buf[:n].data)
+
+        _frames_in_order(len(frames), frame_bytes, _threads(), work, consume, cores)
+        src = None  # the view goes, so the map can close
+    finally:
+        os.close(fd)
         try:
-            while done < size:
-                n = reader.readinto(buf[: min(chunk, size - done)])
-                if n == 0:
-                    raise ValueError(f"decompresses to {done} bytes, expected {size}")
-                view = buf[:n]
-                np.bitwise_xor(view, src[done : done + n], out=view)
-                h.update(view.data)
-                fo.write(view.data)
-                done += n
-            if reader.read(1):
-                raise ValueError(f"decompresses to more than {size} bytes")
-            fo.truncate()
-        except _zstd().ZstdError as e:
-            raise ValueError(f"not a zstd frame of {size} bytes: {e}") from None
-        finally:
-            del src
+            m.close()
+        except BufferError:  # a view still alive (an error mid-frame): closed when collected
+            pass
     return h.hexdigest()
 
 
@@ -295,9 +427,14 @@ class ServedWeights:
     the old weights (one-step-off publishes it then): the load only waits for the switch."""
 
     def __init__(
-        self, sync_dir: str | Path | None, prefetch: bool = False, poll_s: float = 0.05
+        self,
+        sync_dir: str | Path | None,
+        prefetch: bool = False,
+        poll_s: float = 0.05,
+        cores: frozenset[int] | None = None,
     ) -> None:
         self.sync_dir = None if sync_dir is None else Path(sync_dir)
+        self._cores = cores  # where the rebuild's threads run (default: where they start)
         self.version: int | None = None
         self.folder: Path | None = None
         self.files: list[dict] | None = None
@@ -399,7 +536,7 @@ class ServedWeights:
             raw = _read_verified(path, entry)
             if held is not None and len(chain) == 1 and "target" in entry:
                 try:
-                    rebuilt = _xor_stream(held, raw, entry["target_bytes"], out / target)
+                    rebuilt = _xor_stream(held, raw, entry, out / target, self._cores)
                 except ValueError as e:
                     raise PublicationError(f"{path}: {e} (corrupt)") from None
                 _check_rebuilt(path, target, v, rebuilt, entry)
@@ -412,7 +549,9 @@ class ServedWeights:
             if data is None or data.size != entry["target_bytes"]:
                 raise PublicationError(f"{path}: a delta of version {v} has no base to apply to")
             try:
-                xor = decompress(raw, entry["target_bytes"])
+                xor = decompress(
+                    raw, entry["target_bytes"], entry.get("frames"), entry.get("frame_bytes")
+                )
             except ValueError as e:
                 raise PublicationError(f"{path}: {e} (corrupt)") from None
             np.bitwise_xor(data, xor, out=data)

@@ -123,7 +123,7 @@ class Worker:
         # Every weight the engine loaded at start; a publication must carry all of them.
         self.expected_shapes = checkpoint_shapes(sorted(Path(model_dir).glob("*.safetensors")))
         # the files of the version served; the next delta is rebuilt while generating
-        self.served = ServedWeights(sync_dir, prefetch=True)
+        self.served = ServedWeights(sync_dir, prefetch=True, cores=bound_cores())
 
     def ping(self, msg: dict) -> dict:
         return {
@@ -241,6 +241,20 @@ class Worker:
             "reload_s": t2 - t1,
             **{k: rebuilt[k] for k in ("rebuild_s", "rebuild_work_s") if k in rebuilt},
         }
+
+
+def bound_cores() -> frozenset[int] | None:
+    """The cores a CPU worker was given (``VLLM_CPU_OMP_THREADS_BIND``, set by the client as
+    a comma list or ranges; several TP lists joined by '|'), for threads that OpenMP does
+    not start: the delta rebuild's. None on GPUs or when unset."""
+    spec = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+    cores: set[int] = set()
+    for item in spec.replace("|", ",").split(","):
+        lo, _, hi = item.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            return None  # "auto", "nobind" or anything else: leave threads where they are
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(cores) or None
 
 
 def build_engine(model_dir: str, engine_kwargs: dict, tensor_parallel_size: int) -> Any:

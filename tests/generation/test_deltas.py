@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -50,10 +51,13 @@ def _same_bytes(rebuilt: Path, files: list[dict], reference: Path) -> None:
         assert (rebuilt / name).read_bytes() == (reference / name).read_bytes(), name
 
 
-def test_a_delta_is_the_zstd_of_the_plain_xor_of_two_shards(tmp_path):
-    """DeltaWriter's delta file, decompressed, is the byte-by-byte XOR (written out plainly)
-    of the whole shard files of the two versions; the manifest entry names the rebuilt
-    bytes' checksum; a delta that does not decompress to the shard's size is refused."""
+@pytest.mark.parametrize("frame_bytes", [1 << 22, 1000])
+def test_a_delta_is_the_zstd_of_the_plain_xor_of_two_shards(tmp_path, frame_bytes):
+    """DeltaWriter's delta file is one zstd frame per ``frame_bytes`` of the shard (its
+    manifest entry lists their sizes), each decompressing to the byte-by-byte XOR (written
+    out plainly) of that slice of the whole shard files of the two versions; the entry names
+    the rebuilt bytes' checksum; a delta that does not decompress to the shard's size, or
+    whose frame table does not fit it, is refused."""
     import xxhash
     import zstandard
 
@@ -61,7 +65,7 @@ def test_a_delta_is_the_zstd_of_the_plain_xor_of_two_shards(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(3000, generator=g), "b": torch.randn(7, 5, generator=g)}
-    writer = DeltaWriter(DeltaSettings())
+    writer = DeltaWriter(DeltaSettings(frame_bytes=frame_bytes, threads=2))
     for version in (1, 2, 3):
         (tmp_path / f"v{version}").mkdir()
     shard = "model-00001.safetensors"  # a shard keeps its name from version to version
@@ -79,12 +83,23 @@ def test_a_delta_is_the_zstd_of_the_plain_xor_of_two_shards(tmp_path):
     packed = (tmp_path / "v2" / entry["name"]).read_bytes()
     assert entry["name"] == shard + DELTA_SUFFIX and entry["target_bytes"] == len(v2)
     assert len(packed) < len(v2) // 20 and entry["bytes"] == len(packed)
-    xor = zstandard.ZstdDecompressor().decompress(packed, max_output_size=len(v2))
-    assert xor == bytes(a ^ b for a, b in zip(v1, v2))
+    plain_xor = bytes(a ^ b for a, b in zip(v1, v2))
+    frames, at = entry["frames"], 0
+    assert entry["frame_bytes"] == frame_bytes
+    assert len(frames) == -(-len(v2) // frame_bytes) and sum(frames) == len(packed)
+    for i, n in enumerate(frames):  # each frame on its own, by the library alone
+        part = zstandard.ZstdDecompressor().decompress(packed[at : at + n])
+        assert part == plain_xor[i * frame_bytes : (i + 1) * frame_bytes], i
+        at += n
     assert entry["target_xxh3_64"] == xxhash.xxh3_64_hexdigest(v2)
-    assert decompress(packed, len(v2)).tobytes() == xor
-    with pytest.raises(ValueError, match=f"{len(v2) - 1} bytes"):
-        decompress(packed, len(v2) - 1)
+    assert decompress(packed, len(v2), frames, frame_bytes).tobytes() == plain_xor
+    with pytest.raises(ValueError, match="frame table"):
+        decompress(packed, len(v2), frames[:-1] + [frames[-1] + 1], frame_bytes)
+    with pytest.raises(ValueError, match="frame table"):
+        decompress(packed, len(v2) + frame_bytes, frames, frame_bytes)
+    if len(frames) == 1:
+        with pytest.raises(ValueError, match=f"{len(v2) - 1} bytes"):
+            decompress(packed, len(v2) - 1)
     with pytest.raises(ValueError, match="not a zstd frame"):
         decompress(b"\x00" * 20, len(v2))
 
@@ -103,7 +118,7 @@ def test_delta_chain_rebuilds_full_publications_bit_for_bit(gen_model_dir, ref, 
         hf,
         dtype=torch.bfloat16,
         max_shard_bytes=SHARD,
-        delta=DeltaSettings(full_every=5),
+        delta=DeltaSettings(full_every=5, frame_bytes=4096),  # many frames, rebuilt on threads
     )
     worker = ServedWeights(deltas)
     fracs = {}
@@ -158,13 +173,13 @@ def test_large_updates_are_published_whole(gen_model_dir, ref, tmp_path, caplog)
 
 @pytest.fixture
 def chain(gen_model_dir, ref, tmp_path):
-    """Versions 1 (full), 2 and 3 (deltas) of AdamW steps in fp32 (max_ratio 1: always a
-    delta), and a worker serving version 2."""
+    """Versions 1 (full), 2 and 3 (deltas, in frames of 4 KiB) of AdamW steps in fp32
+    (max_ratio 1: always a delta), and a worker serving version 2."""
     hf = read_hf_config(gen_model_dir)
     model = ref.trainer_model(gen_model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sync_dir = tmp_path / "sync"
-    writer = DeltaWriter(DeltaSettings(max_ratio=1.0))
+    writer = DeltaWriter(DeltaSettings(max_ratio=1.0, frame_bytes=4096))
     for version in (1, 2, 3):
         _adamw_step(model, opt, seed=version)
         writer.begin(version)
@@ -197,6 +212,20 @@ def test_a_flipped_byte_in_a_delta_is_refused(chain):
     data = bytearray(delta.read_bytes())
     data[len(data) // 2] ^= 0x01
     delta.write_bytes(bytes(data))
+    _refused(worker, 3, "corrupt")
+
+
+def test_a_frame_table_that_does_not_fit_the_delta_is_refused(chain):
+    """The manifest's frame sizes are read, not trusted: two frames' sizes swapped (the
+    total still fits) make a frame that is not a whole zstd frame."""
+    sync_dir, worker = chain
+    path = version_dir(sync_dir, 3) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    entry = next(f for f in manifest["files"].values() if len(f.get("frames", [])) > 2)
+    frames = entry["frames"]
+    i = next(i for i in range(len(frames) - 1) if frames[i] != frames[i + 1])
+    frames[i], frames[i + 1] = frames[i + 1], frames[i]
+    path.write_text(json.dumps(manifest))
     _refused(worker, 3, "corrupt")
 
 
@@ -384,7 +413,7 @@ def _fsdp_delta_rank(rank: int, world: int, init_file: str, model_dir: str, out:
             hf,
             dtype=torch.bfloat16,
             max_shard_bytes=SHARD,
-            delta=DeltaSettings(full_every=4),
+            delta=DeltaSettings(full_every=4, frame_bytes=4096),
         )
         for version in range(1, 11):
             g = torch.Generator().manual_seed(version)
@@ -457,3 +486,29 @@ def test_the_next_delta_is_rebuilt_before_it_is_asked_for(gen_model_dir, ref, tm
         worker.served(version, folder, files)
     worker.close()
     assert worker._watcher is None and worker._private is None
+
+
+def test_rebuild_threads_run_on_the_workers_cores(monkeypatch):
+    """A CPU worker's main thread is pinned to one core by OpenMP and threads inherit the
+    pin: the rebuild's threads are given the worker's whole core list instead, read from
+    the binding the client sets (comma lists, ranges, TP lists joined by '|')."""
+    from simko_tune.generation.deltas import _frames_in_order
+    from simko_tune.generation.server import bound_cores
+
+    for spec, cores in [("0,1", {0, 1}), ("2-4", {2, 3, 4}), ("0|1", {0, 1}), ("auto", None)]:
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", spec)
+        assert bound_cores() == (frozenset(cores) if cores else None), spec
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    assert bound_cores() is None
+
+    one = frozenset([min(os.sched_getaffinity(0))])
+    seen, order = [], []
+    _frames_in_order(
+        6,
+        8,
+        2,
+        lambda i, buf: seen.append(frozenset(os.sched_getaffinity(0))) or i,
+        lambda i, buf, result: order.append(result),
+        one,
+    )
+    assert seen == [one] * 6 and order == list(range(6))
