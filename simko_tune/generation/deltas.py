@@ -442,6 +442,7 @@ class ServedWeights:
         self._prefetch, self._poll_s = prefetch, poll_s
         self._lock = threading.Lock()  # one rebuild at a time: the loader's or the watcher's
         self._prefetched: dict[int, tuple[Path, list[dict], dict[str, float]]] = {}
+        self._asked: int | None = None  # the newest version a load asked for: left alone
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -454,6 +455,7 @@ class ServedWeights:
         rebuilt one is verified here, shard by shard."""
         t0 = time.perf_counter()
         with self._lock:  # waits for a prefetch under way
+            self._asked = max(version, self._asked or version)
             hit = self._prefetched.pop(version, None)
             if hit is not None:
                 waited = time.perf_counter() - t0
@@ -593,7 +595,10 @@ class ServedWeights:
                 if meta.get("kind") != "delta" or meta.get("base") != served:
                     continue
                 with self._lock:
-                    if self._stop.is_set() or self.version != served or v in self._prefetched:
+                    # a load that asked first rebuilt it already (or refused it): rebuilding
+                    # again would only take the cores from the engine's reload under way
+                    asked = self._asked is not None and v <= self._asked
+                    if self._stop.is_set() or self.version != served or asked:
                         return
                     try:
                         self._prefetched[v] = self._prepare(v)

@@ -488,6 +488,37 @@ def test_the_next_delta_is_rebuilt_before_it_is_asked_for(gen_model_dir, ref, tm
     assert worker._watcher is None and worker._private is None
 
 
+def test_a_delta_the_load_rebuilt_is_not_rebuilt_again_by_the_watcher(gen_model_dir, ref, tmp_path):
+    """The sync path: the trainer asks for the load right after publishing, before the
+    watcher's next poll, so the load rebuilds the delta itself; the watcher, waking while
+    the engine reloads it, must leave it alone (it once rebuilt it a second time then,
+    taking the cores from the reload)."""
+    import time
+
+    hf = read_hf_config(gen_model_dir)
+    model = ref.trainer_model(gen_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sync_dir = tmp_path / "sync"
+    writer = DeltaWriter(DeltaSettings(max_ratio=1.0))
+    # the watcher's first poll comes 1 s after each served(): the publication and the load
+    # below come well before it, the sleep after it
+    worker = ServedWeights(sync_dir, prefetch=True, poll_s=1.0)
+    rebuilt: list[int] = []
+    prepare = worker._prepare
+    worker._prepare = lambda v: rebuilt.append(v) or prepare(v)
+    for version in (1, 2, 3):
+        _adamw_step(model, opt, seed=version)
+        writer.begin(version)
+        publish_weights(model, version, sync_dir, hf, max_shard_bytes=SHARD, delta=writer)
+        writer.end(True)
+        folder, files, timings = worker.prepare(version)  # before the watcher's next poll
+        assert timings.get("prefetched", 0.0) == 0.0
+        time.sleep(1.5)  # the watcher polls meanwhile, as it would during the reload
+        assert rebuilt == list(range(1, version + 1)) and not worker._prefetched
+        worker.served(version, folder, files)
+    worker.close()
+
+
 def test_rebuild_threads_run_on_the_workers_cores(monkeypatch):
     """A CPU worker's main thread is pinned to one core by OpenMP and threads inherit the
     pin: the rebuild's threads are given the worker's whole core list instead, read from
