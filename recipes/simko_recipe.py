@@ -80,6 +80,7 @@ from simko_tune.parallel import (
     dp_group,
     exit_without_teardown,
     init_distributed,
+    keep_freed_memory,
     load_rank0_state_dict,
     materialize,
     parallelize_model,
@@ -234,6 +235,8 @@ class SimKORecipe:
             threads, source = cpu_threads()
             torch.set_num_threads(threads)
             _log(f"trainer threads: {threads} ({source})")
+            if cfg.parallel.cpu_keep_freed_memory:
+                _log(f"trainer heap: {keep_freed_memory()}")
         training.set_seed(cfg.seed + self.rank)
         self.mesh = ParallelDims(dp_shard=cfg.parallel.dp_shard, tp=cfg.parallel.tp).build_mesh(
             self.device.type

@@ -250,6 +250,9 @@ class ParallelSection:
     # Barriers and broadcasts that wait for rank-0-only work (worker start, generation,
     # scoring, evaluation) run on a CPU gloo group with this timeout instead.
     wait_timeout_s: float = 14400.0
+    # A CPU trainer rank's malloc keeps what it frees for the next step instead of faulting
+    # it back in every step (parallel/mesh.py's keep_freed_memory); false: glibc's default.
+    cpu_keep_freed_memory: bool = True
 
     @staticmethod
     def problems(p: Any) -> list[str]:

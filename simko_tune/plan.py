@@ -160,6 +160,8 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
         threads, source = cpu_threads()
         plan["trainer_threads"] = threads
         print(f"  trainer threads: {threads} ({source})")
+        if cfg.parallel.cpu_keep_freed_memory:
+            print("  trainer heap: freed memory kept for the next step (glibc mallopt)")
         g = cfg.generation
         if cfg.rollout.max_staleness and g.backend == "vllm" and not (g.devices or g.addresses):
             print(

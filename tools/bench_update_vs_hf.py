@@ -1,6 +1,6 @@
 """The update alone, side by side: the recipe's update (``PPOUpdate``) against what TRL's GRPOTrainer
 does with the same batch (a transformers forward, the GRPO loss, backward, gradient clipping,
-AdamW), on the same Qwen2.5-0.5B-shaped model, in one process, alternating.
+AdamW), on the same Qwen2.5-0.5B-shaped model, each side in its own process, alternating.
 
 The batch is ``tools/bench_vs_trl.py``'s (4 prompts of 30-49 tokens x 8 samples x 32 response
 tokens, random ids) and so are our settings (its overrides of ``tiny_cpu``: one optimizer
@@ -8,14 +8,17 @@ step, GRPO, per-response token mean, old log-probs = the current ones, detached;
 The transformers side computes logits on the completion positions only (TRL's
 ``logits_to_keep``) and steps ``torch.optim.AdamW`` with TRL's default ``adamw_torch``
 (``--hf-optim fused``: ``adamw_torch_fused``). ``--layers`` takes that many of the 0.5B shape's
-24 blocks (default: all). Both sides run in this process on the threads the recipe's rule
-gives it (every core of the affinity mask, or ``OMP_NUM_THREADS``).
+24 blocks (default: all). Each side runs as its users get it, with no variable added to this
+tool's environment: ours with the recipe's process settings (every core of the affinity mask,
+or ``OMP_NUM_THREADS``; freed memory kept for the next step), transformers with torch's
+defaults. Separate processes, so neither side's heap settings reach the other.
 
     python tools/bench_update_vs_hf.py                # the 0.5B shape
     python tools/bench_update_vs_hf.py --layers 2     # quicker
 
 Each side runs ``--rounds`` updates (default 8), alternating, the one that goes first swapped
-every round; the median of each side's second half is reported (steady state).
+every round; the median of each side's second half is reported (steady state). Each update's
+minor page faults are printed too (the memory the process gets back from the kernel).
 
 Prints the figures, then ONE JSON line.
 """
@@ -25,7 +28,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,14 +126,17 @@ def main() -> None:
     parser.add_argument(
         "--work-dir", default=None, help="kept afterwards (default: a temp dir, removed)"
     )
+    parser.add_argument("--side", choices=("ours", "hf"), help=argparse.SUPPRESS)  # a child
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the second half counts)")
+    if args.side:
+        serve(args)
+        return
     with work_dir(args.work_dir, "bench_update_vs_hf_") as work:
-        med = run(args, work)  # both sides on the threads the recipe's rule gives this process
-    threads = torch.get_num_threads()
+        med, threads = run(args, work)
     print(
-        f"update, {args.layers} of 24 blocks, {threads} threads: simko-tune {med['ours']:.2f} s, "
+        f"update, {args.layers} of 24 blocks, threads {threads}: simko-tune {med['ours']:.2f} s, "
         f"transformers + AdamW ({args.hf_optim}) {med['hf']:.2f} s: "
         f"{med['hf'] / med['ours']:.2f}x (> 1: ours is faster)"
     )
@@ -137,7 +145,8 @@ def main() -> None:
             {
                 "bench": "update_vs_hf",
                 "layers": args.layers,
-                "threads": threads,
+                "threads": threads["ours"],
+                "hf_threads": threads["hf"],
                 "hf_optim": args.hf_optim,
                 "ours_s": med["ours"],
                 "hf_s": med["hf"],
@@ -148,26 +157,71 @@ def main() -> None:
     )
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, float]:
+def serve(args: argparse.Namespace) -> None:
+    """A child: build one side, then one timed update per line read on stdin, answered with
+    ``BENCH <seconds> <minor faults>`` (the recipe logs to stderr)."""
+    model_dir = Path(args.work_dir) / _model_name(args.layers)
+    if args.side == "ours":
+        recipe = our_update(model_dir, Path(args.work_dir))
+        rollout = synthetic_rollout(recipe.hf_config["vocab_size"])
+
+        def step() -> None:
+            recipe.ppo.update(rollout, None)
+    else:
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        step = hf_step_fn(model_dir, synthetic_rollout(vocab), fused=args.hf_optim == "fused")
+    print(f"BENCH ready {torch.get_num_threads()}", flush=True)
+    for _ in sys.stdin:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        step()
+        took = time.perf_counter() - t0
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        print(f"BENCH {took} {faults}", flush=True)
+
+
+def _model_name(layers: int) -> str:
+    return "qwen2_5_0_5b_shape" + ("" if layers == 24 else f"_{layers}_layers")
+
+
+def _answer(proc: subprocess.Popen, name: str) -> list[str]:
+    for line in proc.stdout:
+        if line.startswith("BENCH "):
+            return line.split()[1:]
+    raise RuntimeError(f"the {name} side exited with status {proc.wait()}")
+
+
+def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, float], dict[str, int]]:
     """Alternating timed updates, the side that goes first swapped every round; the median
-    of each side's second half. Both sides speed up over the first rounds (the process's
-    heap settles: fewer fresh pages to fault in per update), so the first half is warm-up."""
+    of each side's second half (the first updates fault in their memory: warm-up)."""
     model_dir = _bench_vs_trl().qwen2_5_0_5b_shape(work, layers=args.layers)
-    recipe = our_update(model_dir, work)
-    rollout = synthetic_rollout(recipe.hf_config["vocab_size"])
-    steps = {
-        "ours": lambda: recipe.ppo.update(rollout, None),
-        "hf": hf_step_fn(model_dir, rollout, fused=args.hf_optim == "fused"),
+    assert model_dir.name == _model_name(args.layers), model_dir
+    cmd = [sys.executable, __file__, "--layers", str(args.layers), "--work-dir", str(work)]
+    cmd += ["--hf-optim", args.hf_optim, "--rounds", str(args.rounds)]
+    sides = {
+        name: subprocess.Popen(
+            [*cmd, "--side", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for name in ("hf", "ours")
     }
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(args.rounds):
-        for name in sorted(steps, reverse=r % 2 == 1):
-            step = steps[name]
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-            print(f"round {r + 1}: {name} {times[name][-1]:.2f} s", flush=True)
-    return {name: statistics.median(t[len(t) // 2 :]) for name, t in times.items()}
+    try:
+        threads = {name: int(_answer(proc, name)[1]) for name, proc in sides.items()}
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for r in range(args.rounds):
+            for name in sorted(sides, reverse=r % 2 == 1):
+                sides[name].stdin.write("step\n")
+                sides[name].stdin.flush()
+                took, faults = _answer(sides[name], name)
+                times[name].append(float(took))
+                print(
+                    f"round {r + 1}: {name} {float(took):.2f} s, {faults} minor faults", flush=True
+                )
+    finally:
+        for proc in sides.values():
+            proc.stdin.close()
+            proc.wait()
+    med = {name: statistics.median(t[len(t) // 2 :]) for name, t in times.items()}
+    return med, threads
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from simko_tune.parallel.collectives import (
     wait_group,
     world_size,
 )
-from simko_tune.parallel.mesh import ParallelDims, cpu_threads
+from simko_tune.parallel.mesh import ParallelDims, cpu_threads, keep_freed_memory
 from simko_tune.parallel.microbatch import micro_batches, row_lengths
 from simko_tune.parallel.tp_plans import get_tp_plan
 
@@ -51,6 +51,7 @@ __all__ = [
     "broadcast_object",
     "clip_grad_norm_",
     "cpu_threads",
+    "keep_freed_memory",
     "dp_coords",
     "dp_group",
     "exit_without_teardown",

@@ -1,11 +1,13 @@
 """A CPU trainer rank uses the cores it may run on, shared among the ranks on its node,
-unless OMP_NUM_THREADS says otherwise: the rule, then real `tune run` launches."""
+unless OMP_NUM_THREADS says otherwise: the rule, then real `tune run` launches. Its malloc
+keeps what it frees for the next step."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,39 @@ def test_an_explicit_variable_wins(four_cores):
     for bad in ("0", "two", "-1"):
         with pytest.raises(ValueError, match=f"OMP_NUM_THREADS={bad!r}"):
             cpu_threads({"OMP_NUM_THREADS": bad})
+
+
+# Steps' worth of freeing and allocating again, in a fresh process: the minor page faults of
+# each 64 MiB block (over glibc's largest mmap threshold, 32 MiB), one block per "step".
+_REFAULTS = """
+import json, resource, sys, torch
+from simko_tune.parallel import keep_freed_memory
+torch.set_num_threads(1)
+if sys.argv[1] == "keep":
+    print(keep_freed_memory(), file=sys.stderr)
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.empty(64 << 20, dtype=torch.uint8)
+    block.fill_(1)
+    del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps([faults() for _ in range(12)]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_freed_memory_is_kept_for_the_next_step():
+    import json
+
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    default = run_process([sys.executable, "-c", _REFAULTS, "default"], env=child_env())
+    # every block is faulted in again, page by page
+    assert min(json.loads(default.stdout.splitlines()[-1])) >= pages * 0.9, default.stdout
+    kept = run_process([sys.executable, "-c", _REFAULTS, "keep"], env=child_env())
+    assert "keeps freed memory" in kept.stderr, kept.stderr
+    # once the freed blocks coalesce (torch's aligned allocations do not fit a freed block of
+    # their own size), the same pages are reused: no fault at all
+    assert max(json.loads(kept.stdout.splitlines()[-1])[-4:]) < pages * 0.05, kept.stdout
 
 
 # --------------------------------------------------------------------------- real launches
@@ -85,6 +120,7 @@ def test_tune_run_uses_every_core_in_its_mask(tmp_path, policy_dir):
         len(cores),
         f"{len(cores)} cores in this process's affinity mask / 1 local rank(s)",
     )
+    assert "trainer heap: glibc" in run.stderr and "keeps freed memory" in run.stderr
     if shutil.which("taskset") is None:
         pytest.skip("taskset is not installed: the narrowed mask cannot be checked")
     narrow = run_process(
