@@ -160,7 +160,7 @@ def main() -> None:
 def serve(args: argparse.Namespace) -> None:
     """A child: build one side, then one timed update per line read on stdin, answered with
     ``BENCH <seconds> <minor faults>`` (the recipe logs to stderr)."""
-    model_dir = Path(args.work_dir) / _model_name(args.layers)
+    model_dir = _bench_vs_trl().qwen2_5_0_5b_shape(Path(args.work_dir), layers=args.layers)
     if args.side == "ours":
         recipe = our_update(model_dir, Path(args.work_dir))
         rollout = synthetic_rollout(recipe.hf_config["vocab_size"])
@@ -180,10 +180,6 @@ def serve(args: argparse.Namespace) -> None:
         print(f"BENCH {took} {faults}", flush=True)
 
 
-def _model_name(layers: int) -> str:
-    return "qwen2_5_0_5b_shape" + ("" if layers == 24 else f"_{layers}_layers")
-
-
 def _answer(proc: subprocess.Popen, name: str) -> list[str]:
     for line in proc.stdout:
         if line.startswith("BENCH "):
@@ -194,8 +190,7 @@ def _answer(proc: subprocess.Popen, name: str) -> list[str]:
 def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, float], dict[str, int]]:
     """Alternating timed updates, the side that goes first swapped every round; the median
     of each side's second half (the first updates fault in their memory: warm-up)."""
-    model_dir = _bench_vs_trl().qwen2_5_0_5b_shape(work, layers=args.layers)
-    assert model_dir.name == _model_name(args.layers), model_dir
+    _bench_vs_trl().qwen2_5_0_5b_shape(work, layers=args.layers)  # built once; the sides reuse it
     cmd = [sys.executable, __file__, "--layers", str(args.layers), "--work-dir", str(work)]
     cmd += ["--hf-optim", args.hf_optim, "--rounds", str(args.rounds)]
     sides = {

@@ -93,7 +93,8 @@ def keep_freed_memory() -> str:
     update; with the memory kept, none after the second step (``tools/bench_update_vs_hf.py``
     measures it). Blocks then come from the heap (no mmap), which is never trimmed: the
     process holds its peak, as the CUDA caching allocator does on GPU (so only CPU trainer
-    ranks do this; ``parallel.cpu_keep_freed_memory=false`` turns it off). Returns what was done (logged): nothing where the C library is not glibc.
+    ranks do this; ``parallel.cpu_keep_freed_memory=false`` turns it off). Returns what was
+    done (logged): nothing where the C library is not glibc.
     """
     name = ctypes.util.find_library("c")
     try:
