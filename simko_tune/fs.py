@@ -10,6 +10,7 @@ publications' and reports' writes.
   was there (``renameat2(RENAME_EXCHANGE)`` where the kernel has it, so readers never see the
   target missing).
 - :func:`append_synced`: a record appended to a log, on disk before the call returns.
+- :func:`open_in_place`: a file written over without freeing its pages first (tmpfs reuse).
 - :class:`Manifest`: a published folder's files with their sizes and xxh3, written last.
 """
 
@@ -163,6 +164,15 @@ def atomic_write(path: str | Path, data: bytes | str, *, fsync: bool = True) -> 
         raise
     if fsync:
         _fsync_dir(path.parent)
+
+
+def open_in_place(path: str | Path) -> IO[bytes]:
+    """``path`` opened to be written from its first byte without being truncated first (call
+    ``truncate()`` after the last write). A file written over keeps its memory pages on
+    /dev/shm: truncating frees them and the next write allocates them again, which costs a
+    page fault per 4 KiB and, on a VM whose host must back each new page, up to seconds per
+    GB (measured: a 1.4 GB publication 0.6 s into recycled pages, 2-3 s into new ones)."""
+    return open(path, "r+b" if Path(path).exists() else "wb")
 
 
 def append_synced(f: IO[str], text: str) -> None:

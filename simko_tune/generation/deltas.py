@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import xxhash
 
-from simko_tune.fs import CHECKSUM
+from simko_tune.fs import CHECKSUM, open_in_place
 from simko_tune.generation.sync_dir import private_root
 from simko_tune.generation.types import PublicationError
 
@@ -408,7 +408,7 @@ def _remove_orphans(root: Path) -> None:
 def _write_array(data: np.ndarray, path: Path) -> None:
     """Write ``data`` over ``path`` in place when it exists (a recycled file keeps its
     memory pages on /dev/shm: no allocation per version)."""
-    with open(path, "r+b" if path.exists() else "wb") as f:
+    with open_in_place(path) as f:
         f.write(data.data)
         f.truncate()
 

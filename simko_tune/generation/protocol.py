@@ -229,18 +229,26 @@ def connect_client_socket(
     client_key: str | Path | None = None,
 ) -> zmq.Socket:
     """A REQ socket to a worker; with CURVE when the worker's public key and this client's
-    secret key are given."""
+    secret key are given. Closed again if a key or the address is refused: a socket left
+    open would block the context's ``term()`` forever."""
     if (server_key is None) != (client_key is None):
         raise ValueError("CURVE needs both the worker's public key and the client's secret key")
     sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    if server_key is not None:
-        server_public, _ = _load_key(server_key, secret=False)
-        public, secret = _load_key(client_key, secret=True)
-        sock.curve_secretkey = secret
-        sock.curve_publickey = public
-        sock.curve_serverkey = server_public
-    sock.connect(address)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        if server_key is not None:
+            server_public, _ = _load_key(server_key, secret=False)
+            public, secret = _load_key(client_key, secret=True)
+            sock.curve_secretkey = secret
+            sock.curve_publickey = public
+            sock.curve_serverkey = server_public
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as e:
+            raise ValueError(f"worker address {address!r}: {e.strerror}") from None
+    except BaseException:
+        sock.close(linger=0)
+        raise
     return sock
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import xxhash
 from torch import nn
 
-from simko_tune.fs import CHECKSUM
+from simko_tune.fs import CHECKSUM, open_in_place
 from simko_tune.generation.types import PublicationError
 from simko_tune.models import tune_to_hf_converter
 from simko_tune.parallel.collectives import all_gather_object, barrier, gather_to, hostnames
@@ -66,15 +66,18 @@ def shard_header(tensors: dict[str, torch.Tensor]) -> bytes:
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path) -> dict:
     """Write one safetensors file straight from the tensors' memory, hashing the same bytes
     as they are written: one pass over the data, no serialised copy (``safetensors.save``
-    would build the whole file in memory first)."""
+    would build the whole file in memory first). A file already there (a recycled
+    publication's, see :func:`~simko_tune.generation.sync_dir.take_spare`) is written over
+    in place."""
     head = shard_header(tensors)
     h = xxhash.xxh3_64(head)
-    with open(path, "wb") as f:
+    with open_in_place(path) as f:
         f.write(head)
         for t in tensors.values():
             data = t.reshape(-1).view(torch.uint8).numpy().data
             f.write(data)
             h.update(data)
+        f.truncate()
     tensor_bytes = sum(t.nbytes for t in tensors.values())
     return {
         "name": path.name,

@@ -2,7 +2,8 @@
 
 A publication is ``sync_dir/v{version:06d}/`` (``.tmp`` while it is written). The directory
 must be this user's own, not a symlink and not writable by others: whoever can write there
-can change the weights the workers load.
+can change the weights the workers load. ``sync_dir/spare/`` is a pruned full publication
+that the next full one is written over (:func:`take_spare`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from simko_tune.generation.types import PublicationError
 
 MANIFEST = "manifest.json"  # written last: its presence says a publication is complete
+SPARE = "spare"  # a pruned full publication, kept for the next full one to write over
 _VERSION_DIR = re.compile(r"^v(\d{6,})(\.tmp)?$")
 
 
@@ -66,7 +68,7 @@ def prepare_sync_dir(path: str | Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_owned(path, private=False)
     for p in path.iterdir():
-        if _VERSION_DIR.match(p.name):
+        if _VERSION_DIR.match(p.name) or p.name == SPARE:
             shutil.rmtree(p)
     return path
 
@@ -89,18 +91,45 @@ def prune_versions(sync_dir: str | Path, keep_version: int) -> None:
     """Remove leftover partial publications older than ``keep_version``, the version every
     worker acknowledged, and the complete ones older than the newest full publication at or
     before it: a restarted worker rebuilds ``keep_version`` from that full one and the
-    deltas after it (without deltas, that is ``keep_version`` itself)."""
+    deltas after it (without deltas, that is ``keep_version`` itself). The newest full one
+    removed becomes the spare when there is none: no reader is left on it."""
     root = Path(sync_dir)
     if not root.is_dir():
         return
+    versions = published_versions(root)
     floor = next(
-        (v for v in reversed(published_versions(root)) if v <= keep_version and _is_full(root, v)),
-        keep_version,
+        (v for v in reversed(versions) if v <= keep_version and _is_full(root, v)), keep_version
     )
+    spare = root / SPARE
+    if not spare.exists():
+        pruned_full = [v for v in versions if v < floor and _is_full(root, v)]
+        if pruned_full:
+            version_dir(root, pruned_full[-1]).rename(spare)
+            (spare / MANIFEST).unlink(missing_ok=True)
     for p in root.iterdir():
         m = _VERSION_DIR.match(p.name)
         if m and int(m.group(1)) < (keep_version if m.group(2) else floor):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def take_spare(sync_dir: str | Path, folder: Path) -> bool:
+    """Rename the spare (if any) to ``folder``, where a full publication is about to be
+    written: its shards are written over in place (:func:`~simko_tune.fs.open_in_place`),
+    so on /dev/shm the new version reuses the old one's memory pages instead of allocating
+    them while the trainer's heap competes for the same memory; files the new version does
+    not write are removed before its manifest. Returns whether there was a spare."""
+    spare = Path(sync_dir) / SPARE
+    try:
+        spare.rename(folder)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def spare_bytes(sync_dir: str | Path) -> int:
+    """Bytes the spare's files hold: space the next full publication writes over."""
+    spare = Path(sync_dir) / SPARE
+    return sum(p.stat().st_size for p in spare.iterdir()) if spare.is_dir() else 0
 
 
 def _is_full(root: Path, version: int) -> bool:
@@ -123,5 +152,5 @@ def manifest_fields(root: Path, version: int) -> dict | None:
 def remove_versions(sync_dir: Path) -> None:
     """Every publication, complete or partial (what a run leaves behind when it closes)."""
     for p in sync_dir.iterdir():
-        if _VERSION_DIR.match(p.name):
+        if _VERSION_DIR.match(p.name) or p.name == SPARE:
             shutil.rmtree(p, ignore_errors=True)

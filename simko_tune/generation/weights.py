@@ -46,6 +46,8 @@ from simko_tune.generation.sync_dir import (
     prepare_sync_dir,
     prune_versions,
     remove_versions,
+    spare_bytes,
+    take_spare,
     version_dir,
 )
 from simko_tune.generation.types import DeltaRefused, GenerationError, PublicationError
@@ -74,8 +76,9 @@ def publish_weights(
 ) -> Path | None:
     """Publish ``model``'s weights as ``version`` for the generation workers (collective;
     the shards are written as :func:`write_shards` says, through ``delta`` when given, after
-    its ``begin``). Rank 0 then writes the manifest last and renames the folder into place;
-    it returns the publication's path, the other ranks ``None``."""
+    its ``begin``). A full publication is written over the spare, a pruned one, when there
+    is one. Rank 0 then writes the manifest last and renames the folder into place; it
+    returns the publication's path, the other ranks ``None``."""
     if version <= 0:
         raise ValueError(
             f"published versions must be positive (0 is the initial checkpoint): {version}"
@@ -85,6 +88,8 @@ def publish_weights(
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        if delta is None or delta.delta_base is None:  # a delta's files are small and new
+            take_spare(sync_dir, tmp)
     kwargs = {} if delta is None else {"write": delta.write}
     files = write_shards(
         model,
@@ -105,7 +110,12 @@ def _finish_publication(
     tmp: Path, final: Path, version: int, files: list[dict], base: int | None
 ) -> Path:
     """Rank 0: the manifest last, then the folder renamed into place (a republished version,
-    a resume or a refused delta, replaces the old one whole)."""
+    a resume or a refused delta, replaces the old one whole). Files of a recycled spare
+    that this version did not write over go first."""
+    written = {f["name"] for f in files}
+    for p in tmp.iterdir():
+        if p.name not in written:
+            p.unlink()
     kind = publication_kind(files)
     fields = {"version": version, "kind": kind, **({"base": base} if kind == "delta" else {})}
     entries = {f["name"]: {k: v for k, v in f.items() if k != "name"} for f in files}
@@ -226,7 +236,7 @@ class FileTransport:
         if process_rank() == 0:
             self._join_pruner()
             need = publication_bytes(model, self.dtype)
-            free = shutil.disk_usage(self.sync_dir).free
+            free = shutil.disk_usage(self.sync_dir).free + spare_bytes(self.sync_dir)
             if free < need:
                 error = PublicationError(
                     f"sync dir {self.sync_dir}: {free / 2**30:.2f} GiB free, publishing "
@@ -287,7 +297,8 @@ class FileTransport:
         tmp = final.with_name(final.name + ".tmp")
         if process_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            if not take_spare(self.sync_dir, tmp):
+                tmp.mkdir(parents=True)
         barrier()
         entries = self.delta.write_full(version, tmp) if self.delta is not None else []
         files = [f for rank_files in all_gather_object(entries) for f in rank_files]

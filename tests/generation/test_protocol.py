@@ -13,6 +13,7 @@ from simko_tune.generation.protocol import (
     ProtocolError,
     address_host,
     bind_worker_socket,
+    connect_client_socket,
     decode_reply,
     decode_request,
     encode_reply,
@@ -196,3 +197,28 @@ def test_start_local_refuses_the_trainers_gpus(tmp_path):
             tmp_path, num_workers=1, devices=["1,2"], trainer_devices=["0", "1"], log_dir=tmp_path
         )
     assert list(tmp_path.iterdir()) == []  # refused before anything was started or created
+
+
+@pytest.mark.parametrize("bad", ["address", "key"])
+def test_a_refused_connection_leaves_no_socket_open(bad, tmp_path):
+    """A malformed worker address or a missing key file raises an error naming it, and the
+    socket made for it is closed: an open one would block the context's ``term()``, which
+    ``VLLMWorkers.close`` calls, forever (a trainer that hangs instead of failing)."""
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context()
+    address, keys = "tcp://127.0.0.1:1", {}
+    if bad == "address":
+        address = "tcp://127.0.0.1:None"  # what a worker's missing port makes
+    else:
+        keys = {"server_key": tmp_path / "w.key", "client_key": tmp_path / "t.key_secret"}
+    with pytest.raises((ValueError, FileNotFoundError), match="None|w.key does not exist") as e:
+        connect_client_socket(ctx, address, **keys)
+    # term while the error's traceback is alive, as a caller cleaning up before re-raising
+    # does (the traceback holds the frames, so garbage collection cannot close the socket)
+    done = threading.Event()
+    threading.Thread(target=lambda: (ctx.term(), done.set()), daemon=True).start()
+    assert done.wait(10), "a socket was left open: Context.term() blocks"
+    assert e.tb is not None

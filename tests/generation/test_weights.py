@@ -309,6 +309,41 @@ def test_weight_sync_delivers_then_prunes(gen_model_dir, ref, tmp_path):
     assert published_versions(failing.sync_dir) == [1, 2]  # unacked: nothing pruned
 
 
+def test_a_pruned_publication_is_written_over_in_place(gen_model_dir, ref, tmp_path):
+    """Pruning keeps the newest full publication it removes as the spare; the next one is
+    written into the spare's very files (same inodes: on /dev/shm, the same memory pages),
+    holds exactly the new weights, and carries no file the spare had that it did not write.
+    Closing with remove_on_close takes the spare too."""
+    hf_config = read_hf_config(gen_model_dir)
+    sync = WeightSync(tmp_path / "sync", hf_config, max_shard_bytes=20_000, remove_on_close=True)
+    sync.attach(_Consumer(sync.sync_dir))
+    model = ref.trainer_model(gen_model_dir)
+    v1 = sync.publish(model, 1)
+    inodes = {f.name: f.stat().st_ino for f in v1.iterdir() if f.name != "manifest.json"}
+    assert len(inodes) > 1  # several shards at 20 kB
+    v2_state = _published_state(sync.publish(model, 2))
+    sync.transport._join_pruner()  # v1 pruned after every worker acknowledged v2
+    spare = sync.sync_dir / "spare"
+    assert published_versions(sync.sync_dir) == [2] and spare.is_dir()
+    assert not (spare / "manifest.json").exists()
+    (spare / "model-r00000-99999.safetensors").write_bytes(b"a shard v3 will not write")
+
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    v3 = sync.publish(model, 3)
+    assert not spare.exists()
+    written = {f.name: f.stat().st_ino for f in v3.iterdir() if f.name != "manifest.json"}
+    assert written == inodes  # the spare's files, written over; the stray one removed
+    verify_publication(sync.sync_dir, 3)  # sizes and checksums of what was written over
+    v3_state = _published_state(v3)
+    assert v3_state.keys() == v2_state.keys()
+    for name, tensor in v3_state.items():
+        torch.testing.assert_close(tensor, v2_state[name] + 1.0, rtol=0, atol=0)
+    sync.close()
+    assert not sync.sync_dir.exists()  # its versions and the spare removed, then the folder
+
+
 def test_weight_sync_deferred_delivery(gen_model_dir, ref, tmp_path):
     """One-step-off: the trainer writes versions without delivering them; the rollout
     thread delivers one just before it generates. Delivery is once per version, never of
