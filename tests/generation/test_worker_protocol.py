@@ -38,6 +38,12 @@ def start_stub(model_dir, log_path, *args):
     return proc, int(port_file.read_text()) if port_file.is_file() else None
 
 
+def listening_port(port, log_path):
+    """``port``, failing the test with the stub's log when it exited before binding."""
+    assert port is not None, f"the stub worker did not start:\n{Path(log_path).read_text()[-3000:]}"
+    return port
+
+
 def stop(proc):
     proc.kill()
     proc.wait()
@@ -73,7 +79,9 @@ def stub(tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("stub") / "stub.log"
     proc, port = start_stub(tiny_model_dir, log, "--max-message-bytes", str(MAX_BYTES))
     workers = VLLMWorkers.connect(
-        [f"tcp://127.0.0.1:{port}"], tmp_path_factory.mktemp("stub_sync"), request_timeout_s=60
+        [f"tcp://127.0.0.1:{listening_port(port, log)}"],
+        tmp_path_factory.mktemp("stub_sync"),
+        request_timeout_s=60,
     )
     yield proc, port, workers, log
     workers.close()
@@ -189,7 +197,7 @@ def test_remote_worker_serves_only_authorised_clients(tiny_model_dir, tmp_path):
         "--curve-secret-key", str(worker_secret),
         "--curve-authorized-keys", str(keys / "authorized"),
     )  # fmt: skip
-    address = f"tcp://127.0.0.1:{port}"
+    address = f"tcp://127.0.0.1:{listening_port(port, tmp_path / 'log')}"
     try:
         trusted = VLLMWorkers.connect(
             [address],
