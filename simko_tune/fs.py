@@ -170,8 +170,9 @@ def open_in_place(path: str | Path) -> IO[bytes]:
     """``path`` opened to be written from its first byte without being truncated first (call
     ``truncate()`` after the last write). A file written over keeps its memory pages on
     /dev/shm: truncating frees them and the next write allocates them again, which costs a
-    page fault per 4 KiB and, on a VM whose host must back each new page, up to seconds per
-    GB (measured: a 1.4 GB publication 0.6 s into recycled pages, 2-3 s into new ones)."""
+    page fault per 4 KiB and, on a VM whose host must back each new page, seconds per GB
+    (measured on the 0.5B shape: a 1.4 GB publication 0.3 s into recycled pages, 5-10 s into
+    new ones once updates had grown the trainer's heap)."""
     return open(path, "r+b" if Path(path).exists() else "wb")
 
 

@@ -23,6 +23,12 @@ SPARE = "spare"  # a pruned full publication, kept for the next full one to writ
 _VERSION_DIR = re.compile(r"^v(\d{6,})(\.tmp)?$")
 
 
+def _is_ours(name: str) -> bool:
+    """A folder this module writes in the sync dir: a publication, partial or not, or the
+    spare (anything else there, such as logs, is left alone)."""
+    return name == SPARE or _VERSION_DIR.match(name) is not None
+
+
 def private_root() -> Path:
     """``<shared memory>/simko_tune-<uid>``, made 0700 and checked, so no other user can
     plant or read a publication at a predictable path. Shared memory has no disk I/O."""
@@ -68,7 +74,7 @@ def prepare_sync_dir(path: str | Path) -> Path:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_owned(path, private=False)
     for p in path.iterdir():
-        if _VERSION_DIR.match(p.name) or p.name == SPARE:
+        if _is_ours(p.name):
             shutil.rmtree(p)
     return path
 
@@ -102,9 +108,11 @@ def prune_versions(sync_dir: str | Path, keep_version: int) -> None:
     )
     spare = root / SPARE
     if not spare.exists():
-        pruned_full = [v for v in versions if v < floor and _is_full(root, v)]
-        if pruned_full:
-            version_dir(root, pruned_full[-1]).rename(spare)
+        newest_pruned = next(
+            (v for v in reversed(versions) if v < floor and _is_full(root, v)), None
+        )
+        if newest_pruned is not None:
+            version_dir(root, newest_pruned).rename(spare)
             (spare / MANIFEST).unlink(missing_ok=True)
     for p in root.iterdir():
         m = _VERSION_DIR.match(p.name)
@@ -152,5 +160,5 @@ def manifest_fields(root: Path, version: int) -> dict | None:
 def remove_versions(sync_dir: Path) -> None:
     """Every publication, complete or partial (what a run leaves behind when it closes)."""
     for p in sync_dir.iterdir():
-        if _VERSION_DIR.match(p.name) or p.name == SPARE:
+        if _is_ours(p.name):
             shutil.rmtree(p, ignore_errors=True)
