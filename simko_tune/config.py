@@ -179,8 +179,8 @@ class GenerationSection:
     weight_transfer: WeightTransfer = WeightTransfer.files
     # dtype of the published weights; default: the engine's dtype (native backend: float32)
     weight_dtype: str | None = None
-    # publish each version as its XOR against the previous one, zstd-compressed (a shard
-    # whose delta is not under half its size goes whole), a full version every full_every
+    # publish each version as the bytes that changed since the previous one, zstd-compressed
+    # (a shard whose delta is not under half its size goes whole), a full one every full_every
     weight_delta: bool = False
     full_every: int = 20
     engine_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -11,6 +11,7 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,6 @@ from simko_tune.generation.deltas import (
     DeltaSettings,
     DeltaWriter,
     ServedWeights,
-    decompress,
 )
 from simko_tune.generation.sync_dir import prune_versions, published_versions, version_dir
 from simko_tune.generation.types import DeltaRefused
@@ -51,16 +51,43 @@ def _same_bytes(rebuilt: Path, files: list[dict], reference: Path) -> None:
         assert (rebuilt / name).read_bytes() == (reference / name).read_bytes(), name
 
 
+def _plain_pairs(old: bytes, new: bytes) -> list[tuple[int, int]]:
+    """(gap from the previous differing byte, XOR) for each byte that differs, plainly."""
+    pairs, last = [], 0
+    for p, (a, b) in enumerate(zip(old, new)):
+        if a != b:
+            pairs.append((p - last, a ^ b))
+            last = p
+    return pairs
+
+
+def _read_pairs(data: bytes) -> list[tuple[int, int]]:
+    """The format read plainly: LEB128 gaps, each followed by its XOR byte."""
+    pairs, k = [], 0
+    while k < len(data):
+        gap, shift = 0, 0
+        while True:
+            gap |= (data[k] & 127) << shift
+            shift += 7
+            k += 1
+            if data[k - 1] < 128:
+                break
+        pairs.append((gap, data[k]))
+        k += 1
+    return pairs
+
+
 @pytest.mark.parametrize("frame_bytes", [1 << 22, 1000])
-def test_a_delta_is_the_zstd_of_the_plain_xor_of_two_shards(tmp_path, frame_bytes):
+def test_a_delta_lists_the_bytes_that_differ_between_two_shards(tmp_path, frame_bytes):
     """DeltaWriter's delta file is one zstd frame per ``frame_bytes`` of the shard (its
-    manifest entry lists their sizes), each decompressing to the byte-by-byte XOR (written
-    out plainly) of that slice of the whole shard files of the two versions; the entry names
-    the rebuilt bytes' checksum; a delta that does not decompress to the shard's size, or
-    whose frame table does not fit it, is refused."""
+    manifest entry lists their sizes and the encoding), each holding the (gap, XOR) pairs,
+    computed plainly here, of the bytes that differ in that slice of the whole shard files
+    of the two versions; the entry names the rebuilt bytes' checksum; applying it to version
+    1 gives version 2; a frame table that does not fit the delta is refused."""
     import xxhash
     import zstandard
 
+    from simko_tune.generation.deltas import ENCODING, apply_delta
     from simko_tune.generation.shards import _write_shard
 
     g = torch.Generator().manual_seed(0)
@@ -75,6 +102,7 @@ def test_a_delta_is_the_zstd_of_the_plain_xor_of_two_shards(tmp_path, frame_byte
     assert "target" not in whole  # no base yet: written whole
     v1 = (tmp_path / "v1" / shard).read_bytes()
     tensors["a"][[5, 900, 2999]] += 1.0  # three weights move
+    tensors["b"][6, 4] = -tensors["b"][6, 4]  # and the last one's sign
     writer.begin(2)
     entry = writer.write(tensors, tmp_path / "v2" / shard)
     writer.end(True)
@@ -82,26 +110,32 @@ def test_a_delta_is_the_zstd_of_the_plain_xor_of_two_shards(tmp_path, frame_byte
     v2 = (tmp_path / "v3" / shard).read_bytes()
     packed = (tmp_path / "v2" / entry["name"]).read_bytes()
     assert entry["name"] == shard + DELTA_SUFFIX and entry["target_bytes"] == len(v2)
+    assert entry["encoding"] == ENCODING
     assert len(packed) < len(v2) // 20 and entry["bytes"] == len(packed)
-    plain_xor = bytes(a ^ b for a, b in zip(v1, v2))
     frames, at = entry["frames"], 0
     assert entry["frame_bytes"] == frame_bytes
     assert len(frames) == -(-len(v2) // frame_bytes) and sum(frames) == len(packed)
+    changed = 0
     for i, n in enumerate(frames):  # each frame on its own, by the library alone
         part = zstandard.ZstdDecompressor().decompress(packed[at : at + n])
-        assert part == plain_xor[i * frame_bytes : (i + 1) * frame_bytes], i
+        lo, hi = i * frame_bytes, (i + 1) * frame_bytes
+        assert _read_pairs(part) == _plain_pairs(v1[lo:hi], v2[lo:hi]), i
+        changed += len(_read_pairs(part))
         at += n
+    assert 4 <= changed <= 4 * 4  # four weights, up to 4 bytes each
     assert entry["target_xxh3_64"] == xxhash.xxh3_64_hexdigest(v2)
-    assert decompress(packed, len(v2), frames, frame_bytes).tobytes() == plain_xor
+    assert entry["frame_xxh3_64"] == [
+        xxhash.xxh3_64_hexdigest(v2[lo : lo + frame_bytes]) for lo in range(0, len(v2), frame_bytes)
+    ]
+    out = np.frombuffer(v1, dtype=np.uint8).copy()
+    apply_delta(packed, out, frames, frame_bytes)
+    assert out.tobytes() == v2
     with pytest.raises(ValueError, match="frame table"):
-        decompress(packed, len(v2), frames[:-1] + [frames[-1] + 1], frame_bytes)
+        apply_delta(packed, out, frames[:-1] + [frames[-1] + 1], frame_bytes)
     with pytest.raises(ValueError, match="frame table"):
-        decompress(packed, len(v2) + frame_bytes, frames, frame_bytes)
-    if len(frames) == 1:
-        with pytest.raises(ValueError, match=f"{len(v2) - 1} bytes"):
-            decompress(packed, len(v2) - 1)
+        apply_delta(packed, np.zeros(len(v2) + frame_bytes, np.uint8), frames, frame_bytes)
     with pytest.raises(ValueError, match="not a zstd frame"):
-        decompress(b"\x00" * 20, len(v2))
+        apply_delta(b"\x00" * 20, out[:10], [20], 10)
 
 
 def test_delta_chain_rebuilds_full_publications_bit_for_bit(gen_model_dir, ref, tmp_path):
