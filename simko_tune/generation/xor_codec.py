@@ -114,7 +114,8 @@ def encode_into(
 def apply_frame(frame: memoryview | bytes, out: np.ndarray) -> None:
     """XOR the pairs of one compressed ``frame`` into ``out`` (the frame's base bytes, which
     become the new ones). Raises ValueError for anything that is not a well-formed frame of
-    ``out``'s size."""
+    ``out``'s size; ``out`` may then hold part of the pairs (never a byte outside it): the
+    callers discard it."""
     import zstandard
 
     limit = pairs_bound(out.size)
