@@ -95,7 +95,8 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
         errors.append(
             "generation.weight_transfer=memory hands the weights to a generator in the "
             "trainer's process: it needs generation.backend=native and one trainer rank "
-            f"(got backend {g.backend!r}, world size {world})"
+            f"(got backend {g.backend!r}, world size {world}); set "
+            "generation.weight_transfer=files to publish safetensors files instead"
         )
     if g.devices and not g.addresses and str(cfg.device).startswith("cuda"):
         from simko_tune.generation.client import check_device_overlap, trainer_cuda_devices

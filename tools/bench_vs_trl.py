@@ -6,9 +6,9 @@ Both trainers get the same Hugging Face model directory, the same Countdown prom
 each response's token mean, then the mean over responses), no KL, fp32, AdamW (lr 1e-3,
 weight decay 0.01, constant), gradient clipping at 1.0, one optimizer step per rollout.
 Both run as a user starts them, in this tool's environment with no thread variable added:
-torch's own default for TRL, the recipe's rule for ours (every core of the affinity mask,
-its vLLM worker bound to the same cores at staleness 0; at staleness 1, when both run at
-once, the recipe gives each half of them).
+torch's own default for TRL, the recipe's rule for ours (every core of the affinity mask;
+a vLLM worker is bound to the same cores at staleness 0, and at staleness 1, when both run
+at once, the recipe gives each half of them).
 
 What one step contains:
 - TRL (``pip install -e .[trl]``): ``model.generate`` of 32 completions (transformers, no
@@ -18,30 +18,36 @@ What one step contains:
   ``gradient_checkpointing=False``, ``loss_type="grpo"`` (not ``dapo``), a constant lr (not
   linear decay); ``optim`` both ``adamw_torch`` (TRL's default: on CPU a per-tensor loop of
   element-wise ops) and ``adamw_torch_fused`` (the fused kernel ours uses).
-- simko-tune (``tune run simko_recipe --config tiny_cpu`` with the overrides below): generate
-  through a vLLM worker process, score in the verifier process pool, forward + backward +
-  fused AdamW (tiny_cpu's ``optimizer.fused``; no old-log-prob pass: with one optimizer
-  step per rollout the old, and at staleness 1 the proximal, log-probs are the update's own
-  forward, detached), publish the weights and wait for the worker to reload.
-  With ``rollout.max_staleness=1`` the next step's weight delivery (the worker's reload),
-  generation and scoring run while this one updates; the step then only writes the
-  weights. Per-step times are the recipe's ``time/step`` scalars (TensorBoard).
-- simko-tune native (``--native``, default for the tiny model): the same, but generating in
-  the trainer's process with torchtune's KV cache (``generation.backend=native``) and the
-  weights handed over as an in-memory copy (``generation.weight_transfer=memory``): no
-  worker process, no files, no reload; what TRL's ``model.generate`` does, too.
+- simko-tune as users get it (``native``: ``tune run simko_recipe --config tiny_cpu`` with
+  the overrides below, nothing else): generate in the trainer's process with torchtune's KV
+  cache (tiny_cpu's ``generation.backend=native``), score in the verifier process pool,
+  forward + backward + fused AdamW (tiny_cpu's ``optimizer.fused``; no old-log-prob pass:
+  with one optimizer step per rollout the old, and at staleness 1 the proximal, log-probs
+  are the update's own forward, detached), then hand the weights to the generator as an
+  in-memory copy (``generation.weight_transfer=memory``): no worker process, no files; what
+  TRL's ``model.generate`` does, too. With ``rollout.max_staleness=1`` a thread generates
+  and scores the next step's rollout while this one updates.
+- simko-tune with a vLLM worker (``vllm``: ``generation.backend=vllm
+  generation.weight_transfer=files``, as every real-model config runs): the same, but
+  generating in a vLLM worker process, and the weights published as safetensors files
+  that the worker reloads before the next generation. At staleness 1 the next step's
+  delivery (the worker's reload), generation and scoring run while this one updates; the
+  step then only writes the weights.
+Per-step times are the recipe's ``time/step`` scalars (TensorBoard).
 
-Runs alternate (TRL with its default optimizer and with the fused one, ours at staleness 0
-and 1, native at 0 and 1, then again per round), so load on the shared machine hits all
-alike. Every step's time of every run is printed. Reported, at steady state: the median of
-the second half of each run's steps (pooled over rounds), and the ratios TRL / ours (> 1:
-ours is faster), against both TRL optimizers. Models: ``tiny`` is tiny_cpu's warm-started Countdown policy (2 layers, 0.4M
-parameters; built once under ~/.cache/simko_tune); ``0.5b`` is the Qwen2.5-0.5B shape (24
+Runs alternate (TRL with its default optimizer and with the fused one, ours native at
+staleness 0 and 1, with the vLLM worker at 0 and 1, then again per round), so load on the
+shared machine hits all alike. Every step's time of every run is printed. Reported, at
+steady state: the median of the second half of each run's steps (pooled over rounds), and
+the ratios TRL / ours (> 1: ours is faster), against both TRL optimizers. Models: ``tiny``
+is tiny_cpu's warm-started Countdown policy (2 layers, 0.4M parameters; built once under
+~/.cache/simko_tune); ``0.5b`` is the Qwen2.5-0.5B shape (24
 layers, d 896, 14 heads, 2 KV heads, MLP 4864) with random weights and a 1,000-token
 vocabulary, so its completions run to the 32-token limit.
 
-    python tools/bench_vs_trl.py                 # both models
+    python tools/bench_vs_trl.py                 # both models, both generators
     python tools/bench_vs_trl.py --models tiny   # only the tiny one
+    python tools/bench_vs_trl.py --backends vllm # only the vLLM worker beside TRL
 
 Prints the figures, then ONE JSON line.
 """
@@ -212,14 +218,18 @@ def our_overrides(model_dir: Path, out: Path, steps: int, staleness: int) -> lis
     ]
 
 
-# the in-process generator (torchtune KV cache) with the weights handed over in memory
-NATIVE = ["generation.backend=native", "generation.weight_transfer=memory"]
+# How each of our generators is selected: tiny_cpu's own setting (the in-process generator,
+# weights handed over in memory) needs no override; the vLLM worker reads published files.
+BACKENDS = {
+    "native": [],
+    "vllm": ["generation.backend=vllm", "generation.weight_transfer=files"],
+}
 
 
-def run_ours(model_dir: Path, steps: int, staleness: int, work: Path, native: bool) -> dict:
-    out = work / f"ours_{'native_' if native else ''}s{staleness}_{time.monotonic_ns()}"
+def run_ours(model_dir: Path, steps: int, staleness: int, work: Path, backend: str) -> dict:
+    out = work / f"{backend}_s{staleness}_{time.monotonic_ns()}"
     cmd = ["tune", "run", "simko_recipe", "--config", "tiny_cpu"]
-    cmd += our_overrides(model_dir, out, steps, staleness) + (NATIVE if native else [])
+    cmd += our_overrides(model_dir, out, steps, staleness) + BACKENDS[backend]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         raise RuntimeError(f"simko-tune run failed:\n{proc.stderr[-4000:]}")
@@ -273,12 +283,12 @@ def median_steady(runs: list[dict]) -> float:
 
 
 def bench_model(
-    name: str, model_dir: Path, steps: int, rounds: int, work: Path, native: bool
+    name: str, model_dir: Path, steps: int, rounds: int, work: Path, backends: list[str]
 ) -> dict:
-    """``trl*``: TRL with each optimizer; ``ours_s*``: vLLM worker; ``native_s*``: the
-    in-process generator (``NATIVE``)."""
+    """``trl*``: TRL with each optimizer; ``native_s*``: tiny_cpu as users get it (the
+    in-process generator); ``vllm_s*``: the vLLM worker (``BACKENDS``)."""
     check_same_prompts(model_dir)
-    keys = [*TRL_OPTIMS, "ours_s0", "ours_s1"] + (["native_s0", "native_s1"] if native else [])
+    keys = [*TRL_OPTIMS, *(f"{b}_s{s}" for b in backends for s in (0, 1))]
     runs: dict[str, list[dict]] = {k: [] for k in keys}
     for r in range(rounds):
         for key in runs:
@@ -286,9 +296,8 @@ def bench_model(
             if key in TRL_OPTIMS:
                 runs[key].append(run_trl(model_dir, steps, work / f"{key}_{r}", TRL_OPTIMS[key]))
             else:
-                runs[key].append(
-                    run_ours(model_dir, steps, int(key[-1]), work, key.startswith("native"))
-                )
+                backend, staleness = key.rsplit("_s", 1)
+                runs[key].append(run_ours(model_dir, steps, int(staleness), work, backend))
             print(
                 f"[{name}] round {r + 1}/{rounds} {key}: steps "
                 + " ".join(f"{t:.3f}" for t in runs[key][-1]["step_s"])
@@ -303,12 +312,12 @@ def bench_model(
     for key in ours:
         result[f"{key}_step_s"] = med[key]
         for trl in TRL_OPTIMS:
-            result[f"speedup_{key.removeprefix('ours_')}_vs_{trl}"] = med[trl] / med[key]
+            result[f"speedup_{key}_vs_{trl}"] = med[trl] / med[key]
     print(
         f"[{name}] median s/step (second half of each run): TRL {med['trl']:.3f}, TRL fused "
         f"{med['trl_fused']:.3f}; simko-tune "
         + ", ".join(
-            f"{'native ' if k.startswith('native') else ''}staleness {k[-1]} {med[k]:.3f} "
+            f"{k.rsplit('_s', 1)[0]} staleness {k[-1]} {med[k]:.3f} "
             f"({med['trl'] / med[k]:.2f}x TRL, {med['trl_fused'] / med[k]:.2f}x TRL fused)"
             for k in ours
         )
@@ -340,9 +349,9 @@ def main() -> None:
         "--work-dir", default=None, help="kept afterwards (default: a temp dir, removed)"
     )
     parser.add_argument(
-        "--native",
-        default="tiny",
-        help="models also run with the in-process native generator (comma list; '' for none)",
+        "--backends",
+        default="native,vllm",
+        help="our generators to run (comma list of native: tiny_cpu's default, vllm)",
     )
     parser.add_argument("--trl-worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -354,13 +363,16 @@ def main() -> None:
     unknown = {m.strip() for m in args.models.split(",") if m.strip()} - {"tiny", "0.5b"}
     if unknown:
         parser.error(f"--models: unknown {sorted(unknown)} (known: tiny, 0.5b)")
+    unknown = {b.strip() for b in args.backends.split(",") if b.strip()} - set(BACKENDS)
+    if unknown:
+        parser.error(f"--backends: unknown {sorted(unknown)} (known: {', '.join(BACKENDS)})")
     with work_dir(args.work_dir, "bench_vs_trl_") as work:
         run(args, work)
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    native = {m.strip() for m in args.native.split(",") if m.strip()}
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     threads = os.environ.get("OMP_NUM_THREADS")
     print(
         f"work dir {work}; batch {BATCH}; "
@@ -372,12 +384,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
         if name == "tiny":
             model_dir = Path(args.tiny_model_dir) if args.tiny_model_dir else tiny_policy()
             results[name] = bench_model(
-                name, model_dir, args.steps_tiny, args.rounds_tiny, work, name in native
+                name, model_dir, args.steps_tiny, args.rounds_tiny, work, backends
             )
         else:
             model_dir = qwen2_5_0_5b_shape(work)
             results[name] = bench_model(
-                name, model_dir, args.steps_0_5b, args.rounds_0_5b, work, name in native
+                name, model_dir, args.steps_0_5b, args.rounds_0_5b, work, backends
             )
     print(
         json.dumps(

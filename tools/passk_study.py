@@ -8,8 +8,8 @@ several seeds, the same compute for each.
     python tools/passk_study.py --steps 2 --seeds 1 --n 4 --out /tmp/study --docs /tmp/study.md
 
 Every run is ``tune run simko_recipe --config tiny_cpu`` with the method's loss overrides,
-its own ``output_dir`` and ``seed``: the same prompts, rollouts per step and steps for every
-method. The recipe evaluates the Countdown split ``--split`` (``val`` to choose settings,
+its own ``output_dir`` and ``seed``, generating with a vLLM worker (as the reports were
+measured): the same prompts, rollouts per step and steps for every method. The recipe evaluates the Countdown split ``--split`` (``val`` to choose settings,
 ``test`` for the report, never both) with ``n`` samples per problem, unbiased pass@K for
 K = 1, 2, 4 … n: before training in the first method's run of each seed (the base policy)
 and after the last step in every run. Seeds pair the runs: seed s of every method starts
@@ -123,6 +123,11 @@ def run_overrides(
         f"eval.every_n_steps={args.steps}",
         f"eval.before_training={str(first).lower()}",
         f"eval.n={args.n}",
+        # the vLLM worker, as docs/passk_study.md and docs/passk_search.md were measured
+        # (tiny_cpu's default, the in-process generator, draws other samples from the same
+        # distributions: same method, other noise)
+        "generation.backend=vllm",
+        "generation.weight_transfer=files",
         f"generation.sync_dir={directory}/sync",
         "log.samples_every_n_steps=0",
         *eval_overrides(args.split),

@@ -1,5 +1,7 @@
 """NativeGenerator (in-process torchtune KV-cache decoding) against plain recomputation."""
 
+import math
+
 import pytest
 import torch
 
@@ -107,3 +109,54 @@ def test_kv_caches_are_built_on_the_generators_device(native):
         torch.set_default_device(None)
     assert [[c.token_ids for c in r] for r in got] == [[c.token_ids for c in r] for r in expected]
     assert not native.model.caches_are_setup()
+
+
+def _sampled_distribution(probs: list[float], temperature: float, top_p: float) -> list[float]:
+    """The distribution a sampler must draw from, written plainly: p^(1/T), then keep a token
+    iff the tokens more likely than it hold less than ``top_p`` of the mass (vLLM's rule),
+    renormalised."""
+    scaled = [p ** (1.0 / temperature) for p in probs]
+    total = sum(scaled)
+    scaled = [p / total for p in scaled]
+    order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
+    kept, above = set(), 0.0
+    for i in order:
+        if above < top_p:
+            kept.add(i)
+        above += scaled[i]
+    mass = sum(scaled[i] for i in kept)
+    return [scaled[i] / mass if i in kept else 0.0 for i in range(len(scaled))]
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.6, 1.0), (1.0, 0.7)])
+def test_samples_follow_the_tempered_nucleus_distribution(gen_model_dir, ref, temperature, top_p):
+    """4,000 seeded draws of one prompt's first token against the distribution written
+    plainly from a full forward pass (no cache): every token's frequency within 5 standard
+    errors of its probability, tokens outside the nucleus never drawn, and each draw's
+    log-prob that of the distribution sampled from. The default CPU run samples with this
+    generator, so its sampler is checked, not only its log-probs; the check has the power to
+    see a wrong temperature or nucleus (asserted)."""
+    model = ref.perturbed_model(gen_model_dir, seed=5, std=0.1)
+    gen = NativeGenerator(gen_model_dir, max_batch_size=4000)
+    gen.load_state(1, model.state_dict())
+    prompt, draws = PROMPTS[0], 4000
+    with torch.no_grad():
+        probs = model(torch.tensor([prompt]))[0, -1].double().softmax(-1).tolist()
+    expected = _sampled_distribution(probs, temperature, top_p)
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_tokens=1, seed=9)
+    row = gen.generate([prompt], draws, sampling)[0]
+    counts = [0] * len(probs)
+    for c in row:
+        counts[c.token_ids[0]] += 1
+        assert c.logprobs[0] == pytest.approx(math.log(expected[c.token_ids[0]]), abs=1e-4)
+    tolerance = [5 * math.sqrt(p * (1 - p) / draws) + 1 / draws for p in expected]
+    for token, (n, p, tol) in enumerate(zip(counts, expected, tolerance)):
+        if p == 0:
+            assert n == 0, f"token {token} lies outside the nucleus but was drawn {n} times"
+        else:
+            assert abs(n / draws - p) <= tol, (token, n / draws, p)
+    # power: the untempered full distribution differs beyond the tolerance where it should
+    other = _sampled_distribution(probs, 1.0, 1.0)
+    if (temperature, top_p) != (1.0, 1.0):
+        assert max(abs(a - b) - t for a, b, t in zip(expected, other, tolerance)) > 0
+    assert max(expected) < 0.5 and sum(p > 0.01 for p in expected) >= 5  # not one sure token

@@ -28,6 +28,7 @@ def make_recipe(out: Path, policy: Path, **overrides):
         "model_dir": str(policy),
         "prepare_model": None,
         "generation.backend": "native",
+        "generation.weight_transfer": "files",  # publications, as the workers read
         "generation.sync_dir": str(out / "sync"),
         "dataset.n": 32,
         "rollout.prompts_per_step": 4,
@@ -503,6 +504,8 @@ def test_one_step_off_on_cpu_gives_trainer_and_workers_disjoint_cores(monkeypatc
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     cfg = OmegaConf.load(resolve_config_path("tiny_cpu"))
+    OmegaConf.update(cfg, "generation.backend", "vllm")
+    OmegaConf.update(cfg, "generation.weight_transfer", "files")
     recipe = simko_recipe.SimKORecipe.__new__(simko_recipe.SimKORecipe)
     recipe.cfg, recipe.device, recipe.world_size = check_schema(cfg), torch.device("cpu"), 1
     assert recipe._trainer_cpu_cores() is None  # tiny_cpu: max_staleness 0

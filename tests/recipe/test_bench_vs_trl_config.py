@@ -19,16 +19,16 @@ def _bench():
     return load_module(TOOL)
 
 
-@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("backend", ["native", "vllm"])
 @pytest.mark.parametrize("staleness", [0, 1])
 def test_our_overrides_are_a_valid_config_with_the_promised_batch(
-    tmp_path, staleness, native, monkeypatch
+    tmp_path, staleness, backend, monkeypatch
 ):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     bench = _bench()
     cfg = OmegaConf.load(resolve_config_path("tiny_cpu"))
     overrides = bench.our_overrides(tmp_path / "model", tmp_path / "out", 5, staleness)
-    overrides += bench.NATIVE if native else []
+    overrides += bench.BACKENDS[backend]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     cfg = check_schema(cfg)
     errors, _ = validate(cfg)
@@ -40,9 +40,10 @@ def test_our_overrides_are_a_valid_config_with_the_promised_batch(
     assert cfg.lr_scheduler is None or cfg.lr_scheduler.get("_component_") is None
     assert cfg.eval.every_n_steps == 0 and not cfg.eval.before_training
     assert cfg.optimizer.fused is True  # the docstring promises the fused AdamW kernel
-    if native:
-        assert cfg.generation.backend == "native"
-        assert cfg.generation.weight_transfer == "memory"
+    # "native" is tiny_cpu as users get it: no override names the generator
+    assert cfg.generation.backend == backend
+    assert cfg.generation.weight_transfer == ("memory" if backend == "native" else "files")
+    assert not bench.BACKENDS["native"]
 
 
 def test_steady_state_is_the_second_half_of_each_run():
@@ -69,5 +70,5 @@ def test_both_sides_run_in_the_users_environment(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     monkeypatch.setattr(bench, "read_scalars", lambda path: {"time/step": {1: 1.0}})
     bench.run_trl(tmp_path, 2, tmp_path / "trl", "adamw_torch")
-    bench.run_ours(tmp_path, 2, 0, tmp_path, native=False)
+    bench.run_ours(tmp_path, 2, 0, tmp_path, backend="vllm")
     assert len(seen) == 2 and all("env" not in kwargs for kwargs in seen)

@@ -23,7 +23,8 @@ def _run(tmp_path: Path, model_dir: Path, *extra: str, env: dict[str, str]):
     out = tmp_path / "out"
     args = [
         "--config", "tiny_cpu", f"output_dir={out}", f"model_dir={model_dir}",
-        "prepare_model=null", "generation.backend=native", "dataset.n=16",
+        "prepare_model=null", "generation.backend=native", "generation.weight_transfer=files",
+        "dataset.n=16",
         "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "ppo.mini_batch_prompts=2",
         "rewards.num_workers=1", "eval.every_n_steps=0", "eval.before_training=false",
         "log.samples_every_n_steps=0", "max_steps=1", "checkpoint.every_n_steps=1",

@@ -21,6 +21,7 @@ def recipe(tmp_path, tiny_model_dir):
         "model_dir": str(tiny_model_dir),
         "prepare_model": None,
         "generation.backend": "native",
+        "generation.weight_transfer": "files",
         "generation.sync_dir": str(tmp_path / "sync"),
         "dataset.n": 16,
         "rollout.prompts_per_step": 2,

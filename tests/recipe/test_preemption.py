@@ -49,7 +49,8 @@ def test_a_handled_signal_only_sets_the_flag():
 def _args(out: Path, policy: Path, staleness: int, *extra: str) -> list[str]:
     return [
         "--config", "tiny_cpu", f"output_dir={out}", f"model_dir={policy}", "prepare_model=null",
-        "generation.backend=native", f"generation.sync_dir={out}/sync", "dataset.n=32",
+        "generation.backend=native", "generation.weight_transfer=files",
+        f"generation.sync_dir={out}/sync", "dataset.n=32",
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "ppo.mini_batch_prompts=2",
         "ppo.micro_batch_size=8", "rewards.num_workers=1", "eval.every_n_steps=0",
         "eval.before_training=false", "log.samples_every_n_steps=0", f"max_steps={STEPS}",

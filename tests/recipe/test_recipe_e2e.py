@@ -73,8 +73,11 @@ def _args(out: Path, policy: Path, *extra: str) -> list[str]:
         "rollout.prompts_per_step=4", "ppo.mini_batch_prompts=2", "ppo.micro_batch_size=8",
         "dataset.n=64", "log.samples_every_n_steps=1", "eval.every_n_steps=0",
         "eval.before_training=false",
-        f"generation.sync_dir={out}/sync", *extra,
+        "generation.weight_transfer=files", f"generation.sync_dir={out}/sync", *extra,
     ]  # fmt: skip
+
+
+VLLM = "generation.backend=vllm"  # tiny_cpu generates in-process by default
 
 
 def _tune_run(cwd: Path, args: list[str], nproc: int = 1, timeout: int = 600):
@@ -98,7 +101,7 @@ def test_tiny_cpu_two_steps_with_vllm_logs_everything(tmp_path, policy_dir):
     out = tmp_path / "out"
     _tune_run(
         tmp_path,
-        _args(out, policy_dir, "max_steps=2", "checkpoint.every_n_steps=2", "eval.every_n_steps=2",
+        _args(out, policy_dir, VLLM, "max_steps=2", "checkpoint.every_n_steps=2", "eval.every_n_steps=2",
               "eval.before_training=true", "eval.sets.countdown_test.n=8"),
     )  # fmt: skip
     scalars = read_scalars(out / "tb")
@@ -147,7 +150,7 @@ def test_one_step_off_with_vllm_delivers_weights_from_the_rollout_thread(tmp_pat
     out = tmp_path / "out"
     _tune_run(
         tmp_path,
-        _args(out, policy_dir, "max_steps=3", "rollout.max_staleness=1", "eval.every_n_steps=2",
+        _args(out, policy_dir, VLLM, "max_steps=3", "rollout.max_staleness=1", "eval.every_n_steps=2",
               "eval.sets.countdown_test.n=4", "eval.n=2", "checkpoint.every_n_steps=3"),
     )  # fmt: skip
     scalars = read_scalars(out / "tb")

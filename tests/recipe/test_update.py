@@ -13,6 +13,7 @@ from simko_tune.parallel import materialize, row_lengths
 
 OVERRIDES = {
     "generation.backend": "native",
+    "generation.weight_transfer": "files",
     "dataset.n": 16,
     "rollout.prompts_per_step": 2,
     "rollout.samples_per_prompt": 4,
