@@ -1,5 +1,7 @@
-"""In-process generation with the torchtune model and its KV cache: the fallback where vLLM
-is not available, and the baseline the vLLM workers are benchmarked against.
+"""In-process generation with the torchtune model and its KV cache: the CPU default's
+generator (at tiny_cpu's 0.4M parameters a vLLM worker's fixed costs per step outweigh the
+model's compute), the fallback where vLLM is not available, and the baseline the vLLM
+workers are benchmarked against.
 
 Same interface and semantics as :class:`VLLMWorkers`: seeds per (seed, prompt, sample),
 log-probs of the distribution sampled from, the end-of-sequence token(s) of the model's
@@ -16,6 +18,7 @@ from torchtune.generation import (
     get_causal_mask_from_padding_mask,
     get_position_ids_from_padding_mask,
 )
+from torchtune.modules import KVCache
 from torchtune.modules.common_utils import local_kv_cache
 
 from simko_tune.generation.deltas import ServedWeights
@@ -55,12 +58,18 @@ def _apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
+def _kv_caches(model: torch.nn.Module) -> list[KVCache]:
+    """The model's decoder KV caches, one per attention layer, in layer order."""
+    return [m for m in model.modules() if isinstance(m, KVCache)]
+
+
 class NativeGenerator(Generator):
     """Generation with the torchtune model in this process (see :class:`Generator`).
 
     ``weight_version`` is :data:`INITIAL_VERSION` (0) until :meth:`load_weights`. Rows
     (prompt × sample) are decoded ``max_batch_size`` at a time, left-padded, with
-    torchtune's static KV cache.
+    torchtune's static KV cache. The rows of one prompt share its prefill (as vLLM's prefix
+    cache does): each distinct prompt of a batch goes through the model once.
     """
 
     def __init__(
@@ -155,14 +164,38 @@ class NativeGenerator(Generator):
             set() if sampling.ignore_eos else self.eos_ids
         )
         gens = [None if s is None else torch.Generator(device=dev).manual_seed(s) for s in seeds]
+        mask = get_causal_mask_from_padding_mask(valid[:, :prompt_len], target_seq_len=total)
+        # Rows that sample the same prompt (n per prompt; a whole batch in pass@K evaluation)
+        # would each prefill it: one row per distinct prompt does, then every row copies its
+        # prompt's keys and values. Left-padded to the same length, their prefills are equal.
+        first_row: dict[tuple[int, ...], int] = {}
+        source = [first_row.setdefault(tuple(p), b) for b, p in enumerate(prompts)]
+        distinct = torch.tensor(sorted(first_row.values()), device=dev)
+        copy_from = torch.searchsorted(distinct, torch.tensor(source, device=dev))
 
         # torchtune's context puts the caches on the model's device (``setup_caches`` alone
         # builds them on the default device: CPU beside CUDA weights) and deletes them after.
         with local_kv_cache(
+            model,
+            batch_size=len(distinct),
+            device=dev,
+            dtype=self.dtype,
+            decoder_max_seq_len=total,
+        ):
+            logits = model(
+                tokens[distinct],
+                input_pos=positions[distinct, :prompt_len],
+                mask=mask[distinct],
+            )[:, -1][copy_from]
+            prefilled = [(c.k_cache, c.v_cache) for c in _kv_caches(model)]  # kept past exit
+        with local_kv_cache(
             model, batch_size=bsz, device=dev, dtype=self.dtype, decoder_max_seq_len=total
         ):
-            mask = get_causal_mask_from_padding_mask(valid[:, :prompt_len], target_seq_len=total)
-            logits = model(tokens, input_pos=positions[:, :prompt_len], mask=mask)[:, -1]
+            for cache, (k, v) in zip(_kv_caches(model), prefilled, strict=True):
+                torch.index_select(k, 0, copy_from, out=cache.k_cache)
+                torch.index_select(v, 0, copy_from, out=cache.v_cache)
+                cache.cache_pos.add_(prompt_len)
+            del prefilled
             out_tokens: list[list[int]] = [[] for _ in range(bsz)]
             out_lps: list[list[float]] = [[] for _ in range(bsz)]
             finish: list[str | None] = [None] * bsz

@@ -62,6 +62,23 @@ def test_seeded_samples_do_not_depend_on_batching(gen_model_dir):
     assert len({tuple(c.token_ids) for c in a[0]}) > 1  # samples of one prompt differ
 
 
+def test_rows_of_one_prompt_share_its_prefill(gen_model_dir):
+    """Each distinct prompt of a batch goes through the model once (its n rows copy its keys
+    and values), and the completions are those of decoding every row on its own."""
+    gen = NativeGenerator(gen_model_dir, max_batch_size=6)
+    shapes = []
+    hook = gen.model.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape))
+    sampling = SamplingConfig(temperature=1.0, max_tokens=4, seed=2, ignore_eos=True)
+    shared = gen.generate(PROMPTS[:2], 3, sampling)
+    hook.remove()
+    assert shapes[0] == (2, max(len(p) for p in PROMPTS[:2]))  # one row per distinct prompt
+    assert shapes[1:] == [(6, 1)] * 3  # then all six rows decode
+    alone = NativeGenerator(gen_model_dir, max_batch_size=1).generate(PROMPTS[:2], 3, sampling)
+    for a, b in zip(sum(shared, []), sum(alone, [])):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+
+
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = _apply_top_p(logits, 0.8).isfinite()[0].tolist()
