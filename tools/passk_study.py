@@ -9,8 +9,9 @@ several seeds, the same compute for each.
 
 Every run is ``tune run simko_recipe --config tiny_cpu`` with the method's loss overrides,
 its own ``output_dir`` and ``seed``, generating with a vLLM worker (as the reports were
-measured): the same prompts, rollouts per step and steps for every method. The recipe evaluates the Countdown split ``--split`` (``val`` to choose settings,
-``test`` for the report, never both) with ``n`` samples per problem, unbiased pass@K for
+measured): the same prompts, rollouts per step and steps for every method. The recipe
+evaluates the Countdown split ``--split`` (``val`` to choose settings, ``test`` for the
+report, never both) with ``n`` samples per problem, unbiased pass@K for
 K = 1, 2, 4 … n: before training in the first method's run of each seed (the base policy)
 and after the last step in every run. Seeds pair the runs: seed s of every method starts
 from the same policy with the same data order.

@@ -168,10 +168,15 @@ class NativeGenerator(Generator):
         # Rows that sample the same prompt (n per prompt; a whole batch in pass@K evaluation)
         # would each prefill it: one row per distinct prompt does, then every row copies its
         # prompt's keys and values. Left-padded to the same length, their prefills are equal.
-        first_row: dict[tuple[int, ...], int] = {}
-        source = [first_row.setdefault(tuple(p), b) for b, p in enumerate(prompts)]
-        distinct = torch.tensor(sorted(first_row.values()), device=dev)
-        copy_from = torch.searchsorted(distinct, torch.tensor(source, device=dev))
+        slot: dict[tuple[int, ...], int] = {}  # prompt -> its index among the distinct ones
+        first_rows, slots = [], []
+        for b, p in enumerate(prompts):
+            if tuple(p) not in slot:
+                slot[tuple(p)] = len(first_rows)
+                first_rows.append(b)
+            slots.append(slot[tuple(p)])
+        distinct = torch.tensor(first_rows, device=dev)
+        copy_from = torch.tensor(slots, device=dev)
 
         # torchtune's context puts the caches on the model's device (``setup_caches`` alone
         # builds them on the default device: CPU beside CUDA weights) and deletes them after.
