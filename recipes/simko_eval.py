@@ -37,6 +37,7 @@ from simko_tune.data import (
     BENCHMARKS,
     PROMPT_TEMPLATES,
     MathProblem,
+    decode_responses,
     load_benchmark,
     stop_token_ids,
     tokenize_prompt,
@@ -334,7 +335,12 @@ class PassAtKEvalRecipe:
                     f"{benchmark}/{problem.id}, expected {n}"
                 )
         flat = [c for samples in completions for c in samples]
-        responses = [self._tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in flat]
+        responses, unknown = decode_responses(self._tokenizer, [c.token_ids for c in flat])
+        if unknown:
+            log.warning(
+                f"{benchmark}: {unknown} generated ids have no token in the tokenizer (the "
+                "model's padded vocabulary): left out of the responses' text"
+            )
         scores = rewards.score(responses, [p.answer for p in batch for _ in range(n)])
         rows = [
             {

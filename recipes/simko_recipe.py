@@ -47,8 +47,8 @@ from torchtune import training
 from tqdm import tqdm
 
 from simko_tune.checkpoint import CheckpointManager, rng_states, set_rng_states
-from simko_tune.config import ConfigError, check_schema, parse
-from simko_tune.data import PromptBatches, stop_token_ids, tokenize_prompt
+from simko_tune.config import ConfigError, check_schema, parse, resolve_weight_transfer
+from simko_tune.data import PromptBatches, decode_responses, stop_token_ids, tokenize_prompt
 from simko_tune.export import export_hf
 from simko_tune.generation import (
     SamplingConfig,
@@ -59,9 +59,11 @@ from simko_tune.generation import (
 )
 from simko_tune.generation.client import trainer_cuda_devices
 from simko_tune.generation.deltas import DeltaSettings
+from simko_tune.generation.shards import publication_bytes
 from simko_tune.generation.sync_dir import default_sync_dir
 from simko_tune.generation.weights import parse_weight_dtype
 from simko_tune.loss import LossConfig
+from simko_tune.memory_plan import check_weight_space
 from simko_tune.metrics import pass_at_k_curve, powers_of_two_up_to
 from simko_tune.metrics.throughput import (
     PEAK_SOURCE,
@@ -105,7 +107,7 @@ class SampledRollout:
     """Rank 0's scored rollout for one step, before it is shared with the other ranks."""
 
     indices: list[int]
-    batch: RolloutBatch
+    batch: RolloutBatch | None  # None: zero-variance filtering kept no group (no update)
     texts: list[str]
     timings: dict[str, float]
     # over every group generated for the step (before any filtering): see _group_stats
@@ -145,11 +147,23 @@ class SimKORecipe:
         self.last_rollout_stats: dict[str, float] = {}  # rank 0: the last rollout's groups
         self.last_rollout_indices: list[int] = []
         self.preemption: PreemptionWatch | None = None
+        self.skipped_steps = 0  # steps without an update (no learning signal), run-wide
+        self._checkpointed_step: int | None = None  # of the last checkpoint this process wrote
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         self.setup_parallel()
+        transfer, why = resolve_weight_transfer(cfg.generation, self.world_size)
+        _log(
+            f"weight transfer: {transfer} ({why})"
+            + (
+                f"; a weight load may take {cfg.generation.load_timeout_s:g} s "
+                "(generation.load_timeout_s)"
+                if transfer == "files"
+                else ""
+            )
+        )
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -187,7 +201,7 @@ class SimKORecipe:
         )
         self.weight_sync = WeightSync(
             None
-            if cfg.generation.weight_transfer == "memory"
+            if transfer == "memory"
             else cfg.generation.sync_dir or default_sync_dir(_run_name(self.output_dir)),
             self.hf_config,
             dtype=self._weight_dtype(),
@@ -197,8 +211,11 @@ class SimKORecipe:
                 if cfg.generation.weight_delta
                 else None
             ),
-            timeout_s=cfg.generation.request_timeout_s,
+            timeout_s=cfg.generation.load_timeout_s,
         )
+        if self.weight_sync.sync_dir is not None:  # before any publication or worker start
+            publication = publication_bytes(self.model, self._weight_dtype())
+            check_weight_space(cfg, publication, self.world_size, self.weight_sync.sync_dir)
         resumed = self.checkpoints.resume(
             cfg.resume, model=self.model, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler
         )
@@ -207,6 +224,7 @@ class SimKORecipe:
             self.step = extra["step"]
             self.weight_version = extra["weight_version"]
             self.batches.load_state_dict(extra["data"])
+            self.skipped_steps = extra.get("skipped_steps", 0)
             if "pending_rollout" in extra and self.is_rank_zero:
                 self.pending_rollout = SampledRollout.from_state_dict(extra["pending_rollout"])
             _log(f"resumed from {resume_from} at step {self.step}")
@@ -416,24 +434,17 @@ class SimKORecipe:
                 next_rollout = self.prefetcher.submit(
                     self.sample, self.batches.peek_batch(), self.step + 1, self.weight_version
                 )
-            with _timed(timings, "old_logprobs"):
-                old_logprobs, ref_logprobs = self.ppo.old_logprobs(
-                    rollout, policy_rows=self.ppo.old_logprob_rows(rollout)
-                )
-            # off-policy: the loss weighs each token by min(proximal / behaviour, is_cap)
-            is_cap = cfg.rollout.is_cap if cfg.rollout.max_staleness else None
-            with _timed(timings, "update"):
-                stats = self.ppo.update(rollout, old_logprobs, ref_logprobs, is_cap, step=self.step)
-            # One-step-off, this only writes the files: the rollout thread delivers them
-            # before it samples the next rollout, once the workers are idle.
-            with _timed(timings, "publish"):
-                self._publish(self.weight_version + 1, deliver=next_rollout is None)
-            timings.update(_prefixed("publish_", self.weight_sync.last_timings))
+            stats = None
+            if rollout is None:  # no group with a learning signal: no update, no publication
+                self.skipped_steps += 1
+            else:
+                stats = self._train_on(rollout, timings, deliver=next_rollout is None)
             self.step += 1
 
             if self.is_rank_zero:
                 self._log_step(stats, timings, rollout, t_step, progress)
-                self._log_samples(texts, rollout)
+                if rollout is not None:
+                    self._log_samples(texts, rollout)
             if self._due(cfg.eval.every_n_steps):
                 if next_rollout is not None:  # evaluation needs the workers, idle
                     next_rollout.exception()
@@ -445,14 +456,42 @@ class SimKORecipe:
             for line in _eval_summary(self.eval_history):
                 tqdm.write(line)
 
+    def _train_on(
+        self, rollout: RolloutBatch, timings: dict[str, float], deliver: bool
+    ) -> dict[str, float]:
+        """Old log-probs, the update, the publication of the new weights (delivered to the
+        workers with ``deliver``); returns the update's metrics."""
+        cfg = self.cfg
+        with _timed(timings, "old_logprobs"):
+            old_logprobs, ref_logprobs = self.ppo.old_logprobs(
+                rollout, policy_rows=self.ppo.old_logprob_rows(rollout)
+            )
+        # off-policy: the loss weighs each token by min(proximal / behaviour, is_cap)
+        is_cap = cfg.rollout.is_cap if cfg.rollout.max_staleness else None
+        with _timed(timings, "update"):
+            stats = self.ppo.update(rollout, old_logprobs, ref_logprobs, is_cap, step=self.step)
+        # One-step-off, this only writes the files: the rollout thread delivers them
+        # before it samples the next rollout, once the workers are idle.
+        with _timed(timings, "publish"):
+            self._publish(self.weight_version + 1, deliver=deliver)
+        timings.update(_prefixed("publish_", self.weight_sync.last_timings))
+        return stats
+
     def _stop_for_preemption(self, pending: SampledRollout | None) -> NoReturn:
         """Write a checkpoint of the state at this point (collective), then stop the run
         (:class:`Preempted`). One-step-off, ``pending`` is the rollout the next step trains
         on, sampled with older weights: it goes into the checkpoint, so that the resumed run
-        trains on the very same completions."""
+        trains on the very same completions. Without one, a checkpoint of this step that
+        this run wrote already (a periodic one, the signal came while it was written) holds
+        this very state: it is not written twice within the grace period. (Only rank 0
+        holds a rollout: it tells the others, so that all or none of them save.)"""
         reason = self.preemption.signal_name or "another rank's signal"
-        _log(f"step {self.step}: preempted ({reason}), writing a checkpoint")
-        self.save_checkpoint(pending=pending)
+        pending_anywhere = broadcast_object(pending is not None)
+        if not pending_anywhere and self._checkpointed_step == self.step:
+            _log(f"step {self.step}: preempted ({reason}), its checkpoint is written already")
+        else:
+            _log(f"step {self.step}: preempted ({reason}), writing a checkpoint")
+            self.save_checkpoint(pending=pending)
         elapsed = self.preemption.seconds_since_request()
         if elapsed is not None and elapsed > self.cfg.checkpoint.preempt_grace_s:
             _log(
@@ -467,35 +506,51 @@ class SimKORecipe:
 
     def _log_step(
         self,
-        stats: dict[str, float],
+        stats: dict[str, float] | None,
         timings: dict[str, float],
-        rollout: RolloutBatch,
+        rollout: RolloutBatch | None,
         t_step: float,
         progress: tqdm,
     ) -> None:
         """Rank 0: the step's metrics (update, rollout, timings, resources) to the metric
-        logger every ``log.every_n_steps``, and its line to the console."""
+        logger every ``log.every_n_steps``, and its line to the console. A step that skipped
+        its update (``rollout`` None: no group with a learning signal) logs its sampling's
+        counts, the skip, timings and resources."""
         cfg = self.cfg
-        stats.update(_rollout_stats(rollout, cfg.rollout.samples_per_prompt))
+        skipped = rollout is None
+        stats = {} if stats is None else stats
+        if not skipped:
+            stats.update(_rollout_stats(rollout, cfg.rollout.samples_per_prompt))
         stats.update({k: v for k, v in self.last_rollout_stats.items() if k != "groups"})
-        staleness = (self.weight_version - 1 - rollout.weight_versions).float()
-        stats["rollout/staleness_mean"] = float(staleness.mean())
-        stats["rollout/staleness_max"] = float(staleness.max())
+        if cfg.rollout.filter_zero_variance:
+            stats["rollout/skipped"] = float(skipped)
+            stats["rollout/skipped_steps_total"] = self.skipped_steps  # run-wide
+        if not skipped:
+            staleness = (self.weight_version - 1 - rollout.weight_versions).float()
+            stats["rollout/staleness_mean"] = float(staleness.mean())
+            stats["rollout/staleness_max"] = float(staleness.max())
+            stats.update({f"weights/{k}": v for k, v in self.weight_sync.last_stats.items()})
         stats.update({f"time/{k}": v for k, v in timings.items()})
-        stats.update({f"weights/{k}": v for k, v in self.weight_sync.last_stats.items()})
         elapsed = time.perf_counter() - t_step
         stats["time/step"] = elapsed
         stats.update(phase_shares({k: timings[k] for k in STEP_PHASES if k in timings}, elapsed))
         self._step_seconds += elapsed
         stats["eta_s"] = (cfg.max_steps - self.step) * self._step_seconds / self._steps_timed()
-        stats.update(self._throughput(rollout, timings, elapsed))
+        if not skipped:
+            stats.update(self._throughput(rollout, timings, elapsed))
         stats["weight_version"] = self.weight_version
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         stats["memory/peak_gib"] = _peak_memory_gib(self.device)
-        stats["reward/timeouts_total"] = self.reward_pool.stats.timeouts  # since start
+        pool = self.reward_pool.stats  # counts since this process started
+        stats["reward/timeouts_total"] = pool.timeouts
+        stats["reward/crashes_total"] = pool.crashes  # checks that killed their worker twice
+        stats["reward/rescored_total"] = pool.rescored  # their worker died, scored again
         if self._due(cfg.log.every_n_steps):
             self.metric_logger.log_dict(stats, step=self.step)
         progress.update(1)
+        if skipped:
+            tqdm.write(f"step {self.step:>5} skipped: no update, no learning signal {elapsed:.1f}s")
+            return
         progress.set_postfix(
             reward=f"{stats['reward/mean']:.3f}",
             loss=f"{stats['loss']:.4f}",
@@ -508,9 +563,11 @@ class SimKORecipe:
 
     def get_rollout(
         self, indices: list[int], timings: dict[str, float], sampled: SampledRollout | None = None
-    ) -> tuple[RolloutBatch, list[str]]:
+    ) -> tuple[RolloutBatch | None, list[str]]:
         """This step's rollout: the prefetched one (``sampled``, rank 0) or one sampled now,
-        checked against the allowed weight-version window, then shared with every rank."""
+        checked against the allowed weight-version window, then shared with every rank.
+        None on every rank when zero-variance filtering kept no group: the step skips its
+        update (the prompts it drew stay used, as in a step that trains)."""
         batch, texts = None, []
         if self.is_rank_zero:
             if sampled is None:
@@ -540,19 +597,27 @@ class SimKORecipe:
     def _keep_groups_with_signal(self, sampled: SampledRollout) -> SampledRollout:
         """Rank 0: drop the groups whose rewards are all equal; with ``max_oversample``,
         sample extra rounds of prompts (drawn from the data order) until
-        ``prompts_per_step`` groups with a signal are found or the rounds run out. Groups
+        ``prompts_per_step`` groups with a signal are kept or the rounds run out. Groups
         beyond ``prompts_per_step`` are dropped, and the kept ones trimmed to a number whose
-        rows split evenly over the data-parallel ranks."""
+        rows split evenly over the data-parallel ranks; rounds are counted after that trim.
+        When no group is kept the result has no batch, and the log says why."""
         r, g = self.cfg.rollout, self.cfg.rollout.samples_per_prompt
+        per_rank = self.dp_size // math.gcd(self.dp_size, g)  # groups whose rows split evenly
+
+        def trainable(found: int) -> int:
+            """Of ``found`` groups with a signal, how many one step can train on."""
+            n = min(found, r.prompts_per_step)
+            return n - n % per_rank
+
         rounds = [sampled]
         while (
-            len(_signal_groups(rounds, g)) < r.prompts_per_step and len(rounds) <= r.max_oversample
+            trainable(len(_signal_groups(rounds, g))) < r.prompts_per_step
+            and len(rounds) <= r.max_oversample
         ):
             extra = self.batches.next_batch()
             rounds.append(self.sample(extra, self.step, self.weight_version, round_=len(rounds)))
-        kept = _signal_groups(rounds, g)[: r.prompts_per_step]
-        per_rank = self.dp_size // math.gcd(self.dp_size, g)  # groups whose rows split evenly
-        kept = kept[: len(kept) - len(kept) % per_rank]
+        found = _signal_groups(rounds, g)
+        kept = found[: trainable(len(found))]
         parts, indices, texts = [], [], []
         for i, rollout in enumerate(rounds):
             groups = [j for k, j in kept if k == i]
@@ -571,13 +636,17 @@ class SimKORecipe:
                 "rollout/oversample_rounds": len(rounds) - 1,
                 "rollout/groups_dropped": generated - len(kept),
                 "rollout/groups_trained": len(kept),
+                "response/unknown_tokens": sum(
+                    x.stats.get("response/unknown_tokens", 0) for x in rounds
+                ),
             }
         )
         if not parts:
-            raise RuntimeError(
-                f"step {self.step}: no group with a learning signal in {len(rounds)} round(s) "
-                "of sampling (every group's rewards were equal): raise rollout.max_oversample"
+            _log(
+                _skip_reason(self.step, len(found), len(rounds), generated, per_rank, self.dp_size)
+                + f" (rollout.max_oversample={r.max_oversample})"
             )
+            return SampledRollout([], None, [], merged, stats)
         batch = concat_rollouts(parts, pad_id=self.stop_ids[0])
         return SampledRollout(indices, batch, texts, merged, stats)
 
@@ -606,10 +675,18 @@ class SimKORecipe:
             completions = self.generator.generate(prompts, n=g, sampling=sampling)
         check_versions(completions, version)
         flat = [c for group in completions for c in group]
-        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in flat]
+        texts, unknown = decode_responses(self.tokenizer, [c.token_ids for c in flat])
         golds = [self.problems[i].answer for i in indices for _ in range(g)]
+        # A check whose worker died is scored again by the pool: only one that kills its
+        # worker twice scores 0, and it is not trained on unannounced.
+        crashes = self.reward_pool.stats.crashes
         with _timed(timings, "score"):
             rewards = self.reward_pool.score(texts, golds)
+        if self.reward_pool.stats.crashes > crashes:
+            _log(
+                f"step {step}: {self.reward_pool.stats.crashes - crashes} reward check(s) "
+                "killed their worker twice and score 0 (reward/crashes_total)"
+            )
         batch = build_rollout_batch(
             prompts=[p for p in prompts for _ in range(g)],
             responses=[c.token_ids for c in flat],
@@ -619,7 +696,11 @@ class SimKORecipe:
             pad_id=self.stop_ids[0],
             weight_versions=[c.weight_version for c in flat],
         )
-        stats = {**_group_stats([batch], g), "groups": len(indices)}
+        stats = {
+            **_group_stats([batch], g),
+            "groups": len(indices),
+            "response/unknown_tokens": unknown,  # ids with no token, left out of the texts
+        }
         return SampledRollout(indices, batch, texts, timings, stats)
 
     def _publish(self, version: int, deliver: bool = True) -> None:
@@ -646,11 +727,9 @@ class SimKORecipe:
                 n = cfg.eval.n
                 groups = self.generator.generate(prompts, n=n, sampling=sampling)
                 check_versions(groups, self.weight_version)
-                texts = [
-                    self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                    for grp in groups
-                    for c in grp
-                ]
+                texts, unknown = decode_responses(
+                    self.tokenizer, [c.token_ids for grp in groups for c in grp]
+                )
                 golds = [p.answer for p in problems for _ in range(n)]
                 rewards = self.reward_pool.score(texts, golds)
                 correct = [int(sum(rewards[i * n : (i + 1) * n])) for i in range(len(problems))]
@@ -660,7 +739,9 @@ class SimKORecipe:
                     f"eval/{name}/pass@{k}": sum(curve[k] for curve in curves) / len(curves)
                     for k in ks
                 }
-                self.metric_logger.log_dict(scores, step=self.step)
+                self.metric_logger.log_dict(
+                    {**scores, f"eval/{name}/unknown_tokens": unknown}, step=self.step
+                )
                 self.eval_history.setdefault(name, {})[self.step] = {
                     k: sum(curve[k] for curve in curves) / len(curves) for k in ks
                 }
@@ -736,12 +817,14 @@ class SimKORecipe:
                 "step": self.step,
                 "weight_version": self.weight_version,
                 "data": self.batches.state_dict(),
+                "skipped_steps": self.skipped_steps,
                 **({"pending_rollout": pending.state_dict()} if pending is not None else {}),
             },
             write_more=lambda folder: export_hf(
                 self.model, folder / "hf", self.hf_config, self.cfg.model_dir, dtype=hf_dtype
             ),
         )
+        self._checkpointed_step = self.step
 
     def cleanup(self) -> None:
         """After a normal end: release this rank's resources, then leave the process group
@@ -854,6 +937,28 @@ def _signal_groups(rounds: list[SampledRollout], group_size: int) -> list[tuple[
         varied = (rewards.max(1).values != rewards.min(1).values).nonzero().squeeze(1)
         out += [(i, int(j)) for j in varied]
     return out
+
+
+def _skip_reason(
+    step: int, found: int, rounds: int, generated: int, per_rank: int, dp_size: int
+) -> str:
+    """Why zero-variance filtering kept no group of ``step``: none had a signal, or fewer
+    than the ``per_rank`` groups whose rows split evenly over the data-parallel ranks."""
+    sampling = f"in {_counted(rounds, 'round')} of sampling"
+    if not found:
+        return (
+            f"step {step}: every group's rewards were equal {sampling} "
+            f"({_counted(generated, 'group')}): no learning signal, the update is skipped"
+        )
+    return (
+        f"step {step}: {_counted(found, 'group')} with a learning signal {sampling}, fewer "
+        f"than the {per_rank} whose rows split evenly over {dp_size} data-parallel ranks: "
+        "the update is skipped"
+    )
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _rollout_stats(rollout: RolloutBatch, group_size: int) -> dict[str, float]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torchtune import config as tt_config
 
+from simko_tune.generation.types import LOAD_TIMEOUT_S
 from simko_tune.loss import LossConfig
 
 
@@ -99,6 +101,7 @@ class GenerationBackend(Choice):
 class WeightTransfer(Choice):
     files = "files"  # publications in the sync dir
     memory = "memory"  # in-memory snapshots for a native generator in the trainer's process
+    auto = "auto"  # memory where it can work, files otherwise: resolve_weight_transfer
 
 
 class RewardMode(Choice):
@@ -175,8 +178,10 @@ class GenerationSection:
     tensor_parallel_size: int = 1
     sync_dir: str | None = None  # default: /dev/shm/simko_tune-<uid>/<run name> (0700)
     # "files": publications in sync_dir | "memory": snapshots handed to a native generator
-    # in the trainer's process (backend native, one rank): no files, no reload
-    weight_transfer: WeightTransfer = WeightTransfer.files
+    # in the trainer's process (backend native, one rank): no files, no reload | "auto":
+    # memory where that works, files otherwise (resolve_weight_transfer), so adding ranks
+    # to a run needs no other change; the run's first lines say which it took
+    weight_transfer: WeightTransfer = WeightTransfer.auto
     # dtype of the published weights; default: the engine's dtype (native backend: float32)
     weight_dtype: str | None = None
     # publish each version as the bytes that changed since the previous one, zstd-compressed
@@ -184,7 +189,12 @@ class GenerationSection:
     weight_delta: bool = False
     full_every: int = 20
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # one generate call (a whole batch of samples)
+    # Seconds a worker may take to load weights before it counts as failed (and, if local, is
+    # restarted): its start (the engine reads model_dir) and each new version (verify,
+    # reload, until every worker acknowledges). Apart from request_timeout_s: a load's time
+    # grows with the model and the storage (a 7B model over NFS), not with the batch.
+    load_timeout_s: float = LOAD_TIMEOUT_S
     restart_on_failure: bool = True
     # Remote workers (addresses off this machine) require CURVE: the workers' public key
     # file (NAME.key) and this trainer's secret key file (NAME.key_secret), authorised on
@@ -197,12 +207,30 @@ class GenerationSection:
         out = _at_least(g, "generation", 1, "num_workers", "tensor_parallel_size", "full_every")
         if g.weight_delta and g.weight_transfer == "memory":
             out.append("generation.weight_delta needs generation.weight_transfer=files")
-        out += _positive(g, "generation", "request_timeout_s")
+        out += _positive(g, "generation", "request_timeout_s", "load_timeout_s")
         if g.devices is not None and len(g.devices) != g.num_workers:
             out.append(
                 f"generation.devices has {len(g.devices)} entries for num_workers={g.num_workers}"
             )
         return out
+
+
+def resolve_weight_transfer(g: Any, world_size: int) -> tuple[WeightTransfer, str]:
+    """``generation.weight_transfer`` as a run of ``world_size`` trainer ranks uses it, and
+    why. ``auto`` takes memory only where it works and copies least: a native generator in
+    the trainer's process on one rank (no files, no reload). Several ranks each hold a
+    shard, a vLLM worker is another process, and weight deltas are files: files."""
+    chosen = WeightTransfer(g.get("weight_transfer", WeightTransfer.auto))
+    if chosen != WeightTransfer.auto:
+        return chosen, "generation.weight_transfer"
+    backend = GenerationBackend(g.get("backend", GenerationBackend.vllm))
+    if backend != GenerationBackend.native:
+        return WeightTransfer.files, f"auto: backend {backend} reads files"
+    if world_size != 1:
+        return WeightTransfer.files, f"auto: {world_size} trainer ranks each hold a shard"
+    if g.get("weight_delta", False):
+        return WeightTransfer.files, "auto: generation.weight_delta publishes files"
+    return WeightTransfer.memory, "auto: native generator in the trainer's process, one rank"
 
 
 @dataclass
@@ -388,18 +416,54 @@ def check_schema(cfg: DictConfig, schema_class: type = RecipeConfig) -> DictConf
         merged = OmegaConf.merge(schema, cfg)
         missing = sorted(OmegaConf.missing_keys(merged))
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"config key {key!r}: {str(e).splitlines()[0]}") from None
+        key, message = getattr(e, "full_key", None) or "?", str(e).splitlines()[0]
+        # a section given a scalar: OmegaConf names neither the key nor what it wants
+        sections = {f.type: f.name for f in fields(schema_class)}  # "RolloutSection": "rollout"
+        scalar = re.match(r"Merge error: \w+ is not a subclass of (\w+)\. value: (.*)", message)
+        if key == "?" and scalar and scalar.group(1) in sections:
+            key = sections[scalar.group(1)]
+            message = f"a section (keys and values), got {scalar.group(2)}"
+        raise ConfigError(f"config key {key!r}: {_as_written(message)}") from None
     if missing:
         raise ConfigError(f"config keys required but missing: {', '.join(missing)}")
     return merged
+
+
+def _as_written(message: str) -> str:
+    """OmegaConf's message as YAML writes values: a closed set's class (``<enum
+    'WeightTransfer'>``, ``'RewardMode'``) becomes the values a config may give it, and
+    Python's ``'None'``, ``'True'``, ``'False'`` become ``null``, ``true``, ``false``."""
+    choices = {c.__name__: c for c in Choice.__subclasses__()}
+
+    def allowed(name: str) -> str:
+        return f"one of [{', '.join(c.value for c in choices[name])}]"
+
+    message = re.sub(
+        r"is not a valid input for <enum '(\w+)'>",
+        lambda m: f"is not {allowed(m.group(1))}" if m.group(1) in choices else m.group(0),
+        message,
+    )
+    message = re.sub(
+        r"<enum '(\w+)'>|'(\w+)'",
+        lambda m: (
+            allowed(m.group(1) or m.group(2))
+            if (m.group(1) or m.group(2)) in choices
+            else m.group(0)
+        ),
+        message,
+    )
+    for python, yaml in (("'None'", "null"), ("'True'", "true"), ("'False'", "false")):
+        message = message.replace(python, yaml)
+    return message
 
 
 def _fill_loss_from_rollout(cfg: DictConfig) -> DictConfig:
     loss = cfg.get("loss")
     if loss is not None and not isinstance(loss, DictConfig):
         return cfg  # the schema merge reports the wrong type
-    rollout = cfg.get("rollout") or {}
+    rollout = cfg.get("rollout")
+    if not isinstance(rollout, DictConfig):
+        rollout = {}  # missing, or of a wrong type the schema merge reports
     defaults = {
         "temperature": rollout.get("temperature", RolloutSection.temperature),
         "max_response_len": rollout.get("max_response_tokens", RolloutSection.max_response_tokens),

@@ -12,6 +12,7 @@ publications' and reports' writes.
 - :func:`append_synced`: a record appended to a log, on disk before the call returns.
 - :func:`open_in_place`: a file written over without freeing its pages first (tmpfs reuse).
 - :class:`Manifest`: a published folder's files with their sizes and xxh3, written last.
+- :func:`check_member`: a file name read from a manifest stays in its folder.
 """
 
 from __future__ import annotations
@@ -188,6 +189,28 @@ class ManifestError(ValueError):
     """A manifest that cannot be read, or does not match its folder."""
 
 
+def check_member(folder: Path, name: Any, *, plain: bool = False) -> None:
+    """Refuse (ValueError saying why) a ``name`` read from a manifest unless ``folder /
+    name`` is a file of ``folder``: a manifest is input, not trust, and ``folder / "/abs"``
+    is ``/abs`` and ``..`` climbs out, so an unchecked name would have its reader read, or a
+    rebuild write, any file it can. ``name`` must be relative, with no empty, ``.`` or
+    ``..`` part and no NUL, one part when ``plain``, and stay inside ``folder`` with
+    symlinks resolved. Nothing is opened."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("is not a file name")
+    if "\0" in name:
+        raise ValueError("holds a NUL byte")
+    if os.path.isabs(name):
+        raise ValueError("is an absolute path")
+    parts = name.split("/")
+    if plain and (len(parts) > 1 or "\\" in name or name in (".", "..")):
+        raise ValueError("is not a plain file name")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError("has an empty, '.' or '..' part")
+    if not (folder / name).resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"leads out of {folder} (through a symlink)")
+
+
 @dataclass
 class Manifest:
     """A published folder's files (relative names) with their sizes and xxh3, plus what
@@ -212,9 +235,13 @@ class Manifest:
             path.write_text(text)
 
     @classmethod
-    def read(cls, path: Path) -> Manifest:
+    def read(
+        cls, path: Path, *, plain: bool = False, name_fields: tuple[str, ...] = ()
+    ) -> Manifest:
         """Raises :class:`ManifestError` for a manifest that is unreadable, of another
-        checksum, or whose file entries lack a size or a checksum."""
+        checksum, whose file entries lack a size or a checksum, or that names a file
+        :func:`check_member` refuses (relative to the manifest's folder; ``plain``: file
+        names only): the name itself and each entry's ``name_fields`` (a delta's target)."""
         try:
             meta = json.loads(path.read_text())
             files = meta.pop("files")
@@ -228,6 +255,15 @@ class Manifest:
             raise ManifestError(f"{path}: unknown checksum {checksum!r}")
         if not ok:
             raise ManifestError(f"{path}: every file must have its bytes and {CHECKSUM}")
+        for name, entry in files.items():
+            for key, value in [("", name)] + [(k, entry[k]) for k in name_fields if k in entry]:
+                try:
+                    check_member(path.parent, value, plain=plain)
+                except ValueError as e:
+                    field = f" has {key} {value!r}, which" if key else ""
+                    raise ManifestError(
+                        f"{path}: file entry {name!r}{field} {e}; refusing the manifest"
+                    ) from None
         return cls(files, meta)
 
     def size_problems(self, folder: Path) -> list[str]:

@@ -82,7 +82,7 @@ def loss_config_problems(c: Any) -> list[str]:
         ("psr_nsr_norm", c.psr_nsr_norm, PSR_NSR_NORMS),
     ):
         if value not in allowed:
-            out.append(f"LossConfig.{field}={value!r}: expected one of {allowed}")
+            out.append(f"LossConfig.{field}={value}: expected one of [{', '.join(allowed)}]")
     for field, ok in (
         ("top_k", c.top_k >= 1),
         ("alpha", 0.0 <= c.alpha <= 1.0),
@@ -98,11 +98,11 @@ def loss_config_problems(c: Any) -> list[str]:
         ("positive_weight", c.positive_weight >= 0.0),
     ):
         if not ok:
-            out.append(f"LossConfig.{field}={getattr(c, field)!r} is out of range")
+            out.append(f"LossConfig.{field}={getattr(c, field)} is out of range")
     if c.mode == "dr_grpo" and c.agg != "seq_mean_token_sum_norm":
         out.append(
-            f"LossConfig.agg={c.agg!r}: mode 'dr_grpo' normalises by a constant length, "
-            "agg must be 'seq_mean_token_sum_norm'"
+            f"LossConfig.agg={c.agg}: mode dr_grpo normalises by a constant length, "
+            "agg must be seq_mean_token_sum_norm"
         )
     return out
 

@@ -29,14 +29,26 @@ attention output (2·D), keys and values (2·D_kv), and the SwiGLU's gate, up, a
 product (4·I). With checkpointing only each block's input (D) is kept, and one block's
 activations are rebuilt at a time in backward. An estimate: allocator fragmentation,
 NCCL buffers and the CUDA context (about 1 GiB) come on top.
+
+The copies of the published weights add up per node instead (:func:`weight_copies`): the
+sync dir's publications, each local generator's rebuilt delta copies and the trainer's delta
+base. ``dry_run`` prints their totals; the run checks the free space at its start
+(:func:`check_weight_space`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+
+from simko_tune.config import ConfigError, resolve_weight_transfer
+from simko_tune.generation.sync_dir import private_root
+from simko_tune.parallel.collectives import broadcast_object, rank
 
 GIB = 2**30
 # Bytes per element of the dtype names that configs use (engine_kwargs.dtype, mixed_precision).
@@ -177,7 +189,21 @@ def _dtype_bytes(name: str, key: str) -> int:
     try:
         return _DTYPE_BYTES[str(name).lower()]
     except KeyError:
-        raise ValueError(f"{key}: unknown dtype {name!r} (known: {sorted(_DTYPE_BYTES)})") from None
+        known = ", ".join(sorted(_DTYPE_BYTES))
+        raise ValueError(f"{key}: unknown dtype {name} (known: {known})") from None
+
+
+def _publication(shape: ModelShape, g: DictConfig) -> tuple[int, str]:
+    """Bytes of one publication and where its dtype comes from: ``generation.weight_dtype``,
+    else the engine's (the native generator computes in fp32)."""
+    key, source, dtype = "generation.weight_dtype", "generation.weight_dtype", g.get("weight_dtype")
+    if not dtype:
+        key, source = "generation.engine_kwargs.dtype", "engine dtype"
+        dtype = "float32" if g.backend == "native" else g.engine_kwargs.get("dtype", "auto")
+    note = f"{source} {dtype}"
+    if dtype == "auto":
+        dtype, note = "bfloat16", f"{source} auto: bf16 checkpoints assumed"
+    return shape.num_params * _dtype_bytes(dtype, key), note
 
 
 def _optimizer_states(optimizer_cfg: DictConfig | None) -> tuple[int, str]:
@@ -244,13 +270,8 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
     loss_chunk = 2 * chunk * shape.vocab_size * FP32 + shape.vocab_size * d * FP32
 
     g = cfg.generation
-    engine_dtype = "float32" if g.backend == "native" else g.engine_kwargs.get("dtype", "auto")
-    publication_note = f"engine dtype {engine_dtype}"
-    if engine_dtype == "auto":
-        engine_dtype = "bfloat16"
-        publication_note = "engine dtype auto: bf16 checkpoints assumed"
-    publication = shape.num_params * _dtype_bytes(engine_dtype, "generation.engine_kwargs.dtype")
-    deltas = bool(g.get("weight_delta", False)) and g.get("weight_transfer", "files") == "files"
+    publication, publication_note = _publication(shape, g)
+    deltas = bool(g.get("weight_delta", False)) and resolve_weight_transfer(g, shards)[0] == "files"
 
     # loss.kl_coef > 0: the recipe builds the reference like the policy (fp32, sharded over
     # the same ranks) and keeps only its parameters
@@ -309,3 +330,215 @@ def estimate_memory(shape: ModelShape, cfg: DictConfig, dp: int, tp: int) -> Mem
             ),
         },
     )
+
+
+# ----------------------------------------------------------------------------------------
+# Weight copies per node. The plan above is per trainer rank; the copies of the published
+# weights add up per node instead: rank 0's node holds the sync dir's publications, each
+# local generator's rebuilt delta copies (under private_root, /dev/shm where there is one)
+# and the trainer's delta base, all at once.
+# ----------------------------------------------------------------------------------------
+
+_RAM_FILESYSTEMS = ("tmpfs", "ramfs")
+REBUILT_EACH = 2  # a generator's rebuilt copies: the version it serves, the one it rebuilds into
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    """Where a folder's bytes go: the filesystem's mount point and type, its free bytes."""
+
+    device: int
+    mount: str
+    fstype: str
+    free: int
+
+    @property
+    def in_ram(self) -> bool:
+        return self.fstype in _RAM_FILESYSTEMS
+
+    @classmethod
+    def of(cls, path: Path) -> Filesystem:
+        """The filesystem ``path`` is (or, not made yet, will be) on."""
+        path = Path(os.path.abspath(path))
+        while not path.exists():
+            path = path.parent
+        real = os.path.realpath(path)
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+        except OSError:  # not Linux: mount and type unknown, the free space still known
+            mounts = []
+        holding = [
+            (point.replace("\\040", " "), kind)
+            for point, kind in mounts
+            if real == point or real.startswith(point.rstrip("/") + "/")
+        ]
+        # the deepest mount point; of two at one point, the later (it hides the earlier)
+        mount, fstype = max(reversed(holding), key=lambda m: len(m[0]), default=("?", "unknown"))
+        return cls(os.stat(path).st_dev, mount, fstype, shutil.disk_usage(path).free)
+
+
+@dataclass(frozen=True)
+class WeightCopies:
+    """The copies of the published weights that rank 0's node holds at once (see above), in
+    publications of ``publication`` bytes, and the filesystems their files fill."""
+
+    publication: int
+    transfer: str  # "files" | "memory" (resolve_weight_transfer)
+    kept: int  # publications in the sync dir at once, counted whole
+    rebuilders: int  # local generators that rebuild deltas (REBUILT_EACH copies each)
+    delta_base: int  # copies the trainer's writers keep for the next delta
+    snapshots: int  # in-memory transfer: copies taken at publish, held until delivered
+    generator_weights: int  # generators computing on this node's CPU hold their weights
+    sync_dir: str | None
+    rebuilt_dir: str | None
+    # (filesystem, [(what, bytes)]) for every filesystem the copies' files fill
+    filesystems: list[tuple[Filesystem, list[tuple[str, int]]]] = field(default_factory=list)
+
+    @property
+    def sync_dir_bytes(self) -> int:
+        return self.kept * self.publication
+
+    @property
+    def rebuilt_bytes(self) -> int:
+        return self.rebuilders * REBUILT_EACH * self.publication
+
+    @property
+    def host_ram(self) -> int:
+        """Files on RAM-backed filesystems (/dev/shm), plus the copies held by processes."""
+        files = sum(b for fs, parts in self.filesystems if fs.in_ram for _, b in parts)
+        held = self.delta_base + self.snapshots + self.generator_weights
+        return files + held * self.publication
+
+    def shortfalls(self) -> list[str]:
+        """One message per filesystem with less free space than the copies' files need,
+        naming the settings that need less there."""
+        out = []
+        for fs, parts in self.filesystems:
+            need = sum(b for _, b in parts)
+            if need <= fs.free:
+                continue
+            holds = {what for what, _ in parts}
+            remedies = []
+            if "rebuilt delta copies" in holds:
+                remedies.append("set generation.weight_delta=false (no rebuilt copies)")
+            if "sync dir" in holds:
+                remedies.append("point generation.sync_dir at a larger filesystem")
+            # private_root holds the default sync dirs and the rebuilt copies: a killed run's stay
+            if fs.device == Filesystem.of(Path(self.rebuilt_dir)).device:
+                remedies.append(
+                    f"free space there (killed runs leave folders in {self.rebuilt_dir})"
+                )
+            held = ", ".join(f"{what} {b / GIB:.2f} GiB" for what, b in parts)
+            out.append(
+                f"{fs.mount} ({fs.fstype}): {fs.free / GIB:.2f} GiB free, the weight copies "
+                f"of this node need {need / GIB:.2f} GiB there ({held}): " + "; or ".join(remedies)
+            )
+        return out
+
+    def report(self) -> list[str]:
+        """Human-readable lines for ``dry_run``."""
+
+        def gib(x: int) -> str:
+            return f"{x / GIB:8.2f} GiB"
+
+        lines = []
+        if self.transfer == "files":
+            kept = ["served", "spare"] + ["next (one-step-off)"] * (self.kept - 2 - self.delta_base)
+            kept += ["deltas since the newest full one"] * self.delta_base
+            lines += [
+                f"sync dir               {gib(self.sync_dir_bytes)}   {self.kept} publications: "
+                f"{', '.join(kept)} ({self.sync_dir})",
+                f"rebuilt delta copies   {gib(self.rebuilt_bytes)}   {self.rebuilders} "
+                f"generator(s) x {REBUILT_EACH}: served, rebuilding into ({self.rebuilt_dir})",
+            ]
+        for fs, parts in self.filesystems:
+            lines.append(
+                f"node, {fs.mount} ({fs.fstype})".ljust(22)
+                + f" {gib(sum(b for _, b in parts))}   {fs.free / GIB:.2f} GiB free on this machine"
+            )
+        in_ram = sum(b for fs, parts in self.filesystems if fs.in_ram for _, b in parts)
+        held = [
+            ("files in RAM", in_ram),
+            ("delta base", self.delta_base * self.publication),
+            ("snapshots", self.snapshots * self.publication),
+            ("generators on CPU", self.generator_weights * self.publication),
+        ]
+        lines.append(
+            f"node, host RAM         {gib(self.host_ram)}   "
+            + " + ".join(f"{what} {b / GIB:.2f}" for what, b in held)
+        )
+        return lines
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "filesystems"}
+        out.update(
+            sync_dir_bytes=self.sync_dir_bytes,
+            rebuilt_bytes=self.rebuilt_bytes,
+            host_ram=self.host_ram,
+            filesystems=[
+                {**asdict(fs), "need": sum(b for _, b in parts), "parts": dict(parts)}
+                for fs, parts in self.filesystems
+            ],
+            shortfalls=self.shortfalls(),
+        )
+        return out
+
+
+def weight_copies(
+    cfg: DictConfig, publication: int, world_size: int, sync_dir: str | Path | None = None
+) -> WeightCopies:
+    """The weight copies of ``cfg``'s run on rank 0's node, publications of ``publication``
+    bytes; their files in ``sync_dir`` (default: the config's, else under private_root) and,
+    for rebuilt deltas, under private_root.
+
+    The sync dir keeps the version every generator serves and the spare (a pruned full
+    publication the next full one is written over); one-step-off, also the next version,
+    published before the served one is replaced; with deltas, also the deltas since the
+    newest full publication, counted as one publication (each is under the delta writer's
+    max_ratio of one, and usually far smaller)."""
+    g = cfg.generation
+    transfer = str(resolve_weight_transfer(g, world_size)[0])
+    staleness = int(cfg.rollout.max_staleness)
+    files = transfer == "files"
+    deltas = files and bool(g.weight_delta)
+    local = 0 if g.addresses else (1 if g.backend == "native" else int(g.num_workers))
+    on_cpu = str(cfg.device) == "cpu"
+    copies = WeightCopies(
+        publication=publication,
+        transfer=transfer,
+        kept=2 + staleness + int(deltas) if files else 0,
+        rebuilders=local if deltas else 0,
+        delta_base=int(deltas),
+        snapshots=0 if files else 1 + staleness,
+        generator_weights=local if on_cpu else 0,
+        sync_dir=None,
+        rebuilt_dir=None,
+    )
+    if not files:
+        return copies
+    sync = Path(sync_dir or g.sync_dir or private_root())
+    rebuilt = private_root()
+    by_device: dict[int, tuple[Filesystem, list[tuple[str, int]]]] = {}
+    for path, what, size in ((sync, "sync dir", copies.sync_dir_bytes),
+                             (rebuilt, "rebuilt delta copies", copies.rebuilt_bytes)):  # fmt: skip
+        if size:
+            fs = Filesystem.of(path)
+            by_device.setdefault(fs.device, (fs, []))[1].append((what, size))
+    return replace(
+        copies, sync_dir=str(sync), rebuilt_dir=str(rebuilt), filesystems=list(by_device.values())
+    )
+
+
+def check_weight_space(
+    cfg: DictConfig, publication: int, world_size: int, sync_dir: str | Path
+) -> None:
+    """At the start, before the first publication (collective): refuse a run whose weight
+    copies on rank 0's node do not fit the free space of the filesystems they fill. Rank 0
+    checks (its node holds them); every rank raises the same :class:`ConfigError`."""
+    problems = None
+    if rank() == 0:
+        problems = weight_copies(cfg, publication, world_size, sync_dir).shortfalls()
+    problems = broadcast_object(problems)
+    if problems:
+        raise ConfigError("not enough space for the weight copies:\n  " + "\n  ".join(problems))

@@ -25,9 +25,11 @@ from simko_tune.config import (
     PPOSection,
     RewardSection,
     RolloutSection,
+    resolve_weight_transfer,
 )
 from simko_tune.loss import loss_config_problems
-from simko_tune.memory_plan import MemoryPlan, ModelShape, estimate_memory
+from simko_tune.memory_plan import MemoryPlan, ModelShape, estimate_memory, weight_copies
+from simko_tune.models import model_from_hf_config
 from simko_tune.parallel.mesh import cpu_threads
 
 _FILE_KEYS = ("path", "merges_file", "special_tokens_path", "checkpoint_dir")
@@ -60,11 +62,12 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
         (CheckpointSection, "checkpoint"),
     ):
         errors += section.problems(cfg[name])
+    lengths = [("rollout.max_response_tokens", r.max_response_tokens)]
+    if cfg.eval.sets and (cfg.eval.every_n_steps or cfg.eval.before_training):
+        lengths.append(("eval.max_tokens", cfg.eval.max_tokens))
+    errors += _native_context_problems(cfg, lengths)
     max_model_len = g.engine_kwargs.get("max_model_len")
     if max_model_len is not None:
-        lengths = [("rollout.max_response_tokens", r.max_response_tokens)]
-        if cfg.eval.sets and (cfg.eval.every_n_steps or cfg.eval.before_training):
-            lengths.append(("eval.max_tokens", cfg.eval.max_tokens))
         for key, response in lengths:
             if r.max_prompt_tokens + response > max_model_len:
                 errors.append(
@@ -91,12 +94,13 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
             f"ppo.mini_batch_prompts x rollout.samples_per_prompt = {rows} rows do not split "
             f"evenly over {dp} data-parallel ranks"
         )
-    if g.weight_transfer == "memory" and (g.backend != "native" or world != 1):
+    transfer, why = resolve_weight_transfer(g, world)
+    if transfer == "memory" and (g.backend != "native" or world != 1):
         errors.append(
             "generation.weight_transfer=memory hands the weights to a generator in the "
             "trainer's process: it needs generation.backend=native and one trainer rank "
-            f"(got backend {g.backend!r}, world size {world}); set "
-            "generation.weight_transfer=files to publish safetensors files instead"
+            f"(got backend {g.backend}, world size {world}); set "
+            "generation.weight_transfer=auto (or files) to publish safetensors files instead"
         )
     if g.devices and not g.addresses and str(cfg.device).startswith("cuda"):
         from simko_tune.generation.client import check_device_overlap, trainer_cuda_devices
@@ -141,6 +145,7 @@ def validate(cfg: DictConfig) -> tuple[list[str], dict[str, Any]]:
                 else f"{g.num_workers} x {g.backend} worker(s), tp={g.tensor_parallel_size}, "
                 f"devices={list(g.devices) if g.devices else 'default'}"
             ),
+            "weight_transfer": f"{transfer} ({why})",
             "loss": OmegaConf.to_container(cfg.loss),
             "missing_files": missing,
         }
@@ -172,12 +177,27 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
     memory = _memory_plan(cfg, plan)
     if memory is not None:
         plan["memory"] = memory.to_dict()
-        print("  memory per trainer rank (estimate; simko_tune/memory_plan.py):")
-        for line in memory.report():
-            print(f"    {line}")
-        for warning in memory.warnings():
-            print(f"  WARNING: {warning}")
+        _print_block(
+            "memory per trainer rank (estimate; simko_tune/memory_plan.py)",
+            memory.report(),
+            memory.warnings(),
+        )
+        copies = weight_copies(cfg, memory.publication, plan["world_size"])
+        plan["weight_copies"] = copies.to_dict()
+        _print_block(
+            "weight copies on rank 0's node (estimate; the start checks the space)",
+            copies.report(),
+            [f"on this machine, {shortfall}" for shortfall in copies.shortfalls()],
+        )
     return plan
+
+
+def _print_block(title: str, lines: list[str], warnings: list[str]) -> None:
+    print(f"  {title}:")
+    for line in lines:
+        print(f"    {line}")
+    for warning in warnings:
+        print(f"  WARNING: {warning}")
 
 
 def _memory_plan(cfg: DictConfig, plan: dict[str, Any]) -> MemoryPlan | None:
@@ -188,6 +208,28 @@ def _memory_plan(cfg: DictConfig, plan: dict[str, Any]) -> MemoryPlan | None:
         return None
     mesh = plan["mesh"]
     return estimate_memory(ModelShape.from_model(model), cfg, dp=mesh["dp_shard"], tp=mesh["tp"])
+
+
+def _native_context_problems(cfg: DictConfig, lengths: list[tuple[str, int]]) -> list[str]:
+    """The native generator decodes with the model of ``model_dir``'s config.json, whose
+    positions (``max_position_embeddings``) bound prompt plus response whatever
+    ``engine_kwargs`` say. Without that config.json (built at the start by prepare_model,
+    or listed as missing) there is nothing to check against."""
+    if cfg.generation.backend != "native":
+        return []
+    try:
+        with torch.device("meta"):
+            context = model_from_hf_config(cfg.model_dir).max_seq_len
+    except FileNotFoundError:
+        return []
+    prompt = cfg.rollout.max_prompt_tokens
+    return [
+        f"rollout.max_prompt_tokens + {key} = {prompt} + {response} exceeds the model's "
+        f"context of {context} positions (max_position_embeddings in {cfg.model_dir}/"
+        "config.json), which generation.backend=native decodes within"
+        for key, response in lengths
+        if prompt + response > context
+    ]
 
 
 def _missing_files(cfg: DictConfig) -> list[str]:

@@ -208,3 +208,103 @@ def test_config_comment_states_the_plans_total(name, capsys):
     plan = dry_run(_cfg(name))["memory"]
     capsys.readouterr()
     assert f"{plan['total'] / 2**30:.1f}" == stated.group(1)
+
+
+# ---------------------------------------------------------------- weight copies per node
+PUB_7B = N_7B * 2  # one bf16 publication of the 7B model
+
+
+def _in_ram(path) -> bool:
+    from simko_tune.memory_plan import Filesystem
+
+    return Filesystem.of(path).in_ram
+
+
+def test_weight_copies_are_counted_per_node(capsys):
+    """qwen2_5_7b: 4 local vLLM workers, weight deltas, the sync dir under /dev/shm. The sync
+    dir keeps the served publication, the spare (the next full one is written over it) and
+    the deltas since the newest full one (counted as one); each worker keeps two rebuilt
+    copies (the version it serves, the one it rebuilds into) under private_root."""
+    from simko_tune.generation.sync_dir import private_root
+
+    copies = dry_run(_cfg("qwen2_5_7b"))["weight_copies"]
+    sync_dir = 3 * PUB_7B
+    rebuilt = 4 * 2 * PUB_7B
+    assert copies["sync_dir_bytes"] == sync_dir and copies["rebuilt_bytes"] == rebuilt
+    assert [fs["need"] for fs in copies["filesystems"]] == [sync_dir + rebuilt]  # one: /dev/shm
+    files_in_ram = sync_dir + rebuilt if _in_ram(private_root()) else 0
+    assert copies["host_ram"] == files_in_ram + PUB_7B  # + the trainer's delta base
+    out = capsys.readouterr().out
+    assert f"{(sync_dir + rebuilt) / 2**30:8.2f} GiB" in out  # 156.04: the node's total
+    assert f"{(files_in_ram + PUB_7B) / 2**30:8.2f} GiB" in out and "node, host RAM" in out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kept", "rebuilders", "host_ram_held"),
+    [
+        (["generation.weight_delta=false"], 2, 0, 0),  # served + spare, no delta base
+        (["rollout.max_staleness=1"], 4, 4, 1),  # + the next version, one-step-off
+        (["generation.addresses=[tcp://gen:5555]"], 3, 0, 1),  # workers on another node
+        (["generation.backend=native", "device=cpu"], 3, 1, 1 + 1),  # + its fp32 model
+        (["generation.backend=native", "generation.weight_delta=false", "device=cpu"], 2, 0, 1),
+    ],
+)
+def test_weight_copies_follow_the_settings(overrides, kept, rebuilders, host_ram_held, tmp_path):
+    """With the sync dir on disk (tmp_path): host RAM holds what processes keep (delta base,
+    generators on CPU) and the rebuilt copies, if private_root is in RAM."""
+    from simko_tune.generation.sync_dir import private_root
+    from simko_tune.memory_plan import weight_copies
+
+    cfg = _cfg("qwen2_5_7b", f"generation.sync_dir={tmp_path}", *overrides)
+    pub = N_7B * (4 if "generation.backend=native" in overrides else 2)
+    copies = weight_copies(cfg, pub, world_size=4)
+    assert (copies.kept, copies.rebuilders) == (kept, rebuilders)
+    assert copies.sync_dir_bytes == kept * pub and copies.rebuilt_bytes == rebuilders * 2 * pub
+    rebuilt_in_ram = rebuilders * 2 * pub if _in_ram(private_root()) else 0
+    sync_in_ram = kept * pub if _in_ram(tmp_path) else 0
+    assert copies.host_ram == sync_in_ram + rebuilt_in_ram + host_ram_held * pub
+
+
+def test_in_memory_transfer_has_no_files_and_holds_its_snapshots():
+    """tiny_cpu on one rank: weight_transfer auto picks memory; the copies are the snapshot
+    (two one-step-off) and the native generator's own model, in host RAM."""
+    from simko_tune.memory_plan import weight_copies
+
+    for staleness, snapshots in ((0, 1), (1, 2)):
+        cfg = _cfg("tiny_cpu", f"rollout.max_staleness={staleness}")
+        copies = weight_copies(cfg, 1000, world_size=1)
+        assert copies.transfer == "memory" and copies.filesystems == []
+        assert copies.host_ram == (snapshots + 1) * 1000
+
+
+def test_start_refuses_when_the_sync_dirs_filesystem_is_too_small(tmp_path, monkeypatch):
+    """The start's check: the node's copies against the free space of the filesystems they
+    fill; the error names the settings that need less there."""
+    import shutil
+
+    from simko_tune import memory_plan
+    from simko_tune.config import ConfigError
+    from simko_tune.memory_plan import check_weight_space
+
+    (tmp_path / "shm").mkdir()
+    (tmp_path / "sync").mkdir()
+    monkeypatch.setattr(memory_plan, "private_root", lambda: tmp_path / "shm")  # one filesystem
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(
+        memory_plan.shutil, "disk_usage", lambda p: usage._replace(free=10 * PUB_7B)
+    )
+    cfg = _cfg("qwen2_5_7b")
+    with pytest.raises(ConfigError) as info:  # 3 + 4 x 2 = 11 publications > 10
+        check_weight_space(cfg, PUB_7B, world_size=4, sync_dir=tmp_path / "sync")
+    message = str(info.value)
+    assert f"{10 * PUB_7B / 2**30:.2f} GiB free" in message
+    assert f"need {11 * PUB_7B / 2**30:.2f} GiB there" in message
+    assert "set generation.weight_delta=false" in message
+    assert "point generation.sync_dir at a larger filesystem" in message
+    # each remedy fits: deltas off keeps 2 publications; a sync dir elsewhere 3 of the 11
+    no_deltas = _cfg("qwen2_5_7b", "generation.weight_delta=false")
+    check_weight_space(no_deltas, PUB_7B, world_size=4, sync_dir=tmp_path / "sync")
+    monkeypatch.setattr(
+        memory_plan.shutil, "disk_usage", lambda p: usage._replace(free=11 * PUB_7B)
+    )
+    check_weight_space(cfg, PUB_7B, world_size=4, sync_dir=tmp_path / "sync")

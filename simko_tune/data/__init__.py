@@ -4,6 +4,7 @@ from simko_tune.data.benchmarks import BENCHMARKS, PAPER_BENCHMARKS, BenchmarkSp
 from simko_tune.data.problems import DataError, MathProblem
 from simko_tune.data.prompts import (
     PROMPT_TEMPLATES,
+    decode_responses,
     encode_with_special_tokens,
     render_prompt,
     stop_token_ids,
@@ -27,6 +28,7 @@ __all__ = [
     "LoadReport",
     "MathProblem",
     "PromptBatches",
+    "decode_responses",
     "encode_with_special_tokens",
     "load_benchmark",
     "load_train_dataset",

@@ -11,6 +11,7 @@ vLLM encode the same string.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -70,3 +71,37 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     ``<|endoftext|>`` for Qwen; ``<|eot_id|>``, ``<|end_of_text|>``, ``<|eom_id|>`` for
     Llama 3), without duplicates or unset ids."""
     return list(dict.fromkeys(t for t in tokenizer.stop_tokens if t is not None))
+
+
+def decode_responses(tokenizer: Any, responses: list[list[int]]) -> tuple[list[str], int]:
+    """The text of each generated response (special tokens skipped) and how many of its ids
+    the tokenizer has no token for.
+
+    A model's vocabulary may be larger than its tokenizer's: Qwen2.5 pads its embedding to
+    152,064 rows, its tokenizer ends at 151,664, and a trained model can sample a padded id.
+    torchtune's decode crashes on such an id (Qwen2: ``None`` in a join; Llama 3: tiktoken's
+    ``KeyError``), so it is left out of the text, as Hugging Face tokenizers (and so vLLM)
+    decode it, and the response is scored as the rest reads. The count is for the logs.
+    """
+    has_token = _token_check(tokenizer)
+    texts, unknown = [], 0
+    for ids in responses:
+        known = [t for t in ids if has_token(t)]
+        unknown += len(ids) - len(known)
+        texts.append(tokenizer.decode(known, skip_special_tokens=True))
+    return texts, unknown
+
+
+def _token_check(tokenizer: Any) -> Callable[[int], bool]:
+    """Whether an id is one of ``tokenizer``'s tokens (ordinary or special)."""
+    specials = set(tokenizer.special_tokens.values())
+    if hasattr(tokenizer, "decoder"):  # torchtune's Qwen2/Qwen2.5: byte-level BPE, id -> token
+        ordinary = tokenizer.decoder
+        return lambda t: t in ordinary or t in specials
+    if hasattr(tokenizer, "base_vocab_size"):  # torchtune's Llama 3: tiktoken ranks 0..n-1
+        n = tokenizer.base_vocab_size
+        return lambda t: 0 <= t < n or t in specials
+    raise TypeError(
+        f"cannot tell which ids a {type(tokenizer).__name__} can decode: the supported "
+        "tokenizers are torchtune's Qwen2/Qwen2.5 and Llama 3 ones"
+    )

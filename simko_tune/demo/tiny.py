@@ -261,7 +261,7 @@ def build_tiny_llama3(
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
         "head_dim": 32,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": 2048,  # room for the llama config's 1,024-token prompts
         "rope_theta": 500_000.0,
         "rope_scaling": rope_scaling,
         "rms_norm_eps": 1e-5,

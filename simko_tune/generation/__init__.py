@@ -43,6 +43,7 @@ def build_generator(
             sync_dir,
             model_dir=model_dir,
             request_timeout_s=g.request_timeout_s,
+            load_timeout_s=g.load_timeout_s,
             curve_server_key=g.curve_server_key,
             curve_client_key=g.curve_client_key,
         )
@@ -54,6 +55,7 @@ def build_generator(
         devices=list(g.devices) if g.devices else None,
         tensor_parallel_size=g.tensor_parallel_size,
         request_timeout_s=g.request_timeout_s,
+        load_timeout_s=g.load_timeout_s,
         restart_on_failure=g.restart_on_failure,
         log_dir=log_dir,
         trainer_devices=trainer_devices,

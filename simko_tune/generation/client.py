@@ -33,6 +33,7 @@ from simko_tune.generation.protocol import (
 )
 from simko_tune.generation.types import (
     INITIAL_VERSION,
+    LOAD_TIMEOUT_S,
     Completion,
     GenerationError,
     Generator,
@@ -208,14 +209,15 @@ class VLLMWorkers(Generator):
         *,
         request_timeout_s: float,
         restart_on_failure: bool,
-        startup_timeout_s: float = 600.0,
+        load_timeout_s: float = LOAD_TIMEOUT_S,
         curve_server_key: str | Path | None = None,
         curve_client_key: str | Path | None = None,
     ) -> None:
         self.sync_dir = Path(sync_dir) if sync_dir is not None else None
         self.request_timeout_s = request_timeout_s
         self.restart_on_failure = restart_on_failure
-        self.startup_timeout_s = startup_timeout_s
+        # a load's wait: a worker's start (its engine reads the weights) and each version
+        self.load_timeout_s = load_timeout_s
         self._workers = workers
         self._ctx = zmq.Context()
         self._curve = {"server_key": curve_server_key, "client_key": curve_client_key}
@@ -242,7 +244,7 @@ class VLLMWorkers(Generator):
         request_timeout_s: float = 600.0,
         restart_on_failure: bool = True,
         log_dir: str | Path | None = None,
-        startup_timeout_s: float = 600.0,
+        load_timeout_s: float = LOAD_TIMEOUT_S,
         trainer_devices: list[str] | None = None,
     ) -> VLLMWorkers:
         """Start ``num_workers`` worker processes on this node and wait until all answer.
@@ -254,7 +256,8 @@ class VLLMWorkers(Generator):
         Worker logs go to ``log_dir`` (default: a fresh folder under the project cache).
         ``trainer_devices``: the GPUs this node's trainer ranks use (see
         :func:`trainer_cuda_devices`); workers placed on any of them are refused.
-        Local workers bind 127.0.0.1.
+        ``load_timeout_s``: each worker's start (its engine reads ``model_dir``), a
+        restart's, and each version's load. Local workers bind 127.0.0.1.
         """
         import torch
 
@@ -299,7 +302,7 @@ class VLLMWorkers(Generator):
             sync_dir,
             request_timeout_s=request_timeout_s,
             restart_on_failure=restart_on_failure,
-            startup_timeout_s=startup_timeout_s,
+            load_timeout_s=load_timeout_s,
         )
         self._tmp_root = tmp_root
         try:
@@ -323,6 +326,7 @@ class VLLMWorkers(Generator):
         request_timeout_s: float = 600.0,
         curve_server_key: str | Path | None = None,
         curve_client_key: str | Path | None = None,
+        load_timeout_s: float = LOAD_TIMEOUT_S,
     ) -> VLLMWorkers:
         """Join workers already running elsewhere (``tcp://host:port``, one per worker).
         They must read the same ``sync_dir`` (a shared filesystem). They are not restarted
@@ -346,6 +350,7 @@ class VLLMWorkers(Generator):
             sync_dir,
             request_timeout_s=request_timeout_s,
             restart_on_failure=False,
+            load_timeout_s=load_timeout_s,
             curve_server_key=curve_server_key,
             curve_client_key=curve_client_key,
         )
@@ -422,7 +427,7 @@ class VLLMWorkers(Generator):
 
     def _await_ready(self, k: int, timeout_s: float | None = None) -> None:
         w = self._workers[k]
-        timeout_s = timeout_s or self.startup_timeout_s
+        timeout_s = timeout_s or self.load_timeout_s
         try:
             if w.launch is not None and not w.address:
                 self._await_port(k, timeout_s)
@@ -449,7 +454,7 @@ class VLLMWorkers(Generator):
         self._await_ready(k)
         if self._acked != INITIAL_VERSION:
             reply = self._request(
-                k, {"op": "load", "version": self._acked}, self.request_timeout_s, recover=False
+                k, {"op": "load", "version": self._acked}, self.load_timeout_s, recover=False
             )
             if not reply["ok"]:
                 raise GenerationError(
@@ -587,10 +592,12 @@ class VLLMWorkers(Generator):
             )
         return out
 
-    def load_weights(self, version: int, timeout_s: float = 300.0) -> None:
-        """All workers load ``version`` and acknowledge it. If any worker refuses (a bad
-        publication), the others go back to the previous version and
-        :class:`GenerationError` says why: the pool never serves mixed weights."""
+    def load_weights(self, version: int, timeout_s: float | None = None) -> None:
+        """All workers load ``version`` and acknowledge it within ``timeout_s`` (default:
+        ``load_timeout_s``). If any worker refuses (a bad publication), the others go back
+        to the previous version and :class:`GenerationError` says why: the pool never
+        serves mixed weights."""
+        timeout_s = self.load_timeout_s if timeout_s is None else timeout_s
         previous = self._acked
         replies = self._call(
             {k: {"op": "load", "version": version} for k in range(len(self._workers))}, timeout_s

@@ -24,12 +24,21 @@ chain of bases back to the version served (or to the newest full publication, fo
 that starts or restarts mid-run) into a private folder under /dev/shm, each rebuilt file
 checked against the checksum of the bytes the trainer meant, before anything loads it. A
 gap in the chain, a wrong base or a corrupt delta raises :class:`PublicationError` naming
-the version and file; the worker then keeps serving what it has.
+the version and file; the worker then keeps serving what it has. The manifests' names and
+targets are plain file names, checked when the manifest is read, before any file is opened
+(:func:`~simko_tune.generation.weights.read_publication`), and so is the sync dir's owner.
+
+A worker owns its private folder by a lock on it held for its lifetime, not by its PID:
+workers in containers that share /dev/shm (docker ``--ipc=host``) see other PID namespaces,
+where a PID says nothing. A worker that makes its folder first removes those whose lock it
+can take (their worker was killed before its ``close``); a worker whose folder was removed
+anyway (a cleanup of /dev/shm) makes a new one.
 """
 
 from __future__ import annotations
 
 import bisect
+import fcntl
 import os
 import shutil
 import tempfile
@@ -47,7 +56,7 @@ import torch
 import xxhash
 
 from simko_tune.fs import CHECKSUM, open_in_place
-from simko_tune.generation.sync_dir import private_root
+from simko_tune.generation.sync_dir import check_sync_dir, private_root
 from simko_tune.generation.types import PublicationError
 from simko_tune.generation.xor_codec import apply_frame, encode_into, pairs_bound
 
@@ -399,12 +408,55 @@ def _rebuilt_entry(target: str, entry: dict) -> dict:
     }
 
 
+def _lock(folder: Path) -> int | None:
+    """A descriptor of ``folder`` holding its lock (``flock``, on the folder itself), or
+    None when another process holds it or the folder is gone."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _holds(folder: Path, fd: int) -> bool:
+    """Whether ``fd`` (locked) is still the folder at ``folder`` (not removed)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.lstat(folder))
+    except OSError:
+        return False
+
+
+def _make_private(root: Path) -> tuple[Path, int]:
+    """A new private folder under ``root`` and the descriptor holding its lock."""
+    while True:
+        folder = Path(tempfile.mkdtemp(prefix="worker-", dir=root))
+        fd = _lock(folder)  # None or removed: a sweep listed it before the lock; make another
+        if fd is not None:
+            if _holds(folder, fd):
+                return folder, fd
+            os.close(fd)
+
+
 def _remove_orphans(root: Path) -> None:
-    """Rebuilt-version folders of workers that are gone (killed before their ``close``)."""
-    for p in root.glob("worker-*-*"):
-        pid = p.name.split("-")[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(p, ignore_errors=True)
+    """Private folders no worker holds (killed before their ``close``)."""
+    for folder in root.glob("worker-*"):
+        try:
+            fd = _lock(folder)
+        except OSError:  # not a folder, or no locks there: never taken for an orphan
+            continue
+        if fd is not None:
+            try:
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 def _write_array(data: np.ndarray, path: Path) -> None:
@@ -441,6 +493,7 @@ class ServedWeights:
         self.folder: Path | None = None
         self.files: list[dict] | None = None
         self._private: Path | None = None
+        self._private_fd = -1  # holds the private folder's lock
         self._prefetch, self._poll_s = prefetch, poll_s
         self._lock = threading.Lock()  # one rebuild at a time: the loader's or the watcher's
         self._prefetched: dict[int, tuple[Path, list[dict], dict[str, float]]] = {}
@@ -469,6 +522,7 @@ class ServedWeights:
 
         if self.sync_dir is None:
             raise PublicationError("this worker was started without --sync-dir")
+        check_sync_dir(self.sync_dir)
         chain: list[tuple[int, Path, list[dict]]] = []  # newest first
         v, from_served = version, False
         while True:
@@ -487,7 +541,7 @@ class ServedWeights:
             base = fields.get("base")
             if not isinstance(base, int) or base >= v:
                 raise PublicationError(f"{folder}: a delta publication with base {base!r}")
-            if base == self.version and self.folder is not None:
+            if base == self.version and self.folder is not None and self.folder.is_dir():
                 from_served = True
                 break
             v = base
@@ -622,18 +676,28 @@ class ServedWeights:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _owns(self, folder: Path) -> bool:
-        return self._private is not None and folder.parent == self._private
+        return (
+            self._private is not None
+            and folder.parent == self._private
+            and _holds(self._private, self._private_fd)
+        )
 
     def _private_dir(self) -> Path:
+        """The private folder: made on first use, after a sweep of orphans, and again when it
+        was removed."""
+        if self._private is not None and not _holds(self._private, self._private_fd):
+            os.close(self._private_fd)
+            self._private, self._private_fd = None, -1
         if self._private is None:
-            _remove_orphans(private_root())
-            self._private = Path(
-                tempfile.mkdtemp(prefix=f"worker-{os.getpid()}-", dir=private_root())
-            )
+            root = private_root()
+            _remove_orphans(root)
+            self._private, self._private_fd = _make_private(root)
         return self._private
 
     def close(self) -> None:
         self._stop_watcher()
         if self._private is not None:
-            shutil.rmtree(self._private, ignore_errors=True)
-            self._private = None
+            if _holds(self._private, self._private_fd):
+                shutil.rmtree(self._private, ignore_errors=True)
+            os.close(self._private_fd)  # the lock goes with it
+            self._private, self._private_fd = None, -1

@@ -25,6 +25,7 @@ from simko_tune.generation.deltas import ServedWeights
 from simko_tune.generation.shards import checkpoint_shapes, compare_shapes
 from simko_tune.generation.types import (
     INITIAL_VERSION,
+    LOAD_TIMEOUT_S,
     Completion,
     Generator,
     PublicationError,
@@ -84,11 +85,11 @@ class NativeGenerator(Generator):
         self.model_dir = Path(model_dir)
         self.sync_dir = Path(sync_dir) if sync_dir is not None else None
         self.hf_config = read_hf_config(model_dir)
-        self.max_model_len = int(self.hf_config.get("max_position_embeddings", 4096))
         self.max_batch_size = max_batch_size
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model_from_hf_config(model_dir)
+        self.max_model_len = int(self.model.max_seq_len)  # its RoPE table's positions
         load_hf_weights(self.model, model_dir, self.hf_config)
         self.model.to(device=self.device, dtype=dtype).eval()
         self.eos_ids = _eos_ids(self.model_dir, self.hf_config)
@@ -100,7 +101,7 @@ class NativeGenerator(Generator):
     def weight_version(self) -> int:
         return self._version
 
-    def load_weights(self, version: int, timeout_s: float = 300.0) -> None:
+    def load_weights(self, version: int, timeout_s: float = LOAD_TIMEOUT_S) -> None:
         """Verify and load a publication from the sync dir (``timeout_s`` is moot in-process)."""
         if self.sync_dir is None:
             raise ValueError("NativeGenerator was built without a sync_dir")
@@ -159,7 +160,10 @@ class NativeGenerator(Generator):
         for b, p in enumerate(prompts):  # left padding
             tokens[b, prompt_len - len(p) :] = torch.tensor(p, device=dev)
             valid[b, : prompt_len - len(p)] = False
-        positions = get_position_ids_from_padding_mask(valid)
+        # Every row stays in the batch (the static cache holds them all) until the last one
+        # ends, so a row that ended is still fed; past its context its positions would leave
+        # the model's RoPE table: they stay at the last one (its outputs are dropped).
+        positions = get_position_ids_from_padding_mask(valid).clamp_(max=self.max_model_len - 1)
         stop_ids = set(sampling.stop_token_ids or ()) | (
             set() if sampling.ignore_eos else self.eos_ids
         )

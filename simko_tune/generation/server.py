@@ -47,6 +47,7 @@ from simko_tune.generation.shards import (
     streamed_tensors,
     verified_tensors,
 )
+from simko_tune.generation.sync_dir import check_sync_dir
 from simko_tune.generation.types import (
     INITIAL_VERSION,
     PublicationError,
@@ -444,6 +445,13 @@ def main(argv: list[str] | None = None) -> None:
             f"--host {args.host} is reachable from other machines: give --curve-secret-key "
             "and --curve-authorized-keys (make keys: python -m simko_tune.generation.protocol)"
         )
+    # Likewise a sync dir others may write (checked again before each publication is read;
+    # one the trainer has not made yet is left to that check).
+    if args.sync_dir is not None and os.path.lexists(args.sync_dir):
+        try:
+            check_sync_dir(args.sync_dir)
+        except PublicationError as e:
+            parser.error(str(e))
     serve(
         lambda: Worker(
             build_engine(args.model, engine_kwargs, args.tensor_parallel_size),

@@ -2,8 +2,10 @@
 
 A publication is ``sync_dir/v{version:06d}/`` (``.tmp`` while it is written). The directory
 must be this user's own, not a symlink and not writable by others: whoever can write there
-can change the weights the workers load. ``sync_dir/spare/`` is a pruned full publication
-that the next full one is written over (:func:`take_spare`).
+can change the weights the workers load. The trainer checks it when it prepares it, and a
+worker before each publication it reads (:func:`check_sync_dir`): remote workers read it on
+a shared filesystem that the trainer's check does not cover. ``sync_dir/spare/`` is a
+pruned full publication that the next full one is written over (:func:`take_spare`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ def default_sync_dir(run_name: str) -> Path:
 def _check_owned(path: Path, *, private: bool) -> None:
     """``path`` is a real directory owned by this user; ``private``: no one else may enter
     it; otherwise: no one else may write to it."""
-    st = os.lstat(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise PublicationError(f"sync dir {path}: missing (nothing is published there)") from None
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise PublicationError(f"sync dir {path}: not a directory (a symlink?); refusing it")
     if st.st_uid != os.getuid():
@@ -67,12 +72,18 @@ def _check_owned(path: Path, *, private: bool) -> None:
         )
 
 
+def check_sync_dir(path: str | Path) -> None:
+    """Refuse (:class:`PublicationError`) a sync dir that is not this user's own or that
+    others may write to: what a worker checks before it reads a publication there."""
+    _check_owned(Path(path), private=False)
+
+
 def prepare_sync_dir(path: str | Path) -> Path:
     """Create ``path`` if missing (0700), check it is ours, and clear any publication left by
     an earlier run: a stale version must never be loaded."""
     path = Path(path)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_owned(path, private=False)
+    check_sync_dir(path)
     for p in path.iterdir():
         if _is_ours(p.name):
             shutil.rmtree(p)

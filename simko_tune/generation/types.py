@@ -16,6 +16,11 @@ INITIAL_VERSION = 0
 """``weight_version`` of the checkpoint the generators were started from (nothing published
 yet). Published versions are positive integers chosen by the trainer (its step count)."""
 
+LOAD_TIMEOUT_S = 1200.0
+"""How long a weight load may take (``generation.load_timeout_s``'s default): a worker's
+start, or a new version's verify and reload until every worker acknowledges. A 7B model's
+load over a network filesystem takes minutes."""
+
 
 @dataclass
 class SamplingConfig:
@@ -93,7 +98,7 @@ class Generator(Protocol):
         """``n`` completions per prompt, as ``[prompt][sample]`` in input order."""
         ...
 
-    def load_weights(self, version: int, timeout_s: float = 300.0) -> None:
+    def load_weights(self, version: int, timeout_s: float = LOAD_TIMEOUT_S) -> None:
         """Switch to the weights published as ``version`` in the sync dir; returns once every
         worker serves them, raises :class:`GenerationError` if any cannot."""
         ...

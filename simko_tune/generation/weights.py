@@ -50,7 +50,12 @@ from simko_tune.generation.sync_dir import (
     take_spare,
     version_dir,
 )
-from simko_tune.generation.types import DeltaRefused, GenerationError, PublicationError
+from simko_tune.generation.types import (
+    LOAD_TIMEOUT_S,
+    DeltaRefused,
+    GenerationError,
+    PublicationError,
+)
 from simko_tune.parallel.collectives import (
     all_gather_object,
     barrier,
@@ -132,7 +137,8 @@ def read_manifest(sync_dir: str | Path, version: int) -> tuple[Path, list[dict]]
 
 def read_publication(sync_dir: str | Path, version: int) -> tuple[Path, list[dict], dict]:
     """Everything about a publication but its checksums: the manifest exists and names
-    this version, every listed file has its size, and no unlisted shard is present (the
+    this version, its names and delta targets are plain file names of the publication's
+    folder, every listed file has its size, and no unlisted shard is present (the
     loader would read it). Returns the folder, the file entries (``name`` included), in
     the order they were written, and the manifest's fields (``kind``, a delta's ``base``)."""
     folder = version_dir(sync_dir, version)
@@ -144,7 +150,7 @@ def read_publication(sync_dir: str | Path, version: int) -> tuple[Path, list[dic
     if not manifest_path.is_file():
         raise PublicationError(f"{manifest_path}: manifest missing; publication is incomplete")
     try:
-        manifest = Manifest.read(manifest_path)
+        manifest = Manifest.read(manifest_path, plain=True, name_fields=("target",))
     except ManifestError as e:
         raise PublicationError(str(e)) from e
     if manifest.fields.get("version") != version:
@@ -411,7 +417,7 @@ class WeightSync:
         max_shard_bytes: int = 2**30,
         remove_on_close: bool = False,
         delta: DeltaSettings | None = None,
-        timeout_s: float = 300.0,
+        timeout_s: float = LOAD_TIMEOUT_S,
     ) -> None:
         if sync_dir is None and delta is not None:
             raise ValueError("weight deltas need a sync dir (in-memory transfer copies nothing)")
@@ -449,11 +455,17 @@ class WeightSync:
         self.consumer = consumer
 
     def publish(
-        self, model: nn.Module, version: int, timeout_s: float = 300.0, *, deliver: bool = True
+        self,
+        model: nn.Module,
+        version: int,
+        timeout_s: float | None = None,
+        *,
+        deliver: bool = True,
     ) -> Path | None:
         """Write ``model`` as ``version`` (collective), then on rank 0, with ``deliver``,
-        hand it to the consumer at once (:meth:`deliver`). Returns the publication's path on
-        rank 0, None elsewhere and in memory."""
+        hand it to the consumer at once (:meth:`deliver`; ``timeout_s`` default: this sync's).
+        Returns the publication's path on rank 0, None elsewhere and in memory."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         t0 = time.perf_counter()
         if self.deltas:
             self._republish_refused()
@@ -483,15 +495,18 @@ class WeightSync:
         with self._settled:
             self._reserved = version
 
-    def deliver(self, version: int, timeout_s: float = 300.0) -> dict[str, float]:
+    def deliver(self, version: int, timeout_s: float | None = None) -> dict[str, float]:
         """Rank 0: make the consumer serve ``version``, a publication of this sync, and wait
-        for its acknowledgement. A no-op without a consumer, when it already serves
-        ``version``, or for a version this sync has not published (the start-up weights).
+        for its acknowledgement (at most ``timeout_s``; default: this sync's, which the
+        recipe sets to generation.load_timeout_s). A no-op without a consumer, when it
+        already serves ``version``, or for a version this sync has not published (the
+        start-up weights).
         Returns the seconds it took: ``ack_s`` and the workers' own share of it,
         ``verify_s`` and ``reload_s`` (the rest is messaging).
 
         A refused delta, delivered from another thread than the trainer's, waits for the
         trainer's next publication to republish it whole, then delivers that."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             try:
                 return self._deliver(version, timeout_s)

@@ -95,6 +95,17 @@ def keep_freed_memory() -> str:
     process holds its peak, as the CUDA caching allocator does on GPU (so only CPU trainer
     ranks do this; ``parallel.cpu_keep_freed_memory=false`` turns it off). Returns what was
     done (logged): nothing where the C library is not glibc.
+
+    Two limits of glibc that mallopt cannot reach. torch allocates with posix_memalign, which
+    asks glibc for the block plus the alignment, so a freed block serves its own size again
+    only once merged with a neighbour; before glibc 2.39 (its bug 30723) memalign puts the
+    slivers it trims into the thread's tcache, where they never merge, until that tcache bin
+    is full (7 chunks). So a thread's first steps may fault some blocks in again
+    (``tests/recipe/test_threads.py`` bounds it). And on threads other than the main one,
+    glibc maps blocks of a thread heap's size (64 MiB) or more with mmap whatever M_MMAP_MAX
+    says, and unmaps them when freed (gloo's collective buffers on its worker threads). Only
+    settings read at process start reach them: ``GLIBC_TUNABLES=glibc.malloc.tcache_count=0``
+    the first, ``MALLOC_ARENA_MAX=1`` (every thread in the main heap) the second.
     """
     name = ctypes.util.find_library("c")
     try:

@@ -1,9 +1,17 @@
 """Score responses in worker processes, each check under a hard wall-clock limit.
 
-A check that runs past the limit has its worker killed (SIGKILL) and replaced; a worker
-that dies mid-check is replaced; both score 0 and are counted. Workers are started with
-"spawn" (the trainer holds torch threads, so forking it is unsafe), are reused across
-calls, and cap their own address space (RLIMIT_AS) as a second fence against memory blow-ups.
+A check that runs past the limit has its worker killed (SIGKILL) and replaced, and scores
+0. A worker that dies mid-check is replaced and its check scored again on the new one (a
+worker can be killed from outside: the OOM killer, a stray signal); only a check that kills
+its worker a second time scores 0. Both zeros are counted. Workers are started with "spawn"
+(the trainer holds torch threads, so forking it is unsafe), are reused across calls, and cap
+their own address space (RLIMIT_AS) as a second fence against memory blow-ups.
+
+Workers ignore the signals that stop a whole job (:data:`PARENT_STOPS`): schedulers send a
+preemption signal to every process of a job step (SLURM's ``--signal``, ``scancel``), and
+the trainer, which handles it, stops its workers itself (``close``). They are blocked from
+before the spawn until the worker has ignored them, so one that arrives while a worker
+starts does not kill it either.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import importlib
 import multiprocessing
 import os
 import resource
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,6 +32,11 @@ from simko_tune.rewards.grader import reward_fn_for_mode
 
 _STARTUP_TIMEOUT_S = 120.0
 _MAX_CHUNK = 16
+# What a scheduler or a terminal sends to every process of a job to stop it: the trainer's
+# to handle (simko_tune.preemption), never its workers'.
+PARENT_STOPS = frozenset(
+    {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+)
 
 
 @dataclass
@@ -30,8 +44,9 @@ class RewardPoolStats:
     """Running counters; the recipe logs them."""
 
     checks: int = 0
-    timeouts: int = 0  # checks killed at the wall-clock limit
-    crashes: int = 0  # workers that died during a check
+    timeouts: int = 0  # checks killed at the wall-clock limit (scored 0)
+    crashes: int = 0  # checks whose worker died twice, on the first try and on the rescore (0)
+    rescored: int = 0  # checks scored again on a fresh worker after theirs died
     errors: int = 0  # reward_fn raised (worker survives)
     worker_restarts: int = 0
 
@@ -57,6 +72,9 @@ def _worker_main(
 ) -> None:
     """Worker loop: receive a chunk of (response, gold) pairs, send back (score, error
     flag) after each one, so the parent can time every check separately."""
+    for number in PARENT_STOPS:  # blocked since the spawn (_Worker): ignore, then unblock
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_STOPS)
     if memory_limit_mb is not None:
         _limit_memory(memory_limit_mb)
     # One untimed check first: it builds the reward's lazy state (Math-Verify's ANTLR
@@ -88,7 +106,14 @@ class _Worker:
         self.process = ctx.Process(
             target=_worker_main, args=(child, reward_fn, memory_limit_mb), daemon=True
         )
-        self.process.start()
+        # The child inherits this thread's signal mask: blocked, a stop signal waits in it
+        # until _worker_main ignores it. Here it waits for the unblock, or another thread
+        # of the trainer takes it meanwhile: the trainer's request is never lost.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_STOPS)
+        try:
+            self.process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         child.close()
         self.ready = False
         self.tasks: deque[int] = deque()  # indices sent, in order; the first is running
@@ -157,7 +182,7 @@ class RewardPool:
         return [w.process.pid for w in self._workers]
 
     def score(self, responses: Sequence[str], golds: Sequence[str]) -> list[float]:
-        """Scores in input order; a check that times out or kills its worker scores 0.
+        """Scores in input order; a check that times out, or kills its worker twice, scores 0.
 
         Work goes out in small chunks (IPC per check would cost as much as a simple check);
         each result resets the clock, so every single check gets the full `timeout_s`."""
@@ -167,6 +192,7 @@ class RewardPool:
             raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
         tasks = [(str(r), str(g)) for r, g in zip(responses, golds)]
         scores = [0.0] * len(tasks)
+        crashed: set[int] = set()  # checks whose worker died under them once
         pending = deque(range(len(tasks)))
         done = 0
         while done < len(tasks):
@@ -177,7 +203,7 @@ class RewardPool:
             ready = wait([w.conn for w in self._workers], max(0.0, min(waits) - now))
             for i in range(len(self._workers)):
                 if self._workers[i].conn in ready:
-                    done += self._receive(i, scores, pending)
+                    done += self._receive(i, scores, pending, crashed)
             now = time.monotonic()
             for i, w in enumerate(self._workers):
                 if w.tasks and now >= w.deadline:
@@ -204,17 +230,24 @@ class RewardPool:
             w.tasks.extend(chunk)
             w.deadline = time.monotonic() + self.timeout_s
 
-    def _fail_running(self, i: int, scores: list[float], pending: deque[int]) -> int:
-        """Score worker i's running check 0, requeue the rest of its chunk, replace it."""
+    def _fail_running(
+        self, i: int, scores: list[float], pending: deque[int], rescore: bool = False
+    ) -> int:
+        """Score worker i's running check 0, or with ``rescore`` queue it again first;
+        requeue the rest of its chunk, replace the worker. Returns the checks finished."""
         w = self._workers[i]
-        scores[w.tasks.popleft()] = 0.0
-        self.stats.checks += 1
+        task = w.tasks.popleft()
         pending.extendleft(reversed(w.tasks))
         w.tasks.clear()
         self._replace(i)
+        if rescore:
+            pending.appendleft(task)
+            return 0
+        scores[task] = 0.0
+        self.stats.checks += 1
         return 1
 
-    def _receive(self, i: int, scores: list[float], pending: deque[int]) -> int:
+    def _receive(self, i: int, scores: list[float], pending: deque[int], crashed: set[int]) -> int:
         """Handle one message from worker i; returns how many checks it finished."""
         w = self._workers[i]
         try:
@@ -229,6 +262,11 @@ class RewardPool:
             if not w.tasks:  # died between checks: not a check's fault
                 self._replace(i)
                 return 0
+            task = w.tasks[0]
+            if task not in crashed:  # maybe killed from outside: one more try
+                crashed.add(task)
+                self.stats.rescored += 1
+                return self._fail_running(i, scores, pending, rescore=True)
             self.stats.crashes += 1
             return self._fail_running(i, scores, pending)
         if msg == "ready":

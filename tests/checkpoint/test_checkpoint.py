@@ -32,6 +32,21 @@ def _load_worker():
     return load_module(WORKER)
 
 
+def assert_same_tensors(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for name in want:
+        assert got[name].dtype == want[name].dtype, f"{what} {name}"
+        assert torch.equal(got[name], want[name]), f"{what} {name}"
+
+
+def assert_same_optimizer_state(got: dict, want: dict, what: str) -> None:
+    """Every parameter's AdamW state (``exp_avg``, ``exp_avg_sq``, ``step``), bit for bit."""
+    assert got.keys() == want.keys(), what
+    for name in want:
+        assert sorted(want[name]) == ["exp_avg", "exp_avg_sq", "step"], f"{what} {name}"
+        assert_same_tensors(got[name], want[name], f"{what} {name}")
+
+
 def assert_resumed_exactly(resumed: dict, saved: dict) -> None:
     """The resumed run continues the saved one bit for bit: weights at the save, the next
     random draws of every rank, the LR, the extra dict, and the weights after one more step
@@ -41,10 +56,21 @@ def assert_resumed_exactly(resumed: dict, saved: dict) -> None:
     assert len(resumed["draws"]) == len(saved["draws"])
     for got, want in zip(resumed["draws"], saved["draws"]):
         assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
-    for key in ("at_save", "after_step2"):
-        assert resumed[key].keys() == saved[key].keys()
-        for name in saved[key]:
-            assert torch.equal(resumed[key][name], saved[key][name]), f"{key} {name}"
+    for key in ("at_save", "after_next_step"):
+        assert_same_tensors(resumed[key], saved[key], key)
+
+
+def assert_optimizer_state_kept(resumed: dict, saved: dict, saved_at: int) -> None:
+    """AdamW's state after the load is the saved one, and the step after a resume equals
+    the step of a run that was never checkpointed (parameters and optimizer state)."""
+    for name, state in saved["optim_at_save"].items():
+        # a state a fresh optimizer cannot have, so a load that dropped it would show
+        assert float(state["step"]) == saved_at and state["exp_avg"].abs().sum() > 0, name
+    assert_same_optimizer_state(resumed["optim_at_save"], saved["optim_at_save"], "at save")
+    straight = saved["uninterrupted"]
+    for run in (resumed, saved):
+        assert_same_tensors(run["after_next_step"], straight["params"], "next step")
+        assert_same_optimizer_state(run["optim_after_next_step"], straight["optim"], "next step")
 
 
 def test_round_trip_single_process(tmp_path):
@@ -52,6 +78,7 @@ def test_round_trip_single_process(tmp_path):
     saved = worker.run("save", str(tmp_path))
     resumed = worker.run("load", str(tmp_path))
     assert_resumed_exactly(resumed, saved)
+    assert_optimizer_state_kept(resumed, saved, worker.SAVED_AT)
     # The load really replaced a different initialisation.
     fresh = worker.full_params(worker.tiny_model(seed=1))
     assert not torch.equal(
@@ -59,19 +86,36 @@ def test_round_trip_single_process(tmp_path):
     )
 
 
-@pytest.mark.slow
-def test_round_trip_fsdp2_two_ranks(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp2_round_trip(tmp_path_factory) -> tuple[dict, dict, Path]:
+    """Save on two FSDP2 ranks, then resume in a second launch: (saved, resumed, ckpt dir)."""
+    tmp_path = tmp_path_factory.mktemp("fsdp2")
     results = {}
     for mode in ("save", "load"):
         out = tmp_path / f"{mode}.pt"
         args = ["--mode", mode, "--ckpt-dir", str(tmp_path / "ckpt"), "--out", str(out)]
         run_torchrun(2, WORKER, args, timeout_s=TIMEOUT_S)
         results[mode] = torch.load(out)
-    assert len(results["save"]["draws"]) == 2
-    assert not torch.equal(results["save"]["draws"][0][0], results["save"]["draws"][1][0])
-    assert_resumed_exactly(results["load"], results["save"])
-    files = set(os.listdir(tmp_path / "ckpt" / "step_00000001"))
+    return results["save"], results["load"], tmp_path / "ckpt"
+
+
+@pytest.mark.slow
+def test_round_trip_fsdp2_two_ranks(fsdp2_round_trip):
+    saved, resumed, ckpt = fsdp2_round_trip
+    assert len(saved["draws"]) == 2
+    assert not torch.equal(saved["draws"][0][0], saved["draws"][1][0])
+    assert_resumed_exactly(resumed, saved)
+    files = set(os.listdir(CheckpointManager(ckpt).step_dir(_load_worker().SAVED_AT)))
     assert {"rng_rank00000.pt", "rng_rank00001.pt", "extra.pt", "dcp", MARKER} <= files
+
+
+@pytest.mark.slow
+def test_optimizer_state_survives_a_checkpoint_fsdp2_two_ranks(fsdp2_round_trip):
+    """AdamW's ``exp_avg``, ``exp_avg_sq`` and ``step`` of every parameter, each sharded
+    over two ranks, equal bit for bit before the save and after the load; the step after
+    the resume equals an uninterrupted run's."""
+    saved, resumed, _ = fsdp2_round_trip
+    assert_optimizer_state_kept(resumed, saved, _load_worker().SAVED_AT)
 
 
 def _tiny_training_objects():

@@ -577,3 +577,119 @@ def test_rebuild_threads_run_on_the_workers_cores(monkeypatch):
         one,
     )
     assert seen == [one] * 6 and order == list(range(6))
+
+
+# --------------------------------------------------------------------- private folders
+
+# A worker (its private folder made, then held until killed) whose PID, as it sees it, is
+# absent from this namespace's /proc: argv root, pid (a fake os.getpid when given).
+_HOLDER = """
+import os, signal, sys
+from pathlib import Path
+import simko_tune.generation.deltas as deltas
+root = Path(sys.argv[1])
+deltas.private_root = lambda: root
+if len(sys.argv) > 2:
+    os.getpid = lambda: int(sys.argv[2])
+print(deltas.ServedWeights(None)._private_dir(), flush=True)
+signal.pause()
+"""
+
+
+def _absent_pid() -> int:
+    return next(p for p in range(30_000, 300, -1) if not Path(f"/proc/{p}").exists())
+
+
+def _start_holder(root: Path, how: str):
+    """``fake_pid``: this namespace, ``os.getpid`` says a PID absent here; ``unshare``: a
+    real second PID namespace (docker's ``--ipc=host`` without ``--pid=host``) where the
+    holder's PID is absent from this one's /proc."""
+    import shutil
+    import subprocess
+    import sys
+
+    from harness import child_env
+
+    pid = _absent_pid()
+    if how == "fake_pid":
+        cmd = [sys.executable, "-c", _HOLDER, str(root), str(pid)]
+    else:
+        unshare = shutil.which("unshare")
+        probe = [unshare or "unshare", "--user", "--map-root-user", "--pid", "--fork"]
+        probe += ["--mount-proc", "true"]
+        if unshare is None or subprocess.run(probe, capture_output=True).returncode != 0:
+            pytest.skip("no unshare, or user and PID namespaces are not allowed here")
+        script = f'echo {pid - 1} > /proc/sys/kernel/ns_last_pid; "$@"; exit $?'
+        cmd = [*probe[:-1], "sh", "-c", script, "sh", sys.executable, "-c", _HOLDER, str(root)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, env=child_env(), start_new_session=True
+    )
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def _wait_unlocked(folder: Path, timeout_s: float = 30) -> None:
+    """Until no process holds ``folder``'s lock: a killed process's files close as it exits,
+    which in another PID namespace can come after its parent's ``wait`` returned."""
+    import fcntl
+    import time
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"{folder} still locked"
+                time.sleep(0.05)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["fake_pid", "unshare"])
+def test_the_orphan_sweep_spares_a_live_worker_in_another_pid_namespace(tmp_path, monkeypatch, how):
+    """A worker's private folder is its own while it lives (a lock it holds), whatever PIDs
+    another worker sharing /dev/shm can see; once it is killed (no ``close``), the next
+    worker's sweep removes it."""
+    import signal
+
+    root = tmp_path / "shm"
+    root.mkdir(mode=0o700)
+    monkeypatch.setattr("simko_tune.generation.deltas.private_root", lambda: root)
+    holder, held = _start_holder(root, how)
+    try:
+        assert held.parent == root and held.is_dir(), held
+        (held / "v000002").mkdir()  # a rebuilt version it serves
+        other = ServedWeights(None)
+        mine = other._private_dir()  # sweeps
+        assert held.is_dir() and (held / "v000002").is_dir()
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    _wait_unlocked(held)
+    third = ServedWeights(None)
+    third._private_dir()  # the next worker's sweep
+    assert not held.exists() and mine.is_dir()
+    other.close()
+    third.close()
+    assert not mine.exists()
+
+
+def test_a_worker_whose_private_folder_is_gone_makes_a_new_one(chain):
+    """Its served rebuild went with it: the next delta is rebuilt from the chain's full
+    publication into a new private folder (it once kept the removed path and failed every
+    delta after with FileNotFoundError)."""
+    import shutil
+
+    sync_dir, worker = chain
+    gone = worker._private
+    shutil.rmtree(gone)
+    folder, files, _ = worker.prepare(3)
+    assert folder.parent.is_dir() and folder.parent != gone
+    fresh = ServedWeights(sync_dir)
+    reference, _, _ = fresh.prepare(3)
+    _same_bytes(folder, files, reference)
+    worker.served(3, folder, files)
+    assert worker.folder == folder and folder.is_dir()
+    fresh.close()

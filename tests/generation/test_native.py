@@ -1,5 +1,6 @@
 """NativeGenerator (in-process torchtune KV-cache decoding) against plain recomputation."""
 
+import json
 import math
 
 import pytest
@@ -177,3 +178,62 @@ def test_samples_follow_the_tempered_nucleus_distribution(gen_model_dir, ref, te
     if (temperature, top_p) != (1.0, 1.0):
         assert max(abs(a - b) - t for a, b, t in zip(expected, other, tolerance)) > 0
     assert max(expected) < 0.5 and sum(p > 0.01 for p in expected) >= 5  # not one sure token
+
+
+@pytest.fixture(scope="module")
+def context_64_dir(gen_model_dir, tmp_path_factory):
+    """A tiny model whose context is 64 positions (else the shape of ``gen_model_dir``)."""
+    from simko_tune.demo.tiny import TinyQwen2Dims, build_tiny_qwen2
+
+    shape = json.loads((gen_model_dir / "tiny_dims.json").read_text())
+    dims = TinyQwen2Dims(**{**shape, "max_seq_len": 64})
+    return build_tiny_qwen2(gen_model_dir, tmp_path_factory.mktemp("ctx64") / "model", dims)
+
+
+def test_mixed_prompt_lengths_stop_each_row_at_its_context(context_64_dir):
+    """Prompts of 5 and 50 tokens with a budget of 100 in a context of 64: batched, the long
+    prompt's rows finish first and must not be fed past the context (they were: IndexError);
+    every row fills the context, ends with "length", and equals that row decoded alone."""
+    prompts = [list(range(10, 15)), [(7 * i) % 300 + 3 for i in range(50)]]
+    sampling = SamplingConfig(temperature=1.0, max_tokens=100, seed=3, ignore_eos=True)
+    batched = NativeGenerator(context_64_dir, max_batch_size=4).generate(prompts, 2, sampling)
+    alone = NativeGenerator(context_64_dir, max_batch_size=1).generate(prompts, 2, sampling)
+    for prompt, row, row_alone in zip(prompts, batched, alone):
+        for a, b in zip(row, row_alone):
+            assert len(a.token_ids) == len(a.logprobs) == 64 - len(prompt)
+            assert a.finish_reason == b.finish_reason == "length"
+            assert a.token_ids == b.token_ids
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+
+
+def test_validate_refuses_a_native_run_past_the_models_context(context_64_dir, monkeypatch):
+    """dry_run's check: with generation.backend=native the context is the model's own (64
+    here, under the engine's max_model_len of 128), for the rollout and for evaluation; the
+    message names both keys. A sum equal to the context fits; vLLM runs are not concerned."""
+    from omegaconf import OmegaConf
+
+    from simko_tune.config import check_schema, resolve_config_path
+    from simko_tune.plan import validate
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def errors(**overrides) -> list[str]:
+        cfg = OmegaConf.load(resolve_config_path("tiny_cpu"))
+        cfg.model_dir = str(context_64_dir)
+        for key, value in overrides.items():
+            OmegaConf.update(cfg, key, value)
+        return validate(check_schema(cfg))[0]
+
+    found = errors(**{"rollout.max_response_tokens": 50, "eval.max_tokens": 48})
+    assert any(
+        "rollout.max_prompt_tokens + rollout.max_response_tokens = 24 + 50 exceeds" in e
+        and "generation.backend=native" in e
+        and "64" in e
+        for e in found
+    ), found
+    assert any("rollout.max_prompt_tokens + eval.max_tokens = 24 + 48 exceeds" in e for e in found)
+    assert errors(**{"rollout.max_response_tokens": 40, "eval.max_tokens": 40}) == []
+    no_eval = {"eval.every_n_steps": 0, "eval.before_training": False, "eval.max_tokens": 48}
+    assert errors(**no_eval) == []
+    vllm = {"generation.backend": "vllm", "generation.weight_transfer": "files"}
+    assert errors(**vllm, **{"rollout.max_response_tokens": 50}) == []

@@ -9,7 +9,7 @@ import pytest
 from harness import load_module
 from omegaconf import OmegaConf
 
-from simko_tune.config import check_schema, resolve_config_path
+from simko_tune.config import check_schema, resolve_config_path, resolve_weight_transfer
 from simko_tune.plan import validate
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_vs_trl.py"
@@ -42,7 +42,8 @@ def test_our_overrides_are_a_valid_config_with_the_promised_batch(
     assert cfg.optimizer.fused is True  # the docstring promises the fused AdamW kernel
     # "native" is tiny_cpu as users get it: no override names the generator
     assert cfg.generation.backend == backend
-    assert cfg.generation.weight_transfer == ("memory" if backend == "native" else "files")
+    transfer, _ = resolve_weight_transfer(cfg.generation, world_size=1)
+    assert transfer == ("memory" if backend == "native" else "files")
     assert not bench.BACKENDS["native"]
 
 

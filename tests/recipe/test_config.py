@@ -119,6 +119,7 @@ def test_schema_errors_name_the_key(key, value, message):
             r"generation\.weight_delta needs generation\.weight_transfer=files",
         ),
         ({"generation.full_every": 0}, r"generation\.full_every"),
+        ({"generation.load_timeout_s": 0}, r"generation\.load_timeout_s: must be > 0, got 0"),
     ],
 )
 def test_semantic_errors_name_the_key(overrides, message, monkeypatch):
@@ -165,7 +166,7 @@ def test_dry_run_reports_every_error_at_once(monkeypatch):
         "generation.engine_kwargs.max_model_len=128",
         "loss.tau=1.5",
         "loss.alpha=-0.1",
-        "loss.kl_type='k9'",
+        "loss.kl_type=k9: expected one of [k1, k2, k3]",
     ):
         assert needle in message, (needle, message)
     # negative temperatures too, and eval's response length against the engine
@@ -260,3 +261,111 @@ def test_closed_sets_compare_and_print_as_their_values():
     assert cfg.generation.backend == "native" and f"{cfg.generation.backend}" == "native"
     assert str(cfg.rewards.mode) == "math_verify"
     assert "backend: native" in OmegaConf.to_yaml(cfg)  # what the metric logger records
+
+
+def test_weight_transfer_auto_is_the_default_and_follows_backend_and_ranks():
+    """``auto`` (the schema's default, and tiny_cpu's): memory for a native generator on one
+    trainer rank; files for several ranks, a vLLM worker, or weight deltas (files by nature)."""
+    from simko_tune.config import GenerationSection, resolve_weight_transfer
+
+    assert GenerationSection().weight_transfer == "auto"
+    assert OmegaConf.load(resolve_config_path("tiny_cpu")).generation.weight_transfer == "auto"
+    native = _load("tiny_cpu").generation
+    assert native.backend == "native"
+    cases = [
+        (native, 1, "memory"),
+        (native, 2, "files"),
+        (_load("tiny_cpu", **{"generation.backend": "vllm"}).generation, 1, "files"),
+        (_load("tiny_cpu", **{"generation.weight_delta": True}).generation, 1, "files"),
+        (_load("tiny_cpu", **{"generation.weight_transfer": "files"}).generation, 1, "files"),
+        (_load("tiny_cpu", **{"generation.weight_transfer": "memory"}).generation, 2, "memory"),
+    ]
+    for section, world, expected in cases:
+        transfer, reason = resolve_weight_transfer(section, world)
+        assert (transfer, str(transfer)) == (expected, expected), (section, world)
+        assert reason
+
+
+def test_main_config_validates_on_two_ranks_and_the_plan_says_which_transfer(monkeypatch, capsys):
+    """`tune run --nproc_per_node 2 simko_recipe --config tiny_cpu` must not refuse its own
+    default: two ranks publish files; one rank hands the weights over in memory."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    errors, plan = validate(_load("tiny_cpu"))
+    assert errors == []
+    assert plan["weight_transfer"].startswith("files (auto: "), plan["weight_transfer"]
+    monkeypatch.delenv("WORLD_SIZE")
+    dry_run(_load("tiny_cpu"))
+    assert "weight_transfer: memory (auto: " in capsys.readouterr().out
+
+
+def test_load_timeout_is_a_key_of_both_recipes():
+    """generation.load_timeout_s: typed and range-checked in the training and eval schemas."""
+    from simko_tune.config import EvalRecipeConfig, GenerationSection
+
+    assert _load("qwen2_5_7b").generation.load_timeout_s == GenerationSection.load_timeout_s > 300
+    assert _load("tiny_cpu", **{"generation.load_timeout_s": 77}).generation.load_timeout_s == 77
+    with pytest.raises(ConfigError, match=re.escape("generation.load_timeout_s")):
+        _load("tiny_cpu", **{"generation.load_timeout_s": "soon"})
+    raw = OmegaConf.load(resolve_config_path("eval_tiny_cpu"))
+    OmegaConf.update(raw, "model_dir", "/policy")
+    OmegaConf.update(raw, "generation.load_timeout_s", -1.0)
+    section = check_schema(raw, EvalRecipeConfig).generation
+    assert GenerationSection.problems(section) == [
+        "generation.load_timeout_s: must be > 0, got -1.0"
+    ]
+
+
+# Configs each wrong in a key of a closed set (an enum in the schema) or near one, and in the
+# loss's string choices: every message must show values as YAML has them.
+BAD_CONFIGS = [
+    {"generation.weight_transfer": "memory", "generation.backend": "vllm"},
+    {"generation.weight_transfer": "memory", "parallel.dp_shard": 2},
+    {"generation.weight_transfer": "memory", "generation.weight_delta": True},
+    {"generation.backend": "sglang"},
+    {"generation.weight_transfer": ["files"]},
+    {"generation.weight_transfer": True},
+    {"rewards.mode": None},
+    {"rollout.old_logprobs": 3},
+    {"rewards.mode": "boxd"},
+    {"loss.mode": "ppo", "loss.kl_type": "k9", "loss.agg": "sum", "loss.psr_nsr_norm": "x"},
+    {"loss.mode": "dr_grpo", "loss.tau": 2.0},
+    {"rollout.max_staleness": 3, "rollout.top_p": 0.0, "generation.devices": ["0", "1"]},
+]
+
+
+@pytest.mark.parametrize("overrides", BAD_CONFIGS, ids=lambda o: ",".join(o))
+def test_config_errors_print_values_as_yaml_writes_them(overrides, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        errors, _ = validate(_load("tiny_cpu", **overrides))
+    except ConfigError as e:
+        errors = [str(e)]
+    assert errors, overrides
+    for message in errors:
+        assert "<" not in message, message
+        for enum in ("GenerationBackend", "WeightTransfer", "OldLogprobs", "RewardMode"):
+            assert enum not in message, message
+
+
+def test_enum_values_appear_as_written():
+    errors, _ = validate(
+        _load("tiny_cpu", **{"generation.weight_transfer": "memory", "parallel.dp_shard": 2})
+    )
+    assert any("(got backend native, world size 2)" in e for e in errors), errors
+    errors, _ = validate(_load("tiny_cpu", **{"loss.mode": "ppo"}))
+    assert any(e.startswith("loss.mode=ppo: expected one of [simko, grpo, ") for e in errors)
+    for value, shown in (
+        (["files"], "Value ['files'] (ListConfig) is not"),
+        (True, "Invalid value true,"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(shown)) as info:
+            _load("tiny_cpu", **{"generation.weight_transfer": value})
+        assert str(info.value).endswith("one of [files, memory, auto]"), info.value
+    with pytest.raises(ConfigError, match=re.escape("value null for field of type one of [boxed")):
+        _load("tiny_cpu", **{"rewards.mode": None})
+    raw = OmegaConf.load(resolve_config_path("tiny_cpu"))
+    raw.rollout = 5
+    with pytest.raises(
+        ConfigError, match=re.escape("'rollout': a section (keys and values), got 5")
+    ):
+        check_schema(raw)

@@ -1,22 +1,28 @@
 """Preemption: a signal on one rank, mid-update or mid-generation, stops every rank at the
 same point with a checkpoint and exit code 75; resume=auto then continues exactly as a run
 that was never stopped (metrics and final weights bit for bit), synchronous and one-step-off.
-Also a single `tune run` process sent a real SIGTERM from outside."""
+Also a single `tune run` process sent a real SIGTERM from outside; a signal during a periodic
+checkpoint (written once); a reward worker killed mid-check (its check scored again)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from harness import TUNE_RUN, child_env, run_torchrun
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from simko_tune.checkpoint import CheckpointManager
+from simko_tune.config import check_schema, resolve_config_path
 from simko_tune.metrics.tensorboard import read_scalars
-from simko_tune.preemption import EXIT_CODE, PreemptionWatch, signal_number
+from simko_tune.preemption import EXIT_CODE, Preempted, PreemptionWatch, signal_number
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 STEPS = 5
@@ -136,3 +142,96 @@ def test_one_process_stops_on_an_outside_sigterm(tmp_path, policy_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ref, got = _by_step(full / "tb"), _by_step(out / "tb")
     assert all(got[tag] == values for tag, values in ref.items())
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def _recipe(out: Path, policy: Path, **overrides):
+    """The recipe in this process (its signal handlers are real: pytest runs tests in the
+    main thread), set up as _args configures the torchrun runs."""
+    import simko_recipe
+
+    cfg = OmegaConf.load(resolve_config_path("tiny_cpu"))
+    for key, value in {
+        "output_dir": str(out), "model_dir": str(policy), "prepare_model": None,
+        "generation.backend": "native", "generation.weight_transfer": "memory", "dataset.n": 32,
+        "rollout.prompts_per_step": 4, "rollout.samples_per_prompt": 4,
+        "ppo.mini_batch_prompts": 2, "ppo.micro_batch_size": 8, "rewards.num_workers": 1,
+        "eval.every_n_steps": 0, "eval.before_training": False, "log.samples_every_n_steps": 0,
+        "max_steps": STEPS, "checkpoint.every_n_steps": 2, **overrides,
+    }.items():  # fmt: skip
+        OmegaConf.update(cfg, key, value, force_add=True)
+    recipe = simko_recipe.SimKORecipe(check_schema(cfg))
+    recipe.setup()
+    return recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_a_signal_during_a_periodic_checkpoint_writes_it_once(
+    tmp_path, policy_dir, monkeypatch, staleness
+):
+    """The signal comes while step 2's periodic checkpoint is written. Synchronous, that
+    checkpoint is the stop's: it is not written again. One-step-off, the stop's holds the
+    prefetched rollout as well, so it is written once more, with it."""
+    writes: list[tuple[int, bool]] = []
+    save = CheckpointManager.save
+
+    def save_and_signal(self, step, **kwargs):
+        writes.append((step, "pending_rollout" in kwargs["extra"]))
+        path = save(self, step, **kwargs)
+        if len(writes) == 1:
+            signal.raise_signal(signal.SIGUSR1)  # before the write returns
+        return path
+
+    monkeypatch.setattr(CheckpointManager, "save", save_and_signal)
+    recipe = _recipe(tmp_path / "out", policy_dir, **{"rollout.max_staleness": staleness})
+    try:
+        with pytest.raises(Preempted, match="preempted at step 2 \\(SIGUSR1\\)"):
+            recipe.train()
+    finally:
+        recipe.cleanup()
+    assert writes == ([(2, False)] if staleness == 0 else [(2, False), (2, True)])
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+@pytest.mark.slow
+def test_a_rollout_whose_reward_worker_was_killed_is_scored_right(
+    tmp_path, policy_dir, monkeypatch
+):
+    """A reward worker killed mid-check (SIGKILL: no handler can spare it) does not turn
+    that check into a 0 the step trains on: the check is scored again. Every completion
+    earns 1 here, so any silent 0 would show; the rescore is counted in TensorBoard."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # spawned workers import it
+    import slow_reward
+
+    recipe = _recipe(
+        tmp_path / "out", policy_dir, max_steps=1, **{"rewards.fn": "slow_reward.slow_full_reward",
+        "rewards.num_workers": 2, "rewards.timeout_s": 30.0},
+    )  # fmt: skip
+    try:
+        pool = recipe.reward_pool
+        score = pool.score
+        score(["warm-up"], ["0"])  # both workers are up
+
+        def score_and_kill(texts, golds):
+            victim = pool.worker_pids()[0]
+            timer = threading.Timer(3 * slow_reward.CHECK_S, os.kill, (victim, signal.SIGKILL))
+            timer.start()
+            try:
+                return score(texts, golds)
+            finally:
+                timer.join()
+
+        pool.score = score_and_kill
+        sampled = recipe.sample(recipe.batches.peek_batch(), 0, recipe.weight_version)
+        assert sampled.batch.rewards.tolist() == [1.0] * 16
+        assert (pool.stats.rescored, pool.stats.crashes) == (1, 0)
+        del pool.score
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    scalars = read_scalars(tmp_path / "out" / "tb")
+    assert scalars["reward/rescored_total"] == {1: 1.0}
+    assert scalars["reward/crashes_total"] == {1: 0.0}

@@ -40,15 +40,14 @@ SCALARS = {
 def _assert_same_step(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
     """Weights after the same AdamW step from one process and from several ranks. Its first
     step moves a weight by lr * g / (|g| + eps): where a gradient entry nearly cancels
-    (|g| ~ eps = 1e-8), the other summation order changes that weight's step by a few
-    percent. So: all but a handful of entries equal to 1e-6, and none off by a tenth of the
-    step (lr 1e-4 in the warm-up's first step), which any wrong gradient would exceed."""
-    diff = (a - b).abs()
-    assert float(diff.max()) < 1e-5, name
+    (|g| ~ eps = 1e-8), the other summation order changes that weight's step by anything up
+    to lr, as the machine's kernels round. So: all but a handful of entries equal to 1e-6,
+    which any wrong gradient (it moves most entries) would break."""
     if name.endswith("k_proj.bias"):
         # Its gradient is zero in exact arithmetic (a bias on the keys shifts every score of
         # a query alike, which the softmax ignores): AdamW steps it by rounding noise alone.
         return
+    diff = (a - b).abs()
     assert int((diff > 1e-6 + 1e-5 * b.abs()).sum()) <= max(2, diff.numel() // 1000), name
 
 
@@ -272,7 +271,8 @@ def test_llama3_2_config_trains_on_two_fsdp2_ranks(tmp_path, shared_data):
          "checkpointer.checkpoint_files=[model.safetensors]", f"generation.sync_dir={out}/sync",
          "generation.backend=native", "generation.num_workers=1", "generation.devices=null",
          "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2",
-         "rollout.max_response_tokens=8", "ppo.mini_batch_prompts=1", "ppo.micro_batch_size=4",
+         "rollout.max_response_tokens=8",
+         "ppo.mini_batch_prompts=1", "ppo.micro_batch_size=4",
          "loss.compile=false", "loss.entropy_coef=0.01", "optimizer.lr=1e-3",
          "parallel.dp_shard=2", "parallel.compile_model=false", "parallel.mixed_precision=null",
          "rewards.num_workers=1", "max_steps=2", "checkpoint.every_n_steps=2",

@@ -5,13 +5,16 @@ those groups written out by hand."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from harness import TUNE_RUN, child_env, load_module, run_process, run_torchrun
 from omegaconf import OmegaConf
 
 from simko_tune.config import check_schema, resolve_config_path
+from simko_tune.metrics.tensorboard import read_scalars
 from simko_tune.plan import validate
 from simko_tune.rollout import concat_rollouts
 
@@ -151,3 +154,137 @@ def test_resume_with_oversampling_draws_what_a_straight_run_draws(tmp_path, poli
     straight = drawn(tmp_path / "straight", [])
     assert len(straight) > 4  # extra rounds were drawn
     assert drawn(tmp_path / "resumed", [2]) == straight
+
+
+# --------------------------------------------------------------------------- skipped steps
+SCRIPTED = Path(__file__).with_name("scripted_rewards.py")
+SKIP_VOLATILE = ("time/", "time_share/", "throughput/", "perf/", "eta_s", "memory/")
+
+
+def _cli_args(out: Path, policy: Path, *extra: str) -> list[str]:
+    return [
+        "--config", "tiny_cpu", f"output_dir={out}", f"model_dir={policy}", "prepare_model=null",
+        "generation.backend=native", "dataset.n=64", "rollout.filter_zero_variance=true",
+        "rewards.num_workers=1", "eval.every_n_steps=0", "eval.before_training=false",
+        "log.samples_every_n_steps=1", "checkpoint.every_n_steps=1", *extra,
+    ]  # fmt: skip
+
+
+def test_two_ranks_skip_a_step_whose_only_signal_group_the_split_drops(tmp_path, policy_dir):
+    """Three samples per prompt on two ranks: a group's rows split evenly only in pairs of
+    groups. Step 0 has one group with a signal, which the split drops: the step is skipped
+    with a message that says so (not that every group's rewards were equal), counted in
+    TensorBoard, and step 1, with two such groups, trains."""
+    out = tmp_path / "out"
+    table = [[[1, 0, 0, 0, 0, 0]], [[1, 0, 0, 0, 1, 0]]]  # step 0: one group; step 1: two
+    args = _cli_args(
+        out, policy_dir, "generation.weight_transfer=files", f"generation.sync_dir={out}/sync",
+        "rollout.prompts_per_step=2", "rollout.samples_per_prompt=3", "ppo.mini_batch_prompts=2",
+        "rollout.max_oversample=0", "max_steps=2",
+    )  # fmt: skip
+    env = child_env(SIMKO_TEST_REWARDS=json.dumps(table))
+    result = run_torchrun(2, SCRIPTED, args, cwd=tmp_path, env=env, timeout_s=600)
+    log = result.stdout + result.stderr
+    assert "every group's rewards were equal" not in log
+    assert (
+        "step 0: 1 group with a learning signal in 1 round of sampling, fewer than the 2 "
+        "whose rows split evenly over 2 data-parallel ranks: the update is skipped"
+    ) in log, log[-4000:]
+    scalars = read_scalars(out / "tb")
+    assert scalars["rollout/skipped"] == {1: 1.0, 2: 0.0}
+    assert scalars["rollout/skipped_steps_total"] == {1: 1.0, 2: 1.0}
+    assert set(scalars["loss"]) == {2} and scalars["rollout/groups_trained"] == {1: 0.0, 2: 2.0}
+    assert scalars["weight_version"] == {1: 0.0, 2: 1.0}  # the skipped step published nothing
+
+
+def test_a_policy_that_scores_zero_everywhere_runs_to_the_end(tmp_path, policy_dir):
+    """The boxed reward on Countdown's answers (no box): every reward 0. The run skips each
+    step's update, logs and counts it, checkpoints and exits 0; the extra rounds' prompts
+    count as used."""
+    out = tmp_path / "out"
+    args = _cli_args(
+        out, policy_dir, "rewards.fn=null", "rewards.mode=boxed", "rollout.max_oversample=1",
+        f"rollout.prompts_per_step={PER_STEP}", f"rollout.samples_per_prompt={G}",
+        f"ppo.mini_batch_prompts={PER_STEP}", "max_steps=2",
+    )  # fmt: skip
+    result = run_process([*TUNE_RUN, "simko_recipe", *args], cwd=tmp_path, timeout_s=600)
+    assert (
+        f"step 1: every group's rewards were equal in 2 rounds of sampling ({2 * PER_STEP} "
+        "groups): no learning signal, the update is skipped"
+    ) in result.stderr, result.stderr[-4000:]
+    scalars = read_scalars(out / "tb")
+    assert scalars["rollout/skipped"] == {1: 1.0, 2: 1.0}
+    assert scalars["rollout/skipped_steps_total"] == {1: 1.0, 2: 2.0}
+    assert scalars["reward/identical_group_frac"] == {1: 1.0, 2: 1.0}
+    assert scalars["rollout/oversample_rounds"] == {1: 1.0, 2: 1.0}
+    assert "loss" not in scalars
+    extra = torch.load(out / "checkpoints" / "step_00000002" / "extra.pt", weights_only=True)
+    assert extra["extra"]["data"]["offset"] == 2 * 2 * PER_STEP
+    assert extra["extra"]["skipped_steps"] == 2
+
+
+def _skip_step_1(step: int, round_: int) -> list[float]:
+    """Step 1: no signal in any round. Others: groups 0 and 2 in round 0, 1 and 3 after."""
+    if step == 1:
+        return [0.0] * (PER_STEP * G)
+    return [
+        float(r) for r in ([1, 0, 0, 0, 0, 1, 1, 1] if round_ == 0 else [1, 1, 0, 1, 0, 0, 1, 0])
+    ]
+
+
+def test_resume_after_a_skipped_step_continues_as_a_straight_run(tmp_path, policy_dir, monkeypatch):
+    import simko_recipe
+
+    scripted = load_module(SCRIPTED)
+    monkeypatch.setattr(simko_recipe.SimKORecipe, "sample", scripted.scripted_sample(_skip_step_1))
+
+    def run(out: Path, stops: list[int]) -> list[list[int]]:
+        seen: list[list[int]] = []
+        for max_steps in [*stops, 4]:
+            recipe = _recipe(out, policy_dir, max_steps=max_steps, **{"rollout.max_oversample": 1})
+            next_batch = recipe.batches.next_batch
+            recipe.batches.next_batch = lambda f=next_batch: seen.append(f()) or seen[-1]
+            try:
+                recipe.train()
+            finally:
+                recipe.cleanup()
+        return seen
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    drawn = run(straight, [])
+    assert len(drawn) == 8  # two rounds a step
+    assert run(resumed, [2]) == drawn  # stopped right after the skipped step
+    ref = {
+        t: v for t, v in read_scalars(straight / "tb").items() if not t.startswith(SKIP_VOLATILE)
+    }
+    got = {t: v for t, v in read_scalars(resumed / "tb").items() if not t.startswith(SKIP_VOLATILE)}
+    assert ref["rollout/skipped"] == {1: 0.0, 2: 1.0, 3: 0.0, 4: 0.0}
+    assert ref["rollout/skipped_steps_total"] == {1: 0.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert set(ref["loss"]) == {1, 3, 4}
+    assert got == ref
+    a = torch.load(straight / "checkpoints" / "step_00000004" / "extra.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "step_00000004" / "extra.pt", weights_only=True)
+    assert a["extra"]["data"] == b["extra"]["data"] and a["extra"]["weight_version"] == 3
+
+
+def test_one_step_off_skips_a_step_and_samples_the_next_on_policy(
+    tmp_path, policy_dir, monkeypatch
+):
+    """One-step-off, the skipped step publishes nothing: the rollout prefetched meanwhile
+    was sampled with the weights the next update starts from (staleness 0 there)."""
+    import simko_recipe
+
+    scripted = load_module(SCRIPTED)
+    monkeypatch.setattr(simko_recipe.SimKORecipe, "sample", scripted.scripted_sample(_skip_step_1))
+    out = tmp_path / "out"
+    overrides = {"rollout.max_oversample": 0, "rollout.max_staleness": 1}
+    recipe = _recipe(out, policy_dir, max_steps=3, **overrides)
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+    scalars = read_scalars(out / "tb")
+    assert scalars["rollout/skipped"] == {1: 0.0, 2: 1.0, 3: 0.0}
+    assert scalars["weight_version"] == {1: 1.0, 2: 1.0, 3: 2.0}
+    assert scalars["rollout/staleness_max"] == {1: 0.0, 3: 0.0}
+    assert scalars["rollout/groups_trained"] == {1: 2.0, 2: 0.0, 3: 2.0}

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from harness import child_env
 
 from simko_tune.rewards import RewardPool, answers_match
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned workers inherit sys.path
+import group_signal_child  # noqa: E402
 import reward_scripts  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -62,7 +69,7 @@ def test_order_preserved_across_many_checks(pool):
     before = dataclasses.replace(pool.stats)
     assert pool.score(list(responses), list(golds)) == list(expected)
     assert _delta(pool, before) == dict(
-        checks=len(expected), timeouts=0, crashes=0, errors=0, worker_restarts=0
+        checks=len(expected), timeouts=0, crashes=0, rescored=0, errors=0, worker_restarts=0
     )
     assert pool.score([], []) == []
 
@@ -91,8 +98,9 @@ def test_timeout_kills_and_replaces_worker(pool):
 
 
 def test_failures_inside_a_chunk_requeue_the_rest(pool):
-    """Big batches go out in chunks: a hang or crash mid-chunk scores only that check 0;
-    the checks queued behind it are rerun elsewhere and keep their order."""
+    """Big batches go out in chunks: a hang or crash mid-chunk scores only that check 0
+    (the crash after its rescore); the checks queued behind it are rerun elsewhere and
+    keep their order."""
     batch = NORMAL * 6
     batch[5] = ("sleep", "1", 0.0)
     batch[20] = ("crash", "1", 0.0)
@@ -101,14 +109,34 @@ def test_failures_inside_a_chunk_requeue_the_rest(pool):
     assert pool.score(list(responses), list(golds)) == list(expected)
     delta = _delta(pool, before)
     assert (delta["timeouts"], delta["crashes"], delta["checks"]) == (1, 1, len(batch))
+    assert delta["rescored"] == 1
 
 
-def test_crash_scores_zero_and_worker_is_replaced(pool):
+def test_a_check_that_kills_its_worker_twice_scores_zero(pool):
+    """Each crashing check is scored again on a fresh worker, crashes again, scores 0."""
     before = dataclasses.replace(pool.stats)
     assert pool.score(["crash", "\\boxed{5}", "crash"], ["5", "5", "5"]) == [0.0, 1.0, 0.0]
     delta = _delta(pool, before)
-    assert delta["crashes"] == 2 and delta["worker_restarts"] == 2 and delta["timeouts"] == 0
+    assert (delta["crashes"], delta["rescored"], delta["worker_restarts"]) == (2, 2, 4)
+    assert delta["timeouts"] == 0 and delta["checks"] == 3
     _check_normal(pool)
+
+
+def test_a_worker_killed_from_outside_mid_check_is_rescored():
+    """The OOM killer or a stray signal is not the check's fault: its check is scored again
+    on the fresh worker, and every answer keeps its right score."""
+    with RewardPool(num_workers=2, timeout_s=30.0, reward_fn=group_signal_child.slow_reward) as p:
+        p.score(["\\boxed{1}"], ["1"])
+        victim = p.worker_pids()[0]
+        killer = threading.Timer(
+            3 * group_signal_child.SLOW_S / 2, os.kill, (victim, signal.SIGKILL)
+        )
+        killer.start()
+        scores = p.score([f"\\boxed{{{i}}}" for i in range(6)], [str(i) for i in range(6)])
+        killer.join()
+        assert scores == [1.0] * 6
+        assert (p.stats.rescored, p.stats.crashes, p.stats.worker_restarts) == (1, 0, 1)
+        assert victim not in p.worker_pids()
 
 
 def test_raising_reward_scores_zero_and_worker_survives(pool):
@@ -217,3 +245,44 @@ def test_close_leaves_no_processes():
     assert not any(_alive(p) for p in pids)
     with pytest.raises(RuntimeError, match="after close"):
         pool.score(["1"], ["1"])
+
+
+GROUP_CHILD = Path(__file__).with_name("group_signal_child.py")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_a_signal_to_the_whole_process_group_spares_the_workers(signum):
+    """SLURM's ``--signal`` and ``scancel`` signal every process of the job step: the
+    trainer records a preemption, its reward workers score on, every answer correctly."""
+    proc = subprocess.Popen(
+        [sys.executable, str(GROUP_CHILD), "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "scoring\n"
+        for _ in range(3):  # mid-check (each check takes SLOW_S), more than once
+            time.sleep(0.3)
+            os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-4000:]
+    result = json.loads(out.splitlines()[-1])
+    assert result["signal"] == signum.name
+    assert result["scores"] == [1.0] * 8
+    assert result["stats"]["crashes"] == 0 and result["stats"]["worker_restarts"] == 0
+
+
+def test_a_stop_signal_while_workers_start_does_not_kill_them():
+    """Blocked from the spawn until the worker ignores it: a signal that comes while the
+    interpreter starts (before any handler could be installed) is dropped too."""
+    with RewardPool(num_workers=2, timeout_s=30.0) as p:
+        pids = p.worker_pids()
+        for _ in range(20):
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.05)
+        assert p.score(["\\boxed{4}", "\\boxed{5}"], ["4", "4"]) == [1.0, 0.0]
+        assert p.worker_pids() == pids and p.stats.worker_restarts == 0
